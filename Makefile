@@ -1,0 +1,38 @@
+# The two set-up commands: `make run` (router) and `make test` (every test). Both need only python3 and npm.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?= --port 8080
+PYTEST_ARGS ?=
+
+.PHONY: run test deps system-deps opencode bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+## Run the router in the foreground with this checkout's code: make run ARGS="--port 31000 ~/proj-a"
+run: deps
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n opencoderouter $(ARGS)
+
+## Machine packages some tests drive (Chromium, Avahi, wrk, iproute2); installed when missing (needs root).
+system-deps:
+	sh tests/setup/install-system-deps.sh
+
+## The pinned real OpenCode from npm, into a cache folder shared by every run.
+opencode:
+	sh tests/setup/install-opencode.sh
+
+## Every test.
+test: deps system-deps opencode
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: deps system-deps opencode
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,156 @@
+"""The root resource: host-based routing, the router's own routes, path-based routing, 404s."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Callable, Protocol
+from urllib.parse import quote
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from .registry import Backend, Naming, Registry
+
+_HOST_SUFFIXES = (".local", ".localhost")
+
+
+class ProxyFactory(Protocol):
+    """Builds the resource that forwards one request to a backend."""
+
+    def __call__(self, backend: Backend, path: bytes, prefix: bytes, mode: str) -> IResource:
+        """Forward to ``backend`` the raw ``path`` (with query); ``prefix`` was stripped (path mode)."""
+
+
+def host_name(request: IRequest) -> str | None:
+    """The Host header's name, lower-cased, without port or trailing dot; None for IPv6 literals."""
+    header = request.getHeader(b"host")
+    if not header:
+        return None
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return None
+    name, _, _port = text.partition(":")
+    return name.rstrip(".") or None
+
+
+def split_first_segment(uri: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split a raw request URI into (first segment, rest of the path, query with its ``?``)."""
+    path, question, query = uri.partition(b"?")
+    without_slash = path[1:] if path.startswith(b"/") else path
+    first, slash, rest = without_slash.partition(b"/")
+    return first, slash + rest, question + query
+
+
+def wants_html(request: IRequest) -> bool:
+    """True when the client prefers a page (a browser) to JSON."""
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+    return "text/html" in accept
+
+
+class NotFound(Resource):
+    """404 for an unknown project: JSON for API clients, a small page for browsers."""
+
+    isLeaf = True
+
+    def __init__(self, slug: str, known: list[str]) -> None:
+        super().__init__()
+        self.slug = slug
+        self.known = known
+
+    def render(self, request: IRequest) -> bytes:
+        """Answer 404 in the representation the client accepts."""
+        request.setResponseCode(404)
+        request.setHeader(b"cache-control", b"no-store")
+        if wants_html(request):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            items = "".join(
+                f'<li><a href="/{quote(slug)}/">{html.escape(slug)}</a></li>' for slug in self.known
+            ) or "<li>none yet</li>"
+            page = (
+                "<!doctype html><meta charset=utf-8><title>No such project</title>"
+                f"<h1>No project {html.escape(self.slug)!s}</h1>"
+                f"<p>Known projects:</p><ul>{items}</ul><p><a href=\"/\">Dashboard</a></p>"
+            )
+            return page.encode("utf-8")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"error": "not_found", "slug": self.slug, "known": self.known}).encode("utf-8") + b"\n"
+
+
+class RedirectToSlash(Resource):
+    """``/{slug}`` → 308 ``/{slug}/``, query kept."""
+
+    isLeaf = True
+
+    def __init__(self, location: bytes) -> None:
+        super().__init__()
+        self.location = location
+
+    def render(self, request: IRequest) -> bytes:
+        """Send the permanent redirect."""
+        request.setResponseCode(308)
+        request.setHeader(b"location", self.location)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Moved to " + self.location + b"\n"
+
+
+class RouterResource(Resource):
+    """The twisted.web root: host-based, then the router's own routes, then path-based."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        naming: Naming,
+        proxy_factory: ProxyFactory,
+        own_routes: dict[bytes, IResource],
+        dashboard: IResource,
+        host_aliases: Callable[[], dict[str, str]] | None = None,
+        own_host_names: frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self.naming = naming
+        self.proxy_factory = proxy_factory
+        self.own_routes = own_routes
+        self.dashboard = dashboard
+        self._host_aliases = host_aliases or dict
+        #: Names of the router's own machine (``devbox.local``): they reach the router, not a backend.
+        self.own_host_names = own_host_names
+
+    def backend_for_host(self, name: str) -> Backend | None:
+        """The backend whose ``.local``/``.localhost`` name (or advertised alias) is ``name``."""
+        for suffix in _HOST_SUFFIXES:
+            if name.endswith(suffix):
+                label = name[: -len(suffix)]
+                break
+        else:
+            return None
+        alias = self._host_aliases().get(label)
+        for backend in self.registry.backends():
+            if self.naming.host_label(backend) == label or backend.slug == alias:
+                return backend
+        return None
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+        """Pick the resource for this request (``name`` is the first path segment)."""
+        host = host_name(request)
+        if host is not None and host.endswith(_HOST_SUFFIXES) and host not in self.own_host_names:
+            backend = self.backend_for_host(host)
+            if backend is None:
+                label = host.rsplit(".", 1)[0]
+                return NotFound(label, [b.slug for b in self.registry.backends()])
+            request.postpath.insert(0, request.prepath.pop())
+            return self.proxy_factory(backend, request.uri, b"", "host")
+        if name == b"":
+            return self.dashboard
+        if name in self.own_routes:
+            return self.own_routes[name]
+        slug = name.decode("utf-8", "replace")
+        backend = self.registry.by_slug(slug)
+        if backend is None:
+            return NotFound(slug, [b.slug for b in self.registry.backends()])
+        first, rest, query = split_first_segment(request.uri)
+        prefix = b"/" + first
+        if not rest:
+            return RedirectToSlash(prefix + b"/" + query)
+        return self.proxy_factory(backend, rest + query, prefix, "path")

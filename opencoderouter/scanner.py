@@ -1,0 +1,318 @@
+"""Find OpenCode servers on localhost: list listening sockets, probe them, feed the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from .registry import Registry, Sighting
+
+log = Logger()
+
+#: Largest probe answer read; OpenCode's are a few hundred bytes.
+MAX_PROBE_BODY = 64 * 1024
+
+#: How often a quick check probes a new listener before leaving it to the full scans.
+QUICK_CHECK_ATTEMPTS = 3
+
+_TCP_LISTEN = "0A"
+#: Local addresses that a connection to 127.0.0.1 can reach (hex as in /proc/net/tcp*).
+_REACHABLE_V4 = {"0100007F", "00000000"}
+_REACHABLE_V6 = {"00000000000000000000000000000000", "0000000000000000FFFF00000100007F"}
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening TCP socket in the scan range, from the kernel's socket table."""
+
+    port: int
+    uid: int
+    inode: int
+
+
+def list_listeners(start: int, end: int, proc_net: str = "/proc/net") -> dict[int, Listener] | None:
+    """Listening sockets on ports ``start..end`` reachable on 127.0.0.1, or None where unknown."""
+    listeners: dict[int, Listener] = {}
+    readable = False
+    for name, reachable in (("tcp", _REACHABLE_V4), ("tcp6", _REACHABLE_V6)):
+        try:
+            with open(os.path.join(proc_net, name), encoding="ascii", errors="replace") as table:
+                lines = table.readlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _TCP_LISTEN:
+                continue
+            address, _, port_hex = fields[1].partition(":")
+            try:
+                port, uid, inode = int(port_hex, 16), int(fields[7]), int(fields[9])
+            except ValueError:
+                continue
+            if start <= port <= end and address in reachable and port not in listeners:
+                listeners[port] = Listener(port, uid, inode)
+    return listeners if readable else None
+
+
+def username_for_uid(uid: int) -> str:
+    """The login name of ``uid``, or the number when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class NotOpenCode(Exception):
+    """The port answered, but not as an OpenCode server."""
+
+
+class _LimitedBody(Protocol):
+    """Collect a response body up to a limit; abort the connection past it."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self.finished = finished
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.abort()
+            if not self.finished.called:
+                self.finished.errback(NotOpenCode(f"answer larger than {self.limit} bytes"))
+            return
+        self.chunks.append(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.chunks))
+        else:
+            self.finished.errback(reason)
+
+
+def read_body(response: Any, limit: int = MAX_PROBE_BODY) -> Deferred[bytes]:
+    """Read a whole body, at most ``limit`` bytes; cancelling aborts the connection."""
+    if response.length == 0:
+        return defer.succeed(b"")
+    body: _LimitedBody
+
+    def cancel(_: Deferred[bytes]) -> None:
+        body.abort()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    body = _LimitedBody(finished, limit)
+    response.deliverBody(body)
+    return finished
+
+
+_PROBE_HEADERS = Headers({b"Accept-Encoding": [b"identity"], b"Accept": [b"application/json"]})
+
+
+class Prober:
+    """Asks one port whether it is an OpenCode server and for which project."""
+
+    def __init__(self, http_client: Any, clock: IReactorTime, timeout: float, host: str = "127.0.0.1") -> None:
+        self._http = http_client
+        self._clock = clock
+        self._timeout = timeout
+        self._host = host
+
+    def probe(self, port: int, owner: str | None = None) -> Deferred[Sighting | None]:
+        """Fire with a Sighting, or None when the port is not (or not yet) OpenCode."""
+        attempt = defer.ensureDeferred(self._identify(port, owner))
+        # The bound covers the whole probe, body reads included; cancelling aborts the connection.
+        attempt.addTimeout(self._timeout, self._clock)
+        attempt.addErrback(self._not_opencode, port)
+        return attempt
+
+    def _not_opencode(self, failure: Failure, port: int) -> None:
+        log.debug("port {port} is not OpenCode: {why}", port=port, why=failure.getErrorMessage())
+        return None
+
+    async def _get_json(self, port: int, path: str) -> Any:
+        response = await self._http.get(f"http://{self._host}:{port}{path}", headers=_PROBE_HEADERS)
+        body = await read_body(response)
+        if response.code != 200:
+            raise NotOpenCode(f"{path} answered {response.code}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise NotOpenCode(f"{path} did not answer JSON") from None
+
+    async def _identify(self, port: int, owner: str | None) -> Sighting | None:
+        health = await self._get_json(port, "/global/health")
+        if not isinstance(health, dict) or health.get("healthy") is not True:
+            raise NotOpenCode("/global/health is not OpenCode's")
+        version = health.get("version")
+        version = version if isinstance(version, str) else "unknown"
+        directory = await self._project_directory(port)
+        return Sighting(port=port, project_path=directory, version=version[:64], owner=owner)
+
+    async def _project_directory(self, port: int) -> str:
+        try:
+            paths = await self._get_json(port, "/path")
+            directory = paths.get("directory") if isinstance(paths, dict) else None
+            if _usable_project_path(directory):
+                return directory
+        except (NotOpenCode, defer.CancelledError):
+            raise
+        except Exception as error:  # the fallback below is the point; say why we needed it
+            log.debug("port {port}: /path failed ({error}); trying /project/current", port=port, error=error)
+        project = await self._get_json(port, "/project/current")
+        worktree = project.get("worktree") if isinstance(project, dict) else None
+        if _usable_project_path(worktree):
+            return worktree
+        raise NotOpenCode("neither /path nor /project/current names a project directory")
+
+
+def _usable_project_path(value: object) -> bool:
+    # "/" is what /project/current says for every non-git folder: it identifies nothing.
+    return isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096 and "\x00" not in value
+
+
+class Scanner(Service):
+    """Periodically finds OpenCode servers in a port range and records them in the registry.
+
+    Between full scans a cheap check of the kernel's socket table (Linux) probes new
+    listeners at once, so a new server is routable well before the next full scan.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        prober: Prober,
+        clock: IReactorTime,
+        port_range: tuple[int, int],
+        interval: float,
+        concurrency: int,
+        quick_interval: float = 0.5,
+        list_listeners: Callable[[int, int], dict[int, Listener] | None] = list_listeners,
+        owner_name: Callable[[int], str] = username_for_uid,
+    ) -> None:
+        self.registry = registry
+        self._prober = prober
+        self._clock = clock
+        self._start, self._end = port_range
+        self._interval = interval
+        self._quick_interval = quick_interval
+        self._semaphore = defer.DeferredSemaphore(concurrency)
+        self._list_listeners = list_listeners
+        self._owner_name = owner_name
+        self._scan_loop: LoopingCall | None = None
+        self._quick_loop: LoopingCall | None = None
+        self._running_scan: Deferred[None] | None = None
+        #: Listening sockets (by inode) already probed, so quick checks only probe new ones.
+        self._probed_inodes: set[int] = set()
+        self._quick_failures: dict[int, int] = {}
+        self.scans_completed = 0
+        self.last_scan_duration: float | None = None
+
+    def startService(self) -> None:
+        """Start the full-scan loop (first scan at once) and the quick check."""
+        super().startService()
+        self._scan_loop = LoopingCall(self.scan_safely)
+        self._scan_loop.clock = self._clock
+        self._scan_loop.start(self._interval, now=True)
+        if self._quick_interval and self._list_listeners(self._start, self._end) is not None:
+            self._quick_loop = LoopingCall(self.quick_check_safely)
+            self._quick_loop.clock = self._clock
+            self._quick_loop.start(self._quick_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop both loops; fires once any scan in progress has ended."""
+        super().stopService()
+        for loop in (self._scan_loop, self._quick_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        running = self._running_scan
+        if running is None:
+            return defer.succeed(None)
+        waiter: Deferred[None] = Deferred()
+        running.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
+    def scan_safely(self) -> Deferred[None]:
+        """One full scan; errors are logged so that the loop goes on."""
+        if self._running_scan is not None:
+            return self._running_scan
+        self._running_scan = defer.ensureDeferred(self.scan())
+        self._running_scan.addErrback(lambda failure: log.failure("scan failed", failure))
+        self._running_scan.addBoth(self._scan_ended)
+        return self._running_scan
+
+    def _scan_ended(self, _: object) -> None:
+        self._running_scan = None
+
+    async def scan(self) -> None:
+        """Probe every candidate port once, record the sightings and prune stale backends."""
+        began = self._clock.seconds()
+        listeners = self._list_listeners(self._start, self._end)
+        if listeners is None:
+            candidates: Iterable[tuple[int, str | None]] = ((p, None) for p in range(self._start, self._end + 1))
+        else:
+            candidates = [(l.port, self._owner_name(l.uid)) for l in listeners.values()]
+            self._probed_inodes = {l.inode for l in listeners.values()}
+            self._quick_failures.clear()
+        sightings = await self._probe_all(candidates)
+        self.registry.record_scan(sightings, complete=True)
+        self.registry.prune_stale()
+        self.scans_completed += 1
+        self.last_scan_duration = self._clock.seconds() - began
+
+    async def _probe_all(self, candidates: Iterable[tuple[int, str | None]]) -> list[Sighting]:
+        probes = [self._semaphore.run(self._prober.probe, port, owner) for port, owner in candidates]
+        results = await defer.gatherResults(probes, consumeErrors=True)
+        return [s for s in results if s is not None]
+
+    def quick_check_safely(self) -> Deferred[None] | None:
+        """Probe listeners that appeared since the last look; errors are logged."""
+        if self._running_scan is not None:
+            return None
+        self._running_scan = defer.ensureDeferred(self.quick_check())
+        self._running_scan.addErrback(lambda failure: log.failure("quick check failed", failure))
+        self._running_scan.addBoth(self._scan_ended)
+        return self._running_scan
+
+    async def quick_check(self) -> None:
+        """Probe only listening sockets not probed before (new servers)."""
+        listeners = self._list_listeners(self._start, self._end)
+        if listeners is None:
+            return
+        fresh = [l for l in listeners.values() if l.inode not in self._probed_inodes]
+        if not fresh:
+            return
+        sightings = await self._probe_all((l.port, self._owner_name(l.uid)) for l in fresh)
+        found_ports = {s.port for s in sightings}
+        for listener in fresh:
+            # A server that accepts before it answers (OpenCode does, ~350 ms) is retried a few
+            # times; a neighbour that is not OpenCode is then left to the full scans.
+            failures = 0 if listener.port in found_ports else self._quick_failures.get(listener.inode, 0) + 1
+            if failures == 0 or failures >= QUICK_CHECK_ATTEMPTS:
+                self._probed_inodes.add(listener.inode)
+                self._quick_failures.pop(listener.inode, None)
+            else:
+                self._quick_failures[listener.inode] = failures
+        self.registry.record_scan(sightings, complete=False)

@@ -1,0 +1,160 @@
+"""``twistd opencoderouter``: the Options and ``makeService``, the one place that wires the parts."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from treq.client import HTTPClient
+
+from .api import RouterAPI
+from .config import Options, default_username
+from .dashboard import Dashboard
+from .proxy import BackendProxyFactory
+from .registry import Naming, Registry
+from .routing import RouterResource
+from .scanner import Prober, Scanner
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+
+class QuietSite(Site):
+    """A Site without a per-request access log line (metrics count requests instead)."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """Do not write an access log line."""
+
+
+class WebService(StreamServerEndpointService):
+    """Listens for the web root; a port in use aborts start-up with one clear sentence."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, site: Site, banner: dict[str, Any]) -> None:
+        from twisted.internet import reactor
+
+        super().__init__(serverFromString(reactor, description), site)
+        self.description = description
+        self.banner = banner
+        self.listening_port: Any = None
+
+    def privilegedStartService(self) -> None:
+        """Listen now, so that a port in use stops twistd before it runs."""
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            reason = error.socketError.strerror if getattr(error.socketError, "strerror", None) else error.socketError
+            raise SystemExit(f"opencoderouter: cannot listen on {self.description}: {reason}") from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.listening_port = port
+        address = port.getHost()
+        where = f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}"
+        shown_port = getattr(address, "port", "")
+        shown_host = "localhost" if getattr(address, "host", "") in ("0.0.0.0", "::", "127.0.0.1") else address.host
+        log.info(
+            "OpenCodeRouter listening on {where}: dashboard http://{host}:{port}/ , API http://{host}:{port}/api/ , "
+            "projects at http://{{slug}}-{username}.local:{port}/ and http://{host}:{port}/{{slug}}/ ; "
+            "scanning 127.0.0.1 ports {scan_start}-{scan_end} every {interval:g}s",
+            where=where if getattr(address, "port", None) is not None else str(address),
+            host=shown_host,
+            port=shown_port,
+            **self.banner,
+        )
+        return port
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """No "Starting/Stopping factory" line per backend connection."""
+
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
+    """An HTTPConnectionPool that does not log every connection it opens."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+def makeService(options: Options) -> MultiService:
+    """Build the router: scanner, registry, web root (API, dashboard, proxy)."""
+    from twisted.internet import reactor
+
+    top = MultiService()
+    registry = Registry(reactor, stale_after=options["stale-after"])
+    naming = Naming(username=options["username"], os_user=default_username())
+
+    probe_pool = quiet_pool(reactor, persistent=False)
+    probe_client = HTTPClient(Agent(reactor, connectTimeout=options["probe-timeout"], pool=probe_pool))
+    prober = Prober(probe_client, reactor, timeout=options["probe-timeout"])
+    scanner = Scanner(
+        registry,
+        prober,
+        reactor,
+        port_range=(options["scan-start"], options["scan-end"]),
+        interval=options["scan-interval"],
+        concurrency=options["scan-concurrency"],
+    )
+    scanner.setName("scanner")
+    scanner.setServiceParent(top)
+
+    api = RouterAPI(registry, naming)
+    proxy_factory = BackendProxyFactory(reactor)
+    own_routes: dict[bytes, IResource] = {b"api": api.resource()}
+    root = RouterResource(
+        registry,
+        naming,
+        proxy_factory,
+        own_routes=own_routes,
+        dashboard=Dashboard(registry, naming),
+        own_host_names=_own_host_names(),
+    )
+    web = WebService(
+        options["listen"],
+        QuietSite(root),
+        banner={
+            "username": options["username"],
+            "scan_start": options["scan-start"],
+            "scan_end": options["scan-end"],
+            "interval": options["scan-interval"],
+        },
+    )
+    web.setName("web")
+    web.setServiceParent(top)
+    top.addService(_ClosePoolOnStop(proxy_factory))
+    return top
+
+
+def _own_host_names() -> frozenset[str]:
+    """This machine's names under ``.local``/``.localhost``: they reach the router itself."""
+    short = socket.gethostname().split(".")[0].lower()
+    return frozenset({f"{short}.local", f"{short}.localhost"})
+
+
+class _ClosePoolOnStop(MultiService):
+    """Closes the proxy's cached backend connections when the router stops."""
+
+    def __init__(self, proxy_factory: BackendProxyFactory) -> None:
+        super().__init__()
+        self.proxy_factory = proxy_factory
+
+    def stopService(self) -> Deferred[None]:
+        """Fire once every cached connection has closed."""
+        super().stopService()
+        return self.proxy_factory.close()

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Install the Debian packages the test suite drives, when they are missing.
+set -eu
+need=""
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
+command -v avahi-browse >/dev/null 2>&1 || need="$need avahi-utils"
+command -v avahi-daemon >/dev/null 2>&1 || need="$need avahi-daemon"
+command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus"
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
+command -v wrk >/dev/null 2>&1 || need="$need wrk"
+command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing system packages:$need (install them as root; their tests will be skipped)" >&2
+    exit 0
+fi
+echo "installing system packages:$need"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $need >/dev/null

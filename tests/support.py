@@ -1,0 +1,164 @@
+"""Helpers shared by the tests: free ports, a router subprocess, fake OpenCode subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(rb"opencode server listening on http://([^:\s]+):(\d+)")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child that must import this checkout's code and plugin."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(size: int, start: int = 20000, end: int = 60000) -> int:
+    """The first port of ``size`` consecutive ports that are free right now."""
+    port = start + (os.getpid() * 37) % (end - start - size)
+    while port + size < end:
+        if all(_port_free(p) for p in range(port, port + size)):
+            return port
+        port += size
+    raise RuntimeError("no free block of ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """GET with urllib; returns (status, headers, body) for any status."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def http_json(url: str, **kwargs: Any) -> Any:
+    """GET and decode JSON (any status)."""
+    return json.loads(http_get(url, **kwargs)[2])
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as error:  # keep polling; report the last error on timeout
+            last_error = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
+
+
+class FakeOpenCodeProcess:
+    """``python -m opencoderouter.fake_opencode serve`` in a directory, as a child process."""
+
+    def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None):
+        self.directory = str(directory)
+        command = [sys.executable, "-m", "opencoderouter.fake_opencode", "serve", "--port", str(port),
+                   "--heartbeat", str(heartbeat)]
+        self.process = subprocess.Popen(
+            command, cwd=self.directory, env=subprocess_env(**(env or {})),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.port = self._wait_listening()
+
+    def _wait_listening(self) -> int:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"fake opencode exited with {self.process.wait()}")
+            match = LISTENING.search(line)
+            if match:
+                return int(match.group(2))
+        raise RuntimeError("fake opencode did not start")
+
+    def stop(self) -> None:
+        """Terminate and reap."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+class RouterProcess:
+    """``twistd -n opencoderouter ...`` as a child process, ready when /api/health answers."""
+
+    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None,
+                 wait: bool = True, cwd: str | None = None) -> None:
+        self.port = port or free_port()
+        self.args = ["--port", str(self.port), "--hostname", "127.0.0.1", "--mdns=false", *args]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"ocr-router-{os.getpid()}-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "opencoderouter", *self.args],
+            env=subprocess_env(**(env or {})), stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 15) -> None:
+        """Block until /api/health answers."""
+        def healthy() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
+            return http_get(self.url + "/api/health", timeout=1)[0] == 200
+        wait_for(healthy, timeout, what="router health")
+
+    def log(self) -> str:
+        """Everything the router wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal, wait and reap; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
