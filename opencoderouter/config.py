@@ -190,10 +190,10 @@ def listen_endpoint(port: int, hostname: str) -> str:
 
 
 def _check_endpoint(description: str) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
+    """Check the syntax and the endpoint type, without listening or touching inherited sockets."""
+    from twisted.internet.endpoints import _parseServer
 
     try:
-        serverFromString(reactor, description)
+        _parseServer(description, None)
     except (ValueError, TypeError, KeyError) as error:
         raise usage.UsageError(f"--listen: {description!r} is not an endpoint ({error})") from None
