@@ -11,11 +11,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
-
-from treq.client import HTTPClient
 
 from .api import RouterAPI
 from .config import Options, default_username
@@ -23,7 +21,7 @@ from .dashboard import Dashboard
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
-from .scanner import Prober, Scanner
+from .scanner import Prober, Scanner, loopback_agent
 
 __all__ = ["Options", "makeService"]
 
@@ -101,8 +99,8 @@ def makeService(options: Options) -> MultiService:
     naming = Naming(username=options["username"], os_user=default_username())
 
     probe_pool = quiet_pool(reactor, persistent=False)
-    probe_client = HTTPClient(Agent(reactor, connectTimeout=options["probe-timeout"], pool=probe_pool))
-    prober = Prober(probe_client, reactor, timeout=options["probe-timeout"])
+    probe_agent = loopback_agent(reactor, probe_pool, options["probe-timeout"])
+    prober = Prober(probe_agent, reactor, timeout=options["probe-timeout"])
     scanner = Scanner(
         registry,
         prober,

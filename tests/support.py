@@ -88,6 +88,7 @@ class FakeOpenCodeProcess:
 
     def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None):
         self.directory = str(directory)
+        Path(directory).mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "opencoderouter.fake_opencode", "serve", "--port", str(port),
                    "--heartbeat", str(heartbeat)]
         self.process = subprocess.Popen(

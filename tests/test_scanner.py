@@ -1,0 +1,410 @@
+"""Scanner: socket-table listing, probes (StubTreq), the loop (Clock), and real hostile neighbours."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pytest_twisted import ensureDeferred
+from treq.testing import RequestTraversalAgent
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from opencoderouter.registry import Registry, Sighting
+from opencoderouter.scanner import Listener, Prober, Scanner, list_listeners, loopback_agent
+from opencoderouter.tap import quiet_pool
+
+from .support import FakeOpenCodeProcess, free_port_block
+
+TCP_TABLE = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:7530 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1 0 100 0 0 10 0
+   1: 00000000:7531 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 112 1 0 100 0 0 10 0
+   2: 0A000001:7532 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 113 1 0 100 0 0 10 0
+   3: 0100007F:7533 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 114 1 0 100 0 0 10 0
+   4: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 115 1 0 100 0 0 10 0
+"""
+TCP6_TABLE = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:7534 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 116 1 0 100 0 0 10 0
+   1: 00000000000000000000000001000000:7535 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 117 1 0 100 0 0 10 0
+"""
+
+
+def test_listeners_come_from_the_kernel_socket_table(tmp_path: Path):
+    (tmp_path / "tcp").write_text(TCP_TABLE)
+    (tmp_path / "tcp6").write_text(TCP6_TABLE)
+    listeners = list_listeners(30000, 31000, proc_net=str(tmp_path))
+    # 30002 listens on another address, 30003 is a connection, 8080 is out of range, 30005 is ::1 only.
+    assert listeners == {
+        30000: Listener(30000, 1000, 111),
+        30001: Listener(30001, 0, 112),
+        30004: Listener(30004, 1001, 116),
+    }
+
+
+def test_no_socket_table_means_unknown(tmp_path: Path):
+    assert list_listeners(30000, 31000, proc_net=str(tmp_path)) is None
+
+
+def test_the_real_socket_table_lists_our_own_listener():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        found = list_listeners(port, port)
+    assert found is not None and found[port].uid == __import__("os").getuid()
+
+
+class JSONLeaf(Resource):
+    isLeaf = True
+
+    def __init__(self, routes: dict[str, tuple[int, bytes]], headers: dict[bytes, bytes] | None = None):
+        super().__init__()
+        self.routes = routes
+        self.headers = headers or {}
+        self.seen_accept_encoding: list[bytes | None] = []
+
+    def render(self, request):
+        self.seen_accept_encoding.append(request.getHeader(b"accept-encoding"))
+        code, body = self.routes.get(request.path.decode(), (200, b"<html>web ui</html>"))
+        request.setResponseCode(code)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        return body
+
+
+def opencode_like(directory: str | None = "/home/a/proj", worktree: str = "/home/a/proj", path_code: int = 200):
+    return JSONLeaf(
+        {
+            "/global/health": (200, b'{"healthy": true, "version": "1.18.33"}'),
+            "/path": (path_code, json.dumps({"directory": directory}).encode()),
+            "/project/current": (200, json.dumps({"id": "x", "worktree": worktree}).encode()),
+        }
+    )
+
+
+def probe_with(resource: Resource, port: int = 30000):
+    prober = Prober(RequestTraversalAgent(resource), Clock(), timeout=5)
+    results = []
+    prober.probe(port, owner="alice").addBoth(results.append)
+    assert len(results) == 1
+    return results[0]
+
+
+def test_probe_recognises_opencode_and_asks_for_identity_encoding():
+    resource = opencode_like()
+    assert probe_with(resource) == Sighting(30000, "/home/a/proj", "1.18.33", "alice")
+    assert set(resource.seen_accept_encoding) == {b"identity"}
+
+
+def test_probe_falls_back_to_project_current_when_path_fails():
+    assert probe_with(opencode_like(path_code=500)).project_path == "/home/a/proj"
+
+
+def test_probe_never_slugs_the_root_worktree():
+    assert probe_with(opencode_like(directory=None, worktree="/")) is None
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {},  # 200 HTML to everything: a web UI proves nothing
+        {"/global/health": (200, b'{"healthy": false}')},
+        {"/global/health": (200, b"[1, 2]")},
+        {"/global/health": (404, b'{"healthy": true}')},
+        {"/global/health": (401, b"")},
+    ],
+)
+def test_probe_rejects_what_is_not_opencode(routes):
+    assert probe_with(JSONLeaf(routes)) is None
+
+
+def test_probe_rejects_oversized_answers():
+    huge = b'{"healthy": true, "pad": "' + b"x" * 200_000 + b'"}'
+    assert probe_with(JSONLeaf({"/global/health": (200, huge)})) is None
+
+
+class Hanging(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return NOT_DONE_YET
+
+
+def test_probe_is_bounded_by_the_timeout():
+    clock = Clock()
+    prober = Prober(RequestTraversalAgent(Hanging()), clock, timeout=0.8)
+    results = []
+    prober.probe(30000).addBoth(results.append)
+    assert results == []
+    clock.advance(0.8)
+    assert results == [None]
+
+
+class ScriptedProber:
+    """Answers probes from a table; raises for ports marked 'boom'."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = []
+        self.pending = {}
+
+    def probe(self, port, owner=None):
+        self.calls.append(port)
+        answer = self.answers.get(port)
+        if answer == "boom":
+            raise RuntimeError("probe exploded")
+        if answer == "hang":
+            d = defer.Deferred()
+            self.pending[port] = d
+            return d
+        return defer.succeed(answer)
+
+
+def make_scanner(prober, listeners, clock=None, concurrency=20):
+    clock = clock or Clock()
+    registry = Registry(clock, stale_after=30)
+    scanner = Scanner(registry, prober, clock, port_range=(30000, 30010), interval=5, concurrency=concurrency,
+                      list_listeners=lambda start, end: listeners(), owner_name=lambda uid: f"user{uid}")
+    return scanner, registry, clock
+
+
+def test_one_failing_probe_does_not_stop_the_scan_or_the_loop():
+    table = {30000: Listener(30000, 1, 1), 30001: Listener(30001, 1, 2)}
+    prober = ScriptedProber({30000: "boom", 30001: Sighting(30001, "/p/good", "1", "user1")})
+    scanner, registry, clock = make_scanner(prober, lambda: table)
+    scanner.startService()
+    assert [b.slug for b in registry.backends()] == ["good"]
+    clock.advance(5)
+    assert scanner.scans_completed == 2
+    scanner.stopService()
+
+
+def test_an_exception_in_a_whole_scan_is_logged_and_the_loop_goes_on():
+    calls = []
+
+    def listeners():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("socket table vanished")
+        return {}
+
+    scanner, _, clock = make_scanner(ScriptedProber({}), listeners)
+    scanner._quick_interval = 0
+    scanner.startService()
+    assert scanner.scans_completed == 0
+    clock.advance(5)
+    assert scanner.scans_completed == 1
+    scanner.stopService()
+
+
+def test_scans_never_overlap_and_stop_waits_for_the_running_scan():
+    table = {30000: Listener(30000, 1, 1)}
+    prober = ScriptedProber({30000: "hang"})
+    scanner, registry, clock = make_scanner(prober, lambda: table)
+    scanner._quick_interval = 0
+    scanner.startService()
+    clock.advance(5)
+    clock.advance(5)
+    assert prober.calls == [30000]
+    stopped = scanner.stopService()
+    assert not stopped.called
+    prober.pending[30000].callback(Sighting(30000, "/p/late", "1"))
+    assert stopped.called
+
+
+def test_concurrency_is_bounded():
+    table = {p: Listener(p, 1, p) for p in range(30000, 30010)}
+    prober = ScriptedProber({p: "hang" for p in table})
+    scanner, _, _ = make_scanner(prober, lambda: table, concurrency=3)
+    scanner._quick_interval = 0
+    scanner.startService()
+    assert len(prober.calls) == 3
+    prober.pending[30000].callback(None)
+    assert len(prober.calls) == 4
+    for port in list(prober.pending):
+        if not prober.pending[port].called:
+            prober.pending[port].callback(None)
+    scanner.stopService()
+
+
+def test_quick_check_probes_only_new_listeners_and_retries_a_slow_starter():
+    table = {30000: Listener(30000, 1, 1)}
+    answers = {30000: Sighting(30000, "/p/one", "1")}
+    prober = ScriptedProber(answers)
+    scanner, registry, clock = make_scanner(prober, lambda: table)
+    scanner.startService()
+    clock.advance(0.5)
+    assert prober.calls == [30000]
+    table[30001] = Listener(30001, 1, 2)  # accepts, but does not answer yet
+    clock.advance(0.5)
+    assert registry.by_port(30001) is None
+    answers[30001] = Sighting(30001, "/p/two", "1")
+    clock.advance(0.5)
+    assert registry.by_port(30001).slug == "two"
+    clock.advance(0.5)
+    assert prober.calls == [30000, 30001, 30001]
+    scanner.stopService()
+
+
+def test_quick_check_gives_up_on_a_neighbour_that_is_not_opencode():
+    table = {30000: Listener(30000, 1, 1)}
+    prober = ScriptedProber({})
+    scanner, _, clock = make_scanner(prober, lambda: table)
+    scanner.startService()
+    table[30001] = Listener(30001, 1, 2)
+    for _ in range(9):  # 4.5 s: before the next full scan probes everything again
+        clock.advance(0.5)
+    assert prober.calls.count(30001) == 3
+    scanner.stopService()
+
+
+# --- real sockets: fake OpenCode servers among hostile neighbours ----------------------------
+
+
+class HostileNeighbours:
+    """Plain-socket servers that misbehave in the ways services in the range do."""
+
+    def __init__(self, ports: dict[str, int]):
+        self.ports = ports
+        self.sockets = []
+        self.stop = threading.Event()
+        for kind, port in ports.items():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(50)
+            sock.settimeout(0.2)
+            self.sockets.append(sock)
+            threading.Thread(target=self._serve, args=(kind, sock), daemon=True).start()
+
+    def _serve(self, kind, sock):
+        held = []
+        while not self.stop.is_set():
+            try:
+                connection, _ = sock.accept()
+            except OSError:
+                continue
+            if kind == "silent":
+                held.append(connection)  # accept and never answer
+                continue
+            try:
+                connection.settimeout(1)
+                connection.recv(4096)
+                if kind == "html":
+                    body = b"<html>hello</html>"
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+                                       % (len(body), body))
+                elif kind == "garbage":
+                    connection.sendall(b"\x00\xff\x13garbage\r\n\r\n\x01")
+                elif kind == "unauthorized":
+                    connection.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            finally:
+                connection.close()
+        for connection in held:
+            connection.close()
+
+    def close(self):
+        self.stop.set()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def crowded_range(tmp_path):
+    start = free_port_block(8)
+    neighbours = HostileNeighbours({"html": start + 2, "silent": start + 3, "garbage": start + 4, "unauthorized": start + 5})
+    servers = []
+    try:
+        servers.append(FakeOpenCodeProcess(tmp_path / "one", port=start))
+        servers.append(FakeOpenCodeProcess(tmp_path / "two", port=start + 1))
+        yield start, start + 7, servers
+    finally:
+        neighbours.close()
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(params=["socket table", "every port"])
+def real_scanner(request, crowded_range):
+    start, end, servers = crowded_range
+    pool = quiet_pool(reactor, persistent=False)
+    from twisted.web.client import Agent
+
+    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
+    registry = Registry(reactor, stale_after=30)
+    kwargs = {} if request.param == "socket table" else {"list_listeners": lambda s, e: None}
+    scanner = Scanner(registry, prober, reactor, (start, end), interval=60, concurrency=20, quick_interval=0, **kwargs)
+    yield scanner, registry, servers
+    pool.closeCachedConnections()
+
+
+@ensureDeferred
+async def test_scan_finds_fakes_and_never_registers_hostile_neighbours(real_scanner):
+    scanner, registry, servers = real_scanner
+    began = time.monotonic()
+    await scanner.scan()
+    elapsed = time.monotonic() - began
+    found = {b.port: b.project_path for b in registry.backends()}
+    assert found == {s.port: s.directory for s in servers}
+    # The never-answering neighbour costs one probe timeout, not more.
+    assert elapsed < 0.8 + 0.7, elapsed
+
+
+MEASURE_API = """
+import json, sys, time, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+latencies, deadline = [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    began = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=5) as response:
+        response.read()
+    latencies.append(time.perf_counter() - began)
+print(json.dumps(latencies))
+"""
+
+
+@ensureDeferred
+async def test_the_api_keeps_answering_quickly_while_1001_ports_are_probed(crowded_range):
+    """Probing every port (the non-Linux path) must not starve the web server."""
+    import json
+    import sys
+
+    from twisted.internet.utils import getProcessOutput
+    from twisted.web.server import Site
+
+    from opencoderouter.api import RouterAPI
+    from opencoderouter.registry import Naming
+
+    start, _, servers = crowded_range
+    pool = quiet_pool(reactor, persistent=False)
+    registry = Registry(reactor, stale_after=30)
+    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
+    scanner = Scanner(registry, prober, reactor, (start, start + 1000), interval=60, concurrency=20,
+                      quick_interval=0, list_listeners=lambda s, e: None)
+    api = RouterAPI(registry, Naming("u", "u"))
+    listening = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{listening.getHost().port}/health"
+    scans = 0
+    try:
+        client = getProcessOutput(sys.executable, ["-c", MEASURE_API, url, "3"], env=dict(__import__("os").environ))
+        while not client.called:  # keep scanning for as long as the client measures
+            await scanner.scan()
+            scans += 1
+        latencies = sorted(json.loads(await client))
+    finally:
+        await listening.stopListening()
+        await pool.closeCachedConnections()
+    assert len(registry) == 2 and scans >= 2
+    assert len(latencies) >= 20
+    assert latencies[len(latencies) // 2] < 0.01, latencies[len(latencies) // 2]
+    assert latencies[int(len(latencies) * 0.99)] < 0.05, latencies[-5:]
