@@ -307,8 +307,8 @@ class Scanner(Service):
         if listeners is None:
             candidates: Iterable[tuple[int, str | None]] = ((p, None) for p in range(self._start, self._end + 1))
         else:
-            candidates = [(l.port, self._owner_name(l.uid)) for l in listeners.values()]
-            self._probed_inodes = {l.inode for l in listeners.values()}
+            candidates = [(found.port, self._owner_name(found.uid)) for found in listeners.values()]
+            self._probed_inodes = {found.inode for found in listeners.values()}
             self._quick_failures.clear()
         sightings = await self._probe_all(candidates)
         self.registry.record_scan(sightings, complete=True)
@@ -344,10 +344,10 @@ class Scanner(Service):
         listeners = self._list_listeners(self._start, self._end)
         if listeners is None:
             return
-        fresh = [l for l in listeners.values() if l.inode not in self._probed_inodes]
+        fresh = [found for found in listeners.values() if found.inode not in self._probed_inodes]
         if not fresh:
             return
-        sightings = await self._probe_all((l.port, self._owner_name(l.uid)) for l in fresh)
+        sightings = await self._probe_all((found.port, self._owner_name(found.uid)) for found in fresh)
         found_ports = {s.port for s in sightings}
         for listener in fresh:
             # A server that accepts before it answers (OpenCode does, ~350 ms) is retried a few

@@ -338,7 +338,6 @@ def crowded_range(tmp_path):
 def real_scanner(request, crowded_range):
     start, end, servers = crowded_range
     pool = quiet_pool(reactor, persistent=False)
-    from twisted.web.client import Agent
 
     prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
     registry = Registry(reactor, stale_after=30)
