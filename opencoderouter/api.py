@@ -70,10 +70,13 @@ class RouterAPI:
         registry: Registry,
         naming: Naming,
         extra_health: Callable[[], dict[str, Any]] | None = None,
+        events: Any = None,
     ) -> None:
         self.registry = registry
         self.naming = naming
         self._extra_health = extra_health or dict
+        #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
+        self._events = events
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -96,6 +99,13 @@ class RouterAPI:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
         return _json(request, [backend_json(b, self.naming, authority) for b in self.registry.backends()])
+
+    @app.route("/events", methods=["GET"])
+    def events(self, request: IRequest) -> Any:
+        """The registry's changes as Server-Sent Events (the dashboard's live feed)."""
+        if self._events is None:
+            return _json(request, {"error": "not_found", "path": "/api/events"}, 404)
+        return self._events
 
     @app.route("/resolve", methods=["GET"])
     def resolve(self, request: IRequest) -> bytes:

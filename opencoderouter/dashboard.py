@@ -1,52 +1,105 @@
-"""The dashboard at ``/``: a page listing every backend with its links."""
+"""The dashboard: the page at ``/`` and its assets under ``/_router/``, served from package files.
+
+The page holds no backend data: its script fills the table from ``GET /api/events`` with DOM
+text nodes, so a hostile project name can never become markup. ``_router`` can never be a
+project's slug (slugs have no ``_``), so the assets never shadow a project.
+"""
 
 from __future__ import annotations
 
-import html
-from urllib.parse import quote
+import hashlib
+from importlib import resources
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from .api import request_authority
-from .registry import Naming, Registry
+#: URL prefix of the router's own files; must match the paths in ``static/index.html``.
+ASSETS_SEGMENT = b"_router"
+
+_CONTENT_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+    ".png": b"image/png",
+    ".ico": b"image/x-icon",
+}
+
+# The page runs only our own script and style, so injected markup could not run even if it got in.
+_CSP = (
+    b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+class _Asset:
+    """One package file held in memory, with its validator."""
+
+    def __init__(self, name: str, body: bytes) -> None:
+        self.body = body
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        self.content_type = _CONTENT_TYPES.get(suffix, b"application/octet-stream")
+        self.etag = b'"' + hashlib.sha256(body).hexdigest()[:16].encode("ascii") + b'"'
+
+
+def load_assets() -> dict[str, _Asset]:
+    """Every file in ``opencoderouter/static`` (read once: they never change while running)."""
+    folder = resources.files("opencoderouter") / "static"
+    return {entry.name: _Asset(entry.name, entry.read_bytes()) for entry in folder.iterdir() if entry.is_file()}
+
+
+def _serve(request: IRequest, asset: _Asset, cache: bytes) -> bytes:
+    request.setHeader(b"content-type", asset.content_type)
+    request.setHeader(b"etag", asset.etag)
+    request.setHeader(b"cache-control", cache)
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    if asset.content_type.startswith(b"text/html"):
+        request.setHeader(b"content-security-policy", _CSP)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+    if request.setETag(asset.etag) is not None:  # CACHED: 304, no body
+        return b""
+    return asset.body
+
+
+def _not_found(request: IRequest) -> bytes:
+    request.setResponseCode(404)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return b"Not found: no such dashboard file.\n"
 
 
 class Dashboard(Resource):
-    """A table of the discovered backends (every value from a backend is escaped)."""
+    """``GET /``: the dashboard page (``index.html``)."""
 
     isLeaf = True
 
-    def __init__(self, registry: Registry, naming: Naming) -> None:
+    def __init__(self, assets: dict[str, _Asset] | None = None) -> None:
         super().__init__()
-        self.registry = registry
-        self.naming = naming
+        self.assets = assets if assets is not None else load_assets()
 
     def render_GET(self, request: IRequest) -> bytes:
-        """Render the page."""
+        """The page; any deeper path is a 404 (the root resource sends only ``/`` here)."""
         if request.postpath not in ([], [b""]):
-            request.setResponseCode(404)
-            return b"not found\n"
-        authority = request_authority(request)
-        port = authority.rsplit(":", 1)[1] if authority.rsplit(":", 1)[-1].isdigit() else "80"
-        rows = []
-        for backend in self.registry.backends():
-            label = self.naming.host_label(backend)
-            path_url = f"/{quote(backend.slug)}/"
-            rows.append(
-                "<tr>"
-                f"<td>{'up' if backend.up else 'down'}</td>"
-                f"<td>{html.escape(backend.project_name)}<br><small>{html.escape(backend.project_path)}</small></td>"
-                f"<td>{html.escape(backend.slug)}</td><td>{html.escape(backend.version)}</td>"
-                f"<td>{backend.port}</td>"
-                f'<td><a href="{html.escape(path_url)}">{html.escape(path_url)}</a><br>'
-                f'<a href="http://{html.escape(label)}.localhost:{port}/">{html.escape(label)}.localhost:{port}</a></td>'
-                "</tr>"
-            )
-        body = "".join(rows) or '<tr><td colspan="6">No OpenCode servers found yet.</td></tr>'
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return (
-            "<!doctype html><meta charset=utf-8><title>OpenCodeRouter</title>"
-            "<h1>OpenCodeRouter</h1><table><tr><th>Status</th><th>Project</th><th>Slug</th>"
-            f"<th>Version</th><th>Port</th><th>Links</th></tr>{body}</table>"
-        ).encode("utf-8")
+            return _not_found(request)
+        # Revalidate each time so that a router upgrade shows its new page at once.
+        return _serve(request, self.assets["index.html"], b"no-cache")
+
+
+class DashboardAssets(Resource):
+    """``GET /_router/{file}``: the page's script, style and icon."""
+
+    isLeaf = True
+
+    def __init__(self, assets: dict[str, _Asset] | None = None) -> None:
+        super().__init__()
+        self.assets = assets if assets is not None else load_assets()
+
+    def render_GET(self, request: IRequest) -> bytes:
+        """One file by exact name; no directory listing, no subfolders."""
+        if len(request.postpath) != 1:
+            return _not_found(request)
+        name = request.postpath[0].decode("utf-8", "replace")
+        asset = self.assets.get(name)
+        if asset is None or name == "index.html":
+            return _not_found(request)
+        return _serve(request, asset, b"no-cache")

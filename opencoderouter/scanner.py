@@ -6,11 +6,12 @@ import json
 import os
 import pwd
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol as TypingProtocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet import error as net_error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
@@ -76,6 +77,16 @@ def username_for_uid(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+class ScanMetrics(TypingProtocol):
+    """What the scanner reports to (``opencoderouter.metrics.RouterMetrics`` implements it)."""
+
+    def scan_finished(self, kind: str, duration: float) -> None:
+        """A ``full`` or ``quick`` scan ended."""
+
+    def probe_finished(self, outcome: str) -> None:
+        """A probe ended: ``opencode``, ``not_opencode``, ``timeout``, ``refused`` or ``error``."""
 
 
 class NotOpenCode(Exception):
@@ -167,22 +178,37 @@ class Prober:
     and the body read is capped at ``MAX_PROBE_BODY`` bytes.
     """
 
-    def __init__(self, agent: Any, clock: IReactorTime, timeout: float, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        agent: Any,
+        clock: IReactorTime,
+        timeout: float,
+        host: str = "127.0.0.1",
+        metrics: ScanMetrics | None = None,
+    ) -> None:
         self._agent = agent
         self._clock = clock
         self._timeout = timeout
         self._host = host
+        self._metrics = metrics
 
     def probe(self, port: int, owner: str | None = None) -> Deferred[Sighting | None]:
         """Fire with a Sighting, or None when the port is not (or not yet) OpenCode."""
         attempt = defer.ensureDeferred(self._identify(port, owner))
         # The bound covers the whole probe, body reads included; cancelling aborts the connection.
         attempt.addTimeout(self._timeout, self._clock)
-        attempt.addErrback(self._not_opencode, port)
+        attempt.addCallbacks(self._count, self._not_opencode, errbackArgs=(port,))
         return attempt
+
+    def _count(self, sighting: Sighting) -> Sighting:
+        if self._metrics is not None:
+            self._metrics.probe_finished("opencode")
+        return sighting
 
     def _not_opencode(self, failure: Failure, port: int) -> None:
         log.debug("port {port} is not OpenCode: {why}", port=port, why=failure.getErrorMessage())
+        if self._metrics is not None:
+            self._metrics.probe_finished(_probe_outcome(failure))
         return None
 
     async def _get_json(self, port: int, path: str) -> Any:
@@ -222,6 +248,17 @@ class Prober:
         raise NotOpenCode("neither /path nor /project/current names a project directory")
 
 
+def _probe_outcome(failure: Failure) -> str:
+    """The metrics outcome of a failed probe."""
+    if failure.check(NotOpenCode):
+        return "not_opencode"
+    if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
+        return "timeout"
+    if failure.check(net_error.ConnectionRefusedError):
+        return "refused"
+    return "error"
+
+
 def _usable_project_path(value: object) -> bool:
     # "/" is what /project/current says for every non-git folder: it identifies nothing.
     return isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096 and "\x00" not in value
@@ -245,6 +282,7 @@ class Scanner(Service):
         quick_interval: float = 0.5,
         list_listeners: Callable[[int, int], dict[int, Listener] | None] = list_listeners,
         owner_name: Callable[[int], str] = username_for_uid,
+        metrics: ScanMetrics | None = None,
     ) -> None:
         self.registry = registry
         self._prober = prober
@@ -263,6 +301,7 @@ class Scanner(Service):
         self._quick_failures: dict[int, int] = {}
         self.scans_completed = 0
         self.last_scan_duration: float | None = None
+        self._metrics = metrics
 
     def startService(self) -> None:
         """Start the full-scan loop (first scan at once) and the quick check."""
@@ -315,6 +354,8 @@ class Scanner(Service):
         self.registry.prune_stale()
         self.scans_completed += 1
         self.last_scan_duration = self._clock.seconds() - began
+        if self._metrics is not None:
+            self._metrics.scan_finished("full", self.last_scan_duration)
 
     async def _probe_all(self, candidates: Iterable[tuple[int, str | None]]) -> list[Sighting]:
         probes = [self._semaphore.run(self._probe_safely, port, owner) for port, owner in candidates]
@@ -347,6 +388,7 @@ class Scanner(Service):
         fresh = [found for found in listeners.values() if found.inode not in self._probed_inodes]
         if not fresh:
             return
+        began = self._clock.seconds()
         sightings = await self._probe_all((found.port, self._owner_name(found.uid)) for found in fresh)
         found_ports = {s.port for s in sightings}
         for listener in fresh:
@@ -359,3 +401,5 @@ class Scanner(Service):
             else:
                 self._quick_failures[listener.inode] = failures
         self.registry.record_scan(sightings, complete=False)
+        if self._metrics is not None:
+            self._metrics.scan_finished("quick", self._clock.seconds() - began)

@@ -17,7 +17,10 @@ from twisted.web.server import Site
 
 from .api import RouterAPI
 from .config import Options, default_username
-from .dashboard import Dashboard
+from . import __version__
+from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
+from .events import EventStream
+from .metrics import RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
@@ -97,10 +100,11 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     registry = Registry(reactor, stale_after=options["stale-after"])
     naming = Naming(username=options["username"], os_user=default_username())
+    metrics = RouterMetrics(registry)
 
     probe_pool = quiet_pool(reactor, persistent=False)
     probe_agent = loopback_agent(reactor, probe_pool, options["probe-timeout"])
-    prober = Prober(probe_agent, reactor, timeout=options["probe-timeout"])
+    prober = Prober(probe_agent, reactor, timeout=options["probe-timeout"], metrics=metrics)
     scanner = Scanner(
         registry,
         prober,
@@ -108,19 +112,34 @@ def makeService(options: Options) -> MultiService:
         port_range=(options["scan-start"], options["scan-end"]),
         interval=options["scan-interval"],
         concurrency=options["scan-concurrency"],
+        metrics=metrics,
     )
     scanner.setName("scanner")
     scanner.setServiceParent(top)
 
-    api = RouterAPI(registry, naming)
+    web_holder: list[WebService] = []
+    events = EventStream(
+        registry,
+        naming,
+        reactor,
+        router_info=lambda: _router_info(options, web_holder[0] if web_holder else None),
+        on_open=metrics.dashboard_stream_opened,
+        on_close=metrics.dashboard_stream_closed,
+    )
+    api = RouterAPI(registry, naming, events=events)
     proxy_factory = BackendProxyFactory(reactor)
-    own_routes: dict[bytes, IResource] = {b"api": api.resource()}
+    assets = load_assets()
+    own_routes: dict[bytes, IResource] = {
+        b"api": api.resource(),
+        b"metrics": metrics.resource(),
+        ASSETS_SEGMENT: DashboardAssets(assets),
+    }
     root = RouterResource(
         registry,
         naming,
         proxy_factory,
         own_routes=own_routes,
-        dashboard=Dashboard(registry, naming),
+        dashboard=Dashboard(assets),
         own_host_names=_own_host_names(),
     )
     web = WebService(
@@ -135,14 +154,54 @@ def makeService(options: Options) -> MultiService:
     )
     web.setName("web")
     web.setServiceParent(top)
+    web_holder.append(web)
     top.addService(_ClosePoolOnStop(proxy_factory))
+    top.addService(_CloseEventStreamsOnStop(events))
     return top
+
+
+def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
+    """What the dashboard's header shows about this router."""
+    port, listen = None, options["listen"]
+    if web is not None and web.listening_port is not None:
+        address = web.listening_port.getHost()
+        port = getattr(address, "port", None)
+        host = getattr(address, "host", None)
+        if port is not None and host is not None:
+            listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "version": __version__,
+        "username": options["username"],
+        "listen": listen,
+        "listen_port": port,
+        "scan_start": options["scan-start"],
+        "scan_end": options["scan-end"],
+        "scan_interval": options["scan-interval"],
+        "stale_after": options["stale-after"],
+        "mdns": options["mdns"],
+        # Set True once a launcher is wired in: the page then polls GET /api/instances.
+        "launcher": False,
+    }
 
 
 def _own_host_names() -> frozenset[str]:
     """This machine's names under ``.local``/``.localhost``: they reach the router itself."""
     short = socket.gethostname().split(".")[0].lower()
     return frozenset({f"{short}.local", f"{short}.localhost"})
+
+
+class _CloseEventStreamsOnStop(MultiService):
+    """Ends open ``/api/events`` streams when the router stops, so dashboards reconnect cleanly."""
+
+    def __init__(self, events: EventStream) -> None:
+        super().__init__()
+        self.events = events
+
+    def stopService(self) -> Deferred[None]:
+        """Finish every stream (synchronous: finishing a request only queues its last bytes)."""
+        result = super().stopService()
+        self.events.close()
+        return result
 
 
 class _ClosePoolOnStop(MultiService):

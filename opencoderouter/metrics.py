@@ -1,0 +1,220 @@
+"""Prometheus metrics: one CollectorRegistry per router, hooks for the scanner, proxy and launcher.
+
+Label cardinality is bounded on purpose: backends are labelled by slug only (never by path), at
+most ``MAX_SLUG_LABELS`` distinct slugs get their own series, and every other label takes values
+from a small fixed set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+
+from . import __version__
+from .registry import Registry
+
+#: Distinct slugs that get their own series; later ones are counted under ``OTHER_SLUG``.
+MAX_SLUG_LABELS = 200
+OTHER_SLUG = "_other"
+
+ROUTING_MODES = ("host", "path")
+STREAM_KINDS = ("sse", "websocket")
+PROBE_OUTCOMES = ("opencode", "not_opencode", "timeout", "refused", "error")
+SCAN_KINDS = ("full", "quick")
+#: Launcher instance states (the launcher issue's list).
+INSTANCE_STATES = ("starting", "running", "restarting", "failed", "stopped")
+
+# Proxied requests range from a health check (ms) to an SSE stream held for hours.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+_SCAN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def status_class(status: int | None) -> str:
+    """``2xx``..``5xx`` for an HTTP status; ``error`` when no status was sent (backend unreachable, aborted)."""
+    if status is None or not 100 <= status <= 599:
+        return "error"
+    return f"{status // 100}xx"
+
+
+def _one_of(value: str, allowed: Iterable[str], fallback: str = "other") -> str:
+    return value if value in allowed else fallback
+
+
+class _BackendCollector:
+    """Reads backend and instance counts at scrape time, so they can never drift from the Registry."""
+
+    def __init__(self, registry: Registry, instance_states: Callable[[], Mapping[str, int]] | None) -> None:
+        self._registry = registry
+        self.instance_states = instance_states
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the backend (and launcher instance) gauges."""
+        backends = self._registry.backends()
+        family = GaugeMetricFamily("opencoderouter_backends", "Discovered backends by state.", labels=["state"])
+        up = sum(1 for b in backends if b.up)
+        family.add_metric(["up"], up)
+        family.add_metric(["down"], len(backends) - up)
+        yield family
+        if self.instance_states is not None:
+            counts = dict(self.instance_states())
+            instances = GaugeMetricFamily(
+                "opencoderouter_instances", "Launcher-managed instances by state.", labels=["state"]
+            )
+            for state in INSTANCE_STATES:
+                instances.add_metric([state], counts.get(state, 0))
+            yield instances
+
+
+class RouterMetrics:
+    """Every metric of one router, in its own CollectorRegistry (never the process-global one)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.collector_registry = CollectorRegistry(auto_describe=True)
+        self._backends = _BackendCollector(registry, None)
+        self.collector_registry.register(self._backends)
+        self._slugs: set[str] = set()
+        reg = self.collector_registry
+        Gauge("opencoderouter_info", "Router version.", ["version"], registry=reg).labels(__version__).set(1)
+        self.scans = Counter("opencoderouter_scans", "Completed scans.", ["kind"], registry=reg)
+        self.scan_duration = Histogram(
+            "opencoderouter_scan_duration_seconds", "Time one scan took.", ["kind"],
+            buckets=_SCAN_BUCKETS, registry=reg,
+        )
+        self.probes = Counter("opencoderouter_probes", "Port probes by outcome.", ["outcome"], registry=reg)
+        self.requests = Counter(
+            "opencoderouter_proxy_requests", "Proxied requests finished.", ["slug", "mode", "status_class"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "opencoderouter_proxy_request_duration_seconds", "Time from request to the end of the response.",
+            ["mode"], buckets=_REQUEST_BUCKETS, registry=reg,
+        )
+        self.bytes_relayed = Counter(
+            "opencoderouter_proxy_bytes", "Bytes relayed to and from backends (bodies and WebSocket frames).",
+            ["slug", "direction"], registry=reg,
+        )
+        self.open_streams = Gauge(
+            "opencoderouter_proxy_open_streams", "Proxied SSE streams and WebSockets open now.", ["kind"],
+            registry=reg,
+        )
+        self.dashboard_streams = Gauge(
+            "opencoderouter_dashboard_streams", "Open /api/events streams (dashboards watching).", registry=reg
+        )
+        self.launcher_restarts = Counter(
+            "opencoderouter_launcher_restarts", "Managed instances restarted after exiting.", ["slug"],
+            registry=reg,
+        )
+        # Pre-create the fixed label sets so that dashboards see zeros rather than missing series.
+        for kind in SCAN_KINDS:
+            self.scans.labels(kind)
+            self.scan_duration.labels(kind)
+        for outcome in PROBE_OUTCOMES:
+            self.probes.labels(outcome)
+        for kind in STREAM_KINDS:
+            self.open_streams.labels(kind)
+
+    # -- label hygiene -----------------------------------------------------
+    def slug_label(self, slug: str) -> str:
+        """``slug`` if it has (or may still get) its own series, else ``_other``."""
+        if slug in self._slugs:
+            return slug
+        if len(self._slugs) >= MAX_SLUG_LABELS:
+            return OTHER_SLUG
+        self._slugs.add(slug)
+        return slug
+
+    # -- scanner hooks -----------------------------------------------------
+    def scan_finished(self, kind: str, duration: float) -> None:
+        """A full or quick scan ended after ``duration`` seconds."""
+        kind = _one_of(kind, SCAN_KINDS)
+        self.scans.labels(kind).inc()
+        self.scan_duration.labels(kind).observe(max(duration, 0.0))
+
+    def probe_finished(self, outcome: str) -> None:
+        """One port probe ended: ``opencode``, ``not_opencode``, ``timeout``, ``refused`` or ``error``."""
+        self.probes.labels(_one_of(outcome, PROBE_OUTCOMES, "error")).inc()
+
+    # -- proxy hooks -------------------------------------------------------
+    def request_finished(
+        self,
+        slug: str,
+        mode: str,
+        status: int | None,
+        duration: float,
+        response_bytes: int = 0,
+        request_bytes: int = 0,
+    ) -> None:
+        """A proxied request ended (``status`` None when the backend never answered)."""
+        label = self.slug_label(slug)
+        mode = _one_of(mode, ROUTING_MODES)
+        self.requests.labels(label, mode, status_class(status)).inc()
+        self.request_duration.labels(mode).observe(max(duration, 0.0))
+        self.bytes_relayed_add(slug, response_bytes, request_bytes)
+
+    def bytes_relayed_add(self, slug: str, to_client: int = 0, to_backend: int = 0) -> None:
+        """Count bytes relayed outside a finished request (e.g. WebSocket frames as they pass)."""
+        label = self.slug_label(slug)
+        if to_client > 0:
+            self.bytes_relayed.labels(label, "to_client").inc(to_client)
+        if to_backend > 0:
+            self.bytes_relayed.labels(label, "to_backend").inc(to_backend)
+
+    def stream_opened(self, kind: str) -> None:
+        """A long-lived proxied stream started (``sse`` or ``websocket``)."""
+        self.open_streams.labels(_one_of(kind, STREAM_KINDS)).inc()
+
+    def stream_closed(self, kind: str) -> None:
+        """A stream counted by ``stream_opened`` ended."""
+        self.open_streams.labels(_one_of(kind, STREAM_KINDS)).dec()
+
+    # -- dashboard hooks ---------------------------------------------------
+    def dashboard_stream_opened(self) -> None:
+        """A dashboard connected to ``/api/events``."""
+        self.dashboard_streams.inc()
+
+    def dashboard_stream_closed(self) -> None:
+        """A dashboard's event stream ended."""
+        self.dashboard_streams.dec()
+
+    # -- launcher hooks ----------------------------------------------------
+    def launcher_restarted(self, slug: str) -> None:
+        """The launcher restarted a managed instance after it exited."""
+        self.launcher_restarts.labels(self.slug_label(slug)).inc()
+
+    def watch_instances(self, states: Callable[[], Mapping[str, int]]) -> None:
+        """Report launcher instances by state, read from ``states()`` at every scrape."""
+        self._backends.instance_states = states
+
+    # -- exposition --------------------------------------------------------
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.collector_registry)
+
+    def resource(self) -> "MetricsResource":
+        """The ``/metrics`` resource."""
+        return MetricsResource(self)
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: IRequest) -> bytes:
+        """The current metrics; anything below ``/metrics`` is a 404."""
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Not found: only /metrics exists here.\n"
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return self.metrics.render()
