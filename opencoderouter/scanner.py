@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -253,6 +253,9 @@ def _probe_outcome(failure: Failure) -> str:
     if failure.check(NotOpenCode):
         return "not_opencode"
     if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
+        return "timeout"
+    # The probe's time limit cancels a request in flight: the Agent reports that wrapped.
+    if failure.check(ResponseFailed) and any(r.check(defer.CancelledError) for r in failure.value.reasons):
         return "timeout"
     if failure.check(net_error.ConnectionRefusedError):
         return "refused"
