@@ -3,6 +3,7 @@
 set -eu
 need=""
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
+command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
 command -v avahi-browse >/dev/null 2>&1 || need="$need avahi-utils"
 command -v avahi-daemon >/dev/null 2>&1 || need="$need avahi-daemon"
 command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus"
