@@ -126,7 +126,10 @@ class Registry:
                 if backend.slug not in seen_slugs and backend.up:
                     backend.up = False
                     self.log.info(
-                        "backend {slug} on port {port} stopped answering", slug=backend.slug, port=backend.port
+                        "backend {slug} on port {port} stopped answering",
+                        slug=backend.slug,
+                        port=backend.port,
+                        event="backend_down",
                     )
                     self._notify("updated", backend)
 

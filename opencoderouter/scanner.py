@@ -21,9 +21,11 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from .logs import router_observer
 from .registry import Registry, Sighting
 
-log = Logger()
+# Probes log at debug level; router_observer keeps that out of twistd's log unless asked for.
+log = Logger(observer=router_observer)
 
 #: Largest probe answer read; OpenCode's are a few hundred bytes.
 MAX_PROBE_BODY = 64 * 1024
