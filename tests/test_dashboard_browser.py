@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from .support import REPO, free_port_block, http_json, wait_for
+from .support import REPO, free_port, free_port_block, http_json, subprocess_env, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -83,8 +85,8 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
     wait = WebDriverWait(browser, 5, poll_frequency=0.05)
     wait.until(lambda d: status_of(d, "alpha") == "up")
     wait.until(lambda d: d.find_element(By.ID, "connection").text == "live")
-    header = browser.find_element(By.TAG_NAME, "header").text
-    assert f"ports {base}–{base + 2}" in header and "mDNS\noff" in header.replace(" ", "\n")
+    header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
+    assert f"ports {base}–{base + 2}" in header and "mDNS off" in header
     assert "1 backend: 1 up, 0 down" in header
     browser.execute_script("window.__not_reloaded = true")
 
@@ -156,3 +158,61 @@ def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_fa
     WebDriverWait(browser, 5).until(lambda d: d.current_url == target)
     WebDriverWait(browser, 5).until(lambda d: d.title == BACKEND_TITLE)
 
+
+
+@pytest.fixture
+def stub_router() -> Iterator[str]:
+    """tests/dashboard_stub.py as a child process: the page with launcher instances and mDNS names."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.dashboard_stub", str(port)], cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
+def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_router):
+    browser.get(stub_router + "/")
+    wait = WebDriverWait(browser, 5, poll_frequency=0.05)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows .managed")) == 2)
+    header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
+    assert "mDNS on: alpha-alice-2.local" in header
+    assert "1 backend: 1 up, 0 down · 2 managed" in header
+
+    alpha = row(browser, "alpha")
+    assert status_of(browser, "alpha") == "up"
+    managed = alpha.find_element(By.CSS_SELECTOR, ".managed").text
+    assert "managed: running" in managed and "2 restarts" in managed
+    # The advertised mDNS name (renamed after a conflict) is the LAN link.
+    assert alpha.find_element(By.CSS_SELECTOR, "a.link-LAN").get_attribute("href") == \
+        f"http://alpha-alice-2.local:{stub_router.rsplit(':', 1)[1]}/"
+
+    # The logs expander shows the lines as text and stays open across the page's refreshes.
+    alpha.find_element(By.CSS_SELECTOR, "details.logs summary").click()
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").is_displayed())
+    time.sleep(3.5)  # the instance list is polled every 3 s; each poll re-renders the rows
+    logs = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")
+    assert logs.is_displayed() and logs.text.endswith("<b>not bold</b>")
+    assert browser.find_elements(By.CSS_SELECTOR, "#rows pre b, #rows i, #rows script") == []
+
+    # An instance that is not answering gets its own row: failed, with the reason and a Start button.
+    failed = browser.find_element(By.CSS_SELECTOR, "#rows tr[data-instance]")
+    assert failed.find_element(By.CSS_SELECTOR, ".pill").text == "failed"
+    assert failed.find_element(By.CSS_SELECTOR, ".project-path").text == "/home/alice/broken <i>x"
+    assert failed.find_element(By.CSS_SELECTOR, ".project-name").text == "broken <i>x"
+    assert "exited 5 times within 60 s" in failed.text
+    assert [b.text for b in failed.find_elements(By.CSS_SELECTOR, ".controls button")] == ["Start"]
+
+    # Stop sends DELETE /api/instances/{slug}; a refusal is shown as a sentence.
+    row(browser, "alpha").find_element(By.CSS_SELECTOR, ".controls button").click()
+    wait.until(lambda d: "You may not stop instances from here (HTTP 403)." in row(d, "alpha").text)
+    assert "Only loopback clients may manage instances." in row(browser, "alpha").text
+    assert http_json(stub_router + "/api/instances/calls") == [["DELETE", "alpha"]]
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-managed.png"))
+    # The refused DELETE is the only console error (Chromium logs every failed fetch).
+    errors = severe_console_entries(browser)
+    assert [e for e in errors if "api/instances/alpha" not in e["message"]] == [], errors
