@@ -216,3 +216,28 @@ def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_r
     # The refused DELETE is the only console error (Chromium logs every failed fetch).
     errors = severe_console_entries(browser)
     assert [e for e in errors if "api/instances/alpha" not in e["message"]] == [], errors
+
+
+def test_empty_dashboard_explains_itself_and_reconnects_after_a_router_restart(
+    tmp_path, browser, fake_opencode_factory, router_factory
+):
+    base = free_port_block(1)
+    router = router_factory("--scan-start", str(base), "--scan-end", str(base), "--scan-interval", "1s")
+    browser.get(router.url + "/")
+    wait = WebDriverWait(browser, 5, poll_frequency=0.05)
+    wait.until(lambda d: d.find_element(By.ID, "empty").is_displayed())
+    empty = " ".join(browser.find_element(By.ID, "empty").text.split())
+    assert f"scans 127.0.0.1 ports {base}–{base} every 1 s" in empty
+    assert "oc ~/my-project" in empty and f"opencode serve --port {base}" in empty
+    assert severe_console_entries(browser) == []
+    browser.execute_script("window.__not_reloaded = true")
+
+    router.stop()
+    wait.until(lambda d: d.find_element(By.ID, "notice").is_displayed())
+    assert "Reconnecting by itself" in browser.find_element(By.ID, "notice").text
+    fake_opencode_factory(tmp_path / "alpha", port=base)
+    router_factory("--scan-start", str(base), "--scan-end", str(base), "--scan-interval", "1s", port=router.port)
+    WebDriverWait(browser, 10, poll_frequency=0.1).until(lambda d: status_of(d, "alpha") == "up")
+    assert browser.find_element(By.ID, "connection").text == "live"
+    assert not browser.find_element(By.ID, "notice").is_displayed()
+    assert browser.execute_script("return window.__not_reloaded") is True

@@ -181,7 +181,7 @@
     if (state.actionErrors.has(key)) block.append(el("div", { class: "action-error" }, state.actionErrors.get(key)));
     const lines = logLines(instance);
     if (lines) {
-      const details = el("details", { class: "logs" }, el("summary", {}, `logs (${lines.length} lines)`), el("pre", {}, lines.join("\n")));
+      const details = el("details", { class: "logs" }, el("summary", {}, `logs (${lines.length} line${lines.length === 1 ? "" : "s"})`), el("pre", {}, lines.join("\n")));
       if (state.openLogs.has(key)) details.open = true;
       details.addEventListener("toggle", () => (details.open ? state.openLogs.add(key) : state.openLogs.delete(key)));
       block.append(details);
