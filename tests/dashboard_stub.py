@@ -44,11 +44,15 @@ class Instances(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[list[str]] = []
+        self.polls = 0
 
     def render_GET(self, request: IRequest) -> bytes:
         if request.postpath == [b"calls"]:
             return json.dumps(self.calls).encode()
         request.setHeader(b"content-type", b"application/json")
+        # The running instance keeps logging, so every poll changes the list (and re-renders rows).
+        self.polls += 1
+        INSTANCES[0]["logs"] = INSTANCES[0]["logs"][:2] + [f"poll {self.polls}"]
         return json.dumps(INSTANCES).encode()
 
     def _refuse(self, request: IRequest) -> bytes:

@@ -14,6 +14,7 @@ import pytest
 from .support import REPO, free_port, free_port_block, http_json, subprocess_env, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -177,7 +178,8 @@ def stub_router() -> Iterator[str]:
 
 def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_router):
     browser.get(stub_router + "/")
-    wait = WebDriverWait(browser, 5, poll_frequency=0.05)
+    # Rows are rebuilt when the data changes; a lookup that raced a rebuild is retried.
+    wait = WebDriverWait(browser, 5, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows .managed")) == 2)
     header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
     assert "mDNS on: alpha-alice-2.local" in header
@@ -194,9 +196,12 @@ def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_r
     # The logs expander shows the lines as text and stays open across the page's refreshes.
     alpha.find_element(By.CSS_SELECTOR, "details.logs summary").click()
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").is_displayed())
-    time.sleep(3.5)  # the instance list is polled every 3 s; each poll re-renders the rows
+    first_text = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text
+    # The instance list is polled every 3 s; the stub's logs grow, so the rows are rebuilt.
+    wait = WebDriverWait(browser, 5, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text != first_text)
     logs = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")
-    assert logs.is_displayed() and logs.text.endswith("<b>not bold</b>")
+    assert logs.is_displayed() and "\n<b>not bold</b>\npoll " in logs.text
     assert browser.find_elements(By.CSS_SELECTOR, "#rows pre b, #rows i, #rows script") == []
 
     # An instance that is not answering gets its own row: failed, with the reason and a Start button.

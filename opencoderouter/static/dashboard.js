@@ -19,6 +19,7 @@
   };
   let source = null;
   let instanceTimer = null;
+  let lastInstancesText = null;
 
   // -- small DOM helpers (text only) ---------------------------------------
   function el(tag, attrs, ...children) {
@@ -154,6 +155,7 @@
       } catch (ignored) { /* not JSON: the status says enough */ }
       state.actionErrors.set(key, message);
     }
+    render();
     pollInstances();
   }
   function managedBlock(instance) {
@@ -190,13 +192,18 @@
   }
   async function pollInstances() {
     clearTimeout(instanceTimer);
-    if (!state.router || !state.router.launcher) { state.instances = null; return; }
+    if (!state.router || !state.router.launcher) { state.instances = null; lastInstancesText = null; return; }
     try {
       const response = await fetch("/api/instances", { headers: { Accept: "application/json" } });
       if (response.ok) {
-        const body = await response.json();
-        state.instances = Array.isArray(body) ? body : Array.isArray(body && body.instances) ? body.instances : null;
-        render();
+        const text = await response.text();
+        // Re-render only on a change: a rebuilt row under the pointer can swallow a click.
+        if (text !== lastInstancesText) {
+          lastInstancesText = text;
+          const body = JSON.parse(text);
+          state.instances = Array.isArray(body) ? body : Array.isArray(body && body.instances) ? body.instances : null;
+          render();
+        }
       }
     } catch (ignored) { /* the event stream reports the router being away */ }
     instanceTimer = setTimeout(pollInstances, INSTANCE_POLL_MS);
