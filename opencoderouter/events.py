@@ -28,9 +28,16 @@ from .registry import Backend, Naming, Registry
 MAX_STREAMS = 256
 
 
-def dashboard_backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, Any]:
+def dashboard_backend_json(
+    backend: Backend,
+    naming: Naming,
+    authority: str,
+    extras: Callable[[Backend], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The API's backend object plus what the dashboard shows: liveness, host label, times as numbers."""
     body = backend_json(backend, naming, authority)
+    if extras is not None:
+        body.update(extras(backend))
     body.update(
         {
             "up": backend.up,
@@ -73,6 +80,7 @@ class EventStream(Resource):
         max_streams: int = MAX_STREAMS,
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
+        backend_extras: Callable[[Backend], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -85,6 +93,8 @@ class EventStream(Resource):
         self.max_streams = max_streams
         self._on_open = on_open
         self._on_close = on_close
+        #: More fields per backend from other parts (e.g. ``{"mdns_name": ...}`` from the advertiser).
+        self.backend_extras = backend_extras
         self.clients: list[_Client] = []
         self._loop: LoopingCall | None = None
         self._subscribed = False
@@ -120,7 +130,7 @@ class EventStream(Resource):
         backends = self.registry.backends()
         return {
             "router": self.router_info(),
-            "backends": [dashboard_backend_json(b, self.naming, client.authority) for b in backends],
+            "backends": [self._backend_json(b, client) for b in backends],
             "server_time": self.clock.seconds(),
         }
 
@@ -153,8 +163,11 @@ class EventStream(Resource):
         else:
             self._last_seen_sent[backend.slug] = backend.last_seen
         for client in list(self.clients):
-            data = {"backend": dashboard_backend_json(backend, self.naming, client.authority), "server_time": now}
+            data = {"backend": self._backend_json(backend, client), "server_time": now}
             self._write(client, sse_event(event, data))
+
+    def _backend_json(self, backend: Backend, client: _Client) -> dict[str, Any]:
+        return dashboard_backend_json(backend, self.naming, client.authority, self.backend_extras)
 
     def publish(self, event: str, data: Any) -> None:
         """Send any other event to every stream (e.g. the launcher's ``instances``)."""

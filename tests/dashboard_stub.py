@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
-
 from twisted.internet import reactor
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-import opencoderouter.events as events_module
 from opencoderouter.dashboard import Dashboard, DashboardAssets, load_assets
 from opencoderouter.events import EventStream
 from opencoderouter.registry import Naming, Registry, Sighting
@@ -67,14 +64,6 @@ class Instances(Resource):
 
 def main(port: int) -> None:
     """Serve until killed."""
-    original = events_module.dashboard_backend_json
-
-    def with_mdns_name(backend: Any, naming: Naming, authority: str) -> dict[str, Any]:
-        body = original(backend, naming, authority)
-        body["mdns_name"] = f"{naming.host_label(backend)}-2.local"  # as after an mDNS name conflict
-        return body
-
-    events_module.dashboard_backend_json = with_mdns_name
     registry = Registry(reactor, stale_after=3600)
     registry.record_scan([Sighting(30001, "/home/alice/alpha", "1.18.33", "alice")])
     naming = Naming(username="alice", os_user="alice")
@@ -86,7 +75,9 @@ def main(port: int) -> None:
     root.putChild(b"", Dashboard(assets))
     root.putChild(b"_router", DashboardAssets(assets))
     api = Resource()
-    api.putChild(b"events", EventStream(registry, naming, reactor, router_info=lambda: info))
+    # As the mDNS advertiser reports after a name conflict.
+    mdns = lambda backend: {"mdns_name": f"{naming.host_label(backend)}-2.local"}  # noqa: E731
+    api.putChild(b"events", EventStream(registry, naming, reactor, router_info=lambda: info, backend_extras=mdns))
     api.putChild(b"instances", Instances())
     root.putChild(b"api", api)
     reactor.listenTCP(port, Site(root), interface="127.0.0.1")

@@ -206,3 +206,14 @@ def test_hostile_project_path_is_carried_as_data_not_markup():
     assert data["project_path"] == hostile and data["version"] == "<b>1</b>"
     raw = b"".join(request.written)
     assert b"\n<script" not in raw and raw.count(b"\ndata: ") == 2
+
+
+def test_other_parts_add_fields_to_each_backend():
+    clock = Clock()
+    registry, stream = make_stream(clock, backend_extras=lambda b: {"mdns_name": f"{b.slug}-alice-2.local"})
+    registry.record_scan([Sighting(30001, "/p/alpha", "1", None)])
+    request = open_stream(stream)
+    registry.record_scan([Sighting(30002, "/p/beta", "1", None)])
+    events = parse_sse(request.written)
+    assert events[1][1]["backends"][0]["mdns_name"] == "alpha-alice-2.local"
+    assert events[2] == ("added", events[2][1]) and events[2][1]["backend"]["mdns_name"] == "beta-alice-2.local"

@@ -222,7 +222,10 @@
     const instance = instanceFor(backend);
     const status = statusOf(backend, instance);
     const row = el("tr", { class: backend.up ? "is-up" : "is-down", "data-slug": str(backend.slug) });
-    row.append(cell("Status", el("span", { class: `pill st-${status}` }, status)));
+    const statusCell = cell("Status", el("span", { class: `pill st-${status}` }, status));
+    // A password-protected backend (the router holds no credentials for it) is listed but locked.
+    if (backend.locked === true) statusCell.append(el("span", { class: "pill locked", title: "needs the backend's password" }, "locked"));
+    row.append(statusCell);
     const project = el("div", {},
       el("div", { class: "project-name" }, str(backend.project_name)),
       el("div", { class: "project-path mono" }, str(backend.project_path)));
