@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from .api import backend_json, request_authority
 from .registry import Backend, Naming, Registry
@@ -54,12 +55,30 @@ def sse_event(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode("utf-8")
 
 
+@implementer(IPushProducer)
 class _Client:
-    """One open stream: its request and the authority its URLs are built from."""
+    """One open stream: its request, the authority its URLs are built from, and its backlog state.
+
+    It is the request's producer, so the connection tells it when the client stops reading
+    (the kernel buffer and Twisted's are full); the stream is then dropped instead of letting
+    an idle tab's backlog grow in the router's memory. Its EventSource reconnects for a fresh snapshot.
+    """
 
     def __init__(self, request: IRequest, authority: str) -> None:
         self.request = request
         self.authority = authority
+        self.stalled = False
+
+    def pauseProducing(self) -> None:
+        """The client is not keeping up."""
+        self.stalled = True
+
+    def resumeProducing(self) -> None:
+        """The client caught up."""
+        self.stalled = False
+
+    def stopProducing(self) -> None:
+        """The connection is going away; notifyFinish does the clean-up."""
 
 
 class EventStream(Resource):
@@ -117,6 +136,7 @@ class EventStream(Resource):
             return b""
         client = _Client(request, request_authority(request))
         self.clients.append(client)
+        request.registerProducer(client, True)
         request.notifyFinish().addBoth(self._finished, client)
         if self._on_open is not None:
             self._on_open()
@@ -177,6 +197,13 @@ class EventStream(Resource):
 
     def _write(self, client: _Client, chunk: bytes) -> None:
         self._last_write = self.clock.seconds()
+        if client.stalled:
+            self.log.info("dropping a dashboard event stream whose client stopped reading", event="stream_stalled")
+            self._finished(None, client)
+            transport = getattr(getattr(client.request, "channel", None), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return
         try:
             client.request.write(chunk)
         except Exception:
@@ -224,6 +251,7 @@ class EventStream(Resource):
         """End every stream (router shutting down): browsers reconnect to the next router."""
         for client in list(self.clients):
             try:
+                client.request.unregisterProducer()
                 client.request.finish()
             except Exception:
                 self.log.failure("could not finish a dashboard event stream")

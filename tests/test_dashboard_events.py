@@ -41,8 +41,21 @@ def make_stream(clock: Clock, **kwargs: Any) -> tuple[Registry, EventStream]:
     return registry, EventStream(registry, naming, clock, router_info=lambda: info, **kwargs)
 
 
-def open_stream(stream: EventStream, host: bytes = b"localhost:8080") -> DummyRequest:
-    request = DummyRequest([b""])
+class StreamRequest(DummyRequest):
+    """DummyRequest treats any producer as a pull producer (loops forever): keep it like a channel does."""
+
+    producer = None
+
+    def registerProducer(self, producer, streaming):
+        assert streaming and self.producer is None
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+def open_stream(stream: EventStream, host: bytes = b"localhost:8080") -> StreamRequest:
+    request = StreamRequest([b""])
     request.requestHeaders.setRawHeaders(b"host", [host])
     stream.render(request)
     return request
@@ -217,3 +230,18 @@ def test_other_parts_add_fields_to_each_backend():
     events = parse_sse(request.written)
     assert events[1][1]["backends"][0]["mdns_name"] == "alpha-alice-2.local"
     assert events[2] == ("added", events[2][1]) and events[2][1]["backend"]["mdns_name"] == "beta-alice-2.local"
+
+
+def test_a_client_that_stops_reading_is_dropped_not_buffered():
+    clock = Clock()
+    registry, stream = make_stream(clock)
+    slow, fine = open_stream(stream), open_stream(stream)
+    producer = slow.producer  # the connection pauses it when its buffers are full
+    producer.pauseProducing()
+    registry.record_scan([Sighting(30001, "/p/alpha", "1", None)])
+    assert [c.request for c in stream.clients] == [fine]
+    assert b"event: added" not in b"".join(slow.written)
+    assert b"event: added" in b"".join(fine.written)
+    producer.resumeProducing()  # too late: it reconnects and gets a fresh snapshot instead
+    registry.record_scan([Sighting(30002, "/p/beta", "1", None)])
+    assert b"beta" not in b"".join(slow.written)

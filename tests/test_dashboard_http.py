@@ -9,8 +9,14 @@ import time
 from typing import Any
 
 import pytest
+from pytest_twisted import ensureDeferred
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.web.server import Site
 
 from opencoderouter.dashboard import load_assets
+from opencoderouter.events import EventStream
+from opencoderouter.registry import Naming, Registry
 
 from .support import free_port_block, http_get
 
@@ -149,3 +155,35 @@ def test_assets_hold_every_file_the_page_names():
     page = assets["index.html"].body.decode()
     for name in ("dashboard.js", "dashboard.css", "favicon.svg"):
         assert f'"/_router/{name}"' in page and name in assets
+
+
+@ensureDeferred
+async def test_a_client_that_stops_reading_is_dropped_over_a_real_socket():
+    """A stalled tab must not make the router buffer events without bound."""
+    clock_registry = Registry(reactor, stale_after=30)
+    stream = EventStream(clock_registry, Naming("alice", "alice"), reactor, tick=0)
+    site = Site(stream)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stalled.connect(("127.0.0.1", port.getHost().port))
+        stalled.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for _ in range(100):
+            if stream.clients:
+                break
+            await deferLater(reactor, 0.01)
+        assert len(stream.clients) == 1
+        big = {"pad": "x" * 16384}
+        sent = 0
+        # Never read: the kernel buffers fill, then Twisted's, then the stream is paused and dropped.
+        while stream.clients and sent < 1000:
+            stream.publish("instances", big)
+            sent += 1
+            await deferLater(reactor, 0.001)
+        assert stream.clients == [], f"still streaming after {sent} events of 16 KiB"
+        # Dropped once the kernel (loopback buffers autotune to a few MiB) and Twisted (64 KiB) are full.
+        assert sent < 400
+    finally:
+        stalled.close()
+        await port.stopListening()
