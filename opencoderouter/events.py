@@ -135,6 +135,8 @@ class EventStream(Resource):
         if request.method == b"HEAD":
             return b""
         client = _Client(request, request_authority(request))
+        # Built before the stream is registered: if it fails, the request gets a 500 and leaves nothing behind.
+        snapshot = sse_event("snapshot", self._snapshot(client))
         self.clients.append(client)
         request.registerProducer(client, True)
         request.notifyFinish().addBoth(self._finished, client)
@@ -142,8 +144,7 @@ class EventStream(Resource):
             self._on_open()
         self._start()
         self._last_write = self.clock.seconds()
-        request.write(f"retry: {self.retry_ms}\n\n".encode("ascii"))
-        request.write(sse_event("snapshot", self._snapshot(client)))
+        request.write(f"retry: {self.retry_ms}\n\n".encode("ascii") + snapshot)
         return NOT_DONE_YET
 
     def _snapshot(self, client: _Client) -> dict[str, Any]:
