@@ -11,7 +11,8 @@ A browser's EventSource reconnects by itself and gets a fresh snapshot.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -52,7 +53,7 @@ def dashboard_backend_json(
 
 def sse_event(event: str, data: Any) -> bytes:
     """One SSE event; JSON never contains a raw newline, so one ``data:`` line is enough."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode("utf-8")
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 @implementer(IPushProducer)

@@ -7,7 +7,7 @@ from a small fixed set.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -195,7 +195,7 @@ class RouterMetrics:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.collector_registry)
 
-    def resource(self) -> "MetricsResource":
+    def resource(self) -> MetricsResource:
         """The ``/metrics`` resource."""
         return MetricsResource(self)
 

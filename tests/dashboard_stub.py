@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+
 from twisted.internet import reactor
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -76,7 +77,7 @@ def main(port: int) -> None:
     root.putChild(b"_router", DashboardAssets(assets))
     api = Resource()
     # As the mDNS advertiser reports after a name conflict.
-    mdns = lambda backend: {"mdns_name": f"{naming.host_label(backend)}-2.local"}  # noqa: E731
+    mdns = lambda backend: {"mdns_name": f"{naming.host_label(backend)}-2.local"}
     api.putChild(b"events", EventStream(registry, naming, reactor, router_info=lambda: info, backend_extras=mdns))
     api.putChild(b"instances", Instances())
     root.putChild(b"api", api)

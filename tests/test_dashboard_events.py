@@ -151,7 +151,7 @@ def test_fresh_sightings_are_sent_as_seen_times_once_per_change():
 
 def test_quiet_stream_gets_a_heartbeat_comment():
     clock = Clock()
-    registry, stream = make_stream(clock, heartbeat=15)
+    _, stream = make_stream(clock, heartbeat=15)
     request = open_stream(stream)
     del request.written[:]
     clock.pump([1] * 14)

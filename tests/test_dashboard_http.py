@@ -43,7 +43,7 @@ class SSEReader:
             self.connection.sock.settimeout(remaining)
             try:
                 line = self.response.fp.readline().decode("utf-8")
-            except socket.timeout:
+            except TimeoutError:
                 raise AssertionError(f"no event within {timeout}s") from None
             if line == "":
                 raise AssertionError("the stream ended")

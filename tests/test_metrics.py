@@ -14,7 +14,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from opencoderouter.fake_opencode import FakeOpenCode
-from opencoderouter.metrics import MAX_SLUG_LABELS, OTHER_SLUG, RouterMetrics, status_class
+from opencoderouter.metrics import (
+    MAX_SLUG_LABELS,
+    OTHER_SLUG,
+    RouterMetrics,
+    status_class,
+)
 from opencoderouter.registry import Registry, Sighting
 from opencoderouter.scanner import Listener, Prober, Scanner
 
