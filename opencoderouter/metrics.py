@@ -8,15 +8,18 @@ from a small fixed set.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 
 from . import __version__
-from .registry import Registry
+from .registry import Backend, Registry
 
 #: Distinct slugs that get their own series; later ones are counted under ``OTHER_SLUG``.
 MAX_SLUG_LABELS = 200
@@ -218,3 +221,69 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return self.metrics.render()
+
+
+def stream_kind(request: IRequest) -> str | None:
+    """``websocket`` or ``sse`` when the request asks for a long-lived stream, else None."""
+    if (request.getHeader(b"upgrade") or b"").strip().lower() == b"websocket":
+        return "websocket"
+    if b"text/event-stream" in (request.getHeader(b"accept") or b"").lower():
+        return "sse"
+    return None
+
+
+class MeteredProxyFactory:
+    """Wraps the proxy's factory so that every forwarded request is counted, whatever the proxy does inside.
+
+    Counts what the client saw: the status sent (None when the client left before any answer),
+    the time to the end of the response and the body bytes written. A proxy that knows more
+    (WebSocket frames relayed after the upgrade) adds it with ``RouterMetrics.bytes_relayed_add``.
+    """
+
+    def __init__(self, inner: Any, metrics: RouterMetrics, clock: IReactorTime) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self.clock = clock
+
+    def __call__(self, backend: Backend, path: bytes, prefix: bytes, mode: str) -> IResource:
+        """The inner proxy's resource for this request, metered."""
+        return _Metered(self.inner(backend, path, prefix, mode), self, backend.slug, mode)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (close(), pool, ...) is the inner factory's.
+        return getattr(self.inner, name)
+
+
+class _Metered(Resource):
+    """Renders the inner resource and reports the request when it ends."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, factory: MeteredProxyFactory, slug: str, mode: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.factory = factory
+        self.slug = slug
+        self.mode = mode
+
+    def render(self, request: IRequest) -> Any:
+        """Start the clock, hand the request on, report at its end."""
+        metrics, began = self.factory.metrics, self.factory.clock.seconds()
+        kind = stream_kind(request)
+        try:
+            sent_body = int(request.getHeader(b"content-length") or 0)
+        except ValueError:
+            sent_body = 0
+        if kind is not None:
+            metrics.stream_opened(kind)
+
+        def ended(result: Failure | None) -> None:
+            if kind is not None:
+                metrics.stream_closed(kind)
+            status = request.code if getattr(request, "startedWriting", True) else None
+            duration = self.factory.clock.seconds() - began
+            metrics.request_finished(self.slug, self.mode, status, duration,
+                                     getattr(request, "sentLength", 0), sent_body)
+
+        request.notifyFinish().addBoth(ended)
+        return self.inner.render(request)

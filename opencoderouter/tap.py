@@ -15,12 +15,12 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from . import __version__
 from .api import RouterAPI
 from .config import Options, default_username
-from . import __version__
 from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
-from .metrics import RouterMetrics
+from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
@@ -127,7 +127,8 @@ def makeService(options: Options) -> MultiService:
         on_close=metrics.dashboard_stream_closed,
     )
     api = RouterAPI(registry, naming, events=events)
-    proxy_factory = BackendProxyFactory(reactor)
+    # Every forwarded request is counted at the edge, whatever the proxy does inside.
+    proxy_factory = MeteredProxyFactory(BackendProxyFactory(reactor), metrics, reactor)
     assets = load_assets()
     own_routes: dict[bytes, IResource] = {
         b"api": api.resource(),

@@ -17,6 +17,7 @@ from opencoderouter.fake_opencode import FakeOpenCode
 from opencoderouter.metrics import (
     MAX_SLUG_LABELS,
     OTHER_SLUG,
+    MeteredProxyFactory,
     RouterMetrics,
     status_class,
 )
@@ -225,3 +226,92 @@ def test_router_process_serves_metrics_that_move(tmp_path, fake_opencode_factory
     response.close()
     connection.close()
     wait_for(lambda: value(scraped(), "opencoderouter_dashboard_streams") == 0, what="stream uncounted")
+
+
+class _Answer(Resource):
+    """Stands in for the proxy's per-request resource: answers at once, or holds a stream open."""
+
+    isLeaf = True
+    open_streams: list = []
+
+    def __init__(self, code: int = 201, body: bytes = b"hello", stream: bool = False) -> None:
+        super().__init__()
+        self.code, self.body, self.stream = code, body, stream
+
+    def render(self, request: IRequest) -> Any:
+        request.setResponseCode(self.code)
+        if self.stream:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: {}\n\n")
+            _Answer.open_streams.append(request)
+            return NOT_DONE_YET
+        return self.body
+
+
+def metered(metrics: RouterMetrics, clock: Clock, **answer: Any) -> Any:
+    closed: list[bool] = []
+
+    class Inner:
+        def __call__(self, backend, path, prefix, mode):
+            return _Answer(**answer)
+
+        def close(self):
+            closed.append(True)
+
+    factory = MeteredProxyFactory(Inner(), metrics, clock)
+    factory.close()  # the router's shutdown reaches the real factory through the wrapper
+    assert closed == [True]
+    backend = Registry(clock, 30).record(Sighting(30001, "/p/alpha", "1", None))
+    return factory(backend, b"/x", b"/alpha", "path")
+
+
+def test_metered_proxy_counts_each_forwarded_request():
+    clock = Clock()
+    metrics = RouterMetrics(Registry(clock, 30))
+    stub = StubTreq(metered(metrics, clock, code=201, body=b"hello"))
+    for _ in range(3):
+        response = stub.post("http://router/alpha/x", data=b"0123456789")
+        stub.flush()
+        assert response.result.code == 201
+    text = scrape(metrics)
+    assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="path", status_class="2xx") == 3
+    assert value(text, "opencoderouter_proxy_bytes_total", slug="alpha", direction="to_client") == 15
+    assert value(text, "opencoderouter_proxy_bytes_total", slug="alpha", direction="to_backend") == 30
+    assert value(text, "opencoderouter_proxy_request_duration_seconds_count", mode="path") == 3
+
+
+def test_metered_proxy_counts_open_event_streams_until_they_end():
+    clock = Clock()
+    metrics = RouterMetrics(Registry(clock, 30))
+    stub = StubTreq(metered(metrics, clock, code=200, stream=True))
+    _Answer.open_streams.clear()
+    stub.get("http://router/alpha/event", headers={"Accept": "text/event-stream"})
+    stub.flush()
+    assert value(scrape(metrics), "opencoderouter_proxy_open_streams", kind="sse") == 1
+    clock.advance(90)
+    _Answer.open_streams.pop().finish()
+    stub.flush()
+    text = scrape(metrics)
+    assert value(text, "opencoderouter_proxy_open_streams", kind="sse") == 0
+    assert value(text, "opencoderouter_proxy_request_duration_seconds_sum", mode="path") == 90
+
+
+def test_router_counts_proxied_requests_by_the_status_the_client_saw(tmp_path, fake_opencode_factory, router_factory):
+    backend = fake_opencode_factory(tmp_path / "alpha")
+    router = router_factory("--scan-start", str(backend.port), "--scan-end", str(backend.port))
+    wait_for(lambda: http_get(router.url + "/api/backends")[2].count(b'"slug"') == 1, what="the backend")
+    statuses = [http_get(router.url + "/alpha/global/health")[0] for _ in range(4)]
+    statuses.append(http_get(router.url + "/global/health", headers={"Host": f"alpha-{_user(router)}.localhost"})[0])
+    text = http_get(router.url + "/metrics")[2].decode()
+    path_classes = {f"{s // 100}xx" for s in statuses[:4]}
+    assert len(path_classes) == 1
+    [path_class] = path_classes
+    assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="path", status_class=path_class) == 4
+    assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="host",
+                 status_class=f"{statuses[4] // 100}xx") == 1
+
+
+def _user(router: Any) -> str:
+    import json
+
+    return json.loads(http_get(router.url + "/api/health")[2])["username"]
