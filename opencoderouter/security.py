@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import socket
 import stat
@@ -191,6 +192,9 @@ def split_host(header: str) -> tuple[str, str | None]:
     return text.rstrip("."), None
 
 
+_HOST_NAME = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|[0-9a-f:.]{2,45})$")
+
+
 class HostPolicy:
     """Which ``Host`` values the router serves; any other is a DNS-rebinding attempt."""
 
@@ -240,8 +244,8 @@ class HostPolicy:
 
     def allows_name(self, name: str, request: IRequest | None = None) -> bool:
         """True when ``name`` (lower-case, no port) is served by the router."""
-        if not name:
-            return False
+        if not _HOST_NAME.match(name):
+            return False  # not a host name or address at all
         if name == "localhost" or name.endswith(".localhost"):
             # Browsers resolve *.localhost to the loopback themselves: no page can rebind it.
             return True
@@ -614,7 +618,7 @@ class Guard:
 
     def _authenticate(self, request: IRequest) -> IResource | None:
         authorization = request.getHeader(b"authorization")
-        cookie = request.getCookie(COOKIE_NAME)
+        cookie = (getattr(request, "received_cookies", None) or {}).get(COOKIE_NAME)
         if authorization is None and cookie is None:
             return self._unauthorised(request)
         wait = self.throttle.wait(_peer_key(request))  # type: ignore[union-attr]
@@ -724,7 +728,7 @@ class Guard:
 
     def _strip_cookie(self, request: IRequest) -> None:
         # The router's session cookie is for the router: backends never see it.
-        request.received_cookies.pop(COOKIE_NAME, None)
+        (getattr(request, "received_cookies", None) or {}).pop(COOKIE_NAME, None)
         kept = []
         for header in request.requestHeaders.getRawHeaders(b"cookie", []):
             parts = [p for p in header.split(b";") if p.strip().partition(b"=")[0] != COOKIE_NAME]
@@ -813,7 +817,7 @@ class _LoginForm(Resource):
             guard.throttle.succeeded(peer)  # type: ignore[union-attr]
             cookie = guard.authenticator.make_cookie(guard.clock.seconds())
             request.addCookie(
-                COOKIE_NAME, cookie, path=b"/", httpOnly=True, sameSite="strict", max_age=int(COOKIE_LIFETIME)
+                COOKIE_NAME, cookie, path=b"/", httpOnly=True, sameSite="strict", max_age=str(int(COOKIE_LIFETIME))
             )
             request.setResponseCode(303)
             request.setHeader(b"location", next_uri)
