@@ -931,6 +931,7 @@ class GuardedChannel(HTTPChannel):
     _head_lines = 0
     _refused = False
     _head_seen = False
+    _upgraded = False
 
     def connectionMade(self) -> None:
         """Start the head deadline for the first request."""
@@ -954,7 +955,8 @@ class GuardedChannel(HTTPChannel):
 
     def _head_too_slow(self) -> None:
         self._head_call = None
-        if self._refused or self.transport is None:
+        # An upgraded connection (its dataReceived replaced by a WebSocket splice) is never cut.
+        if self._refused or self.transport is None or self._upgraded or "dataReceived" in self.__dict__:
             return
         peer = self.transport.getPeer()
         if self._head_seen or self._in_head:
@@ -1053,7 +1055,13 @@ class GuardedChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         """After a response on a kept-alive connection, wait for the next head with a deadline."""
+        if getattr(request, "code", None) == 101:
+            # Switched protocols (WebSocket): the connection no longer carries request heads.
+            self._upgraded = True
         super().requestDone(request)
+        if self._upgraded or "dataReceived" in self.__dict__:
+            self.setTimeout(None)  # nor by HTTPChannel's idle timeout, which requestDone re-armed
+            return
         if self.persistent and self.line_mode and not self._handlingRequest and not self._refused:
             if self.transport is not None and not self.transport.disconnecting:
                 self._start_head_deadline()

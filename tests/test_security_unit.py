@@ -288,3 +288,25 @@ def test_limits_answer_json():
     channel.dataReceived(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n")
     head, _, body = transport.value().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 414 ") and json.loads(body)["error"] == "uri_too_long"
+
+
+class _Upgrade(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(101)
+        request.setHeader(b"upgrade", b"websocket")
+        request.setHeader(b"connection", b"Upgrade")
+        return b""
+
+
+def test_an_upgraded_connection_is_never_cut_by_head_or_idle_timeouts():
+    clock = Clock()
+    site = GuardedSite(_Upgrade(), limits=Limits(header_timeout=10), reactor=clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 2))
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /pty/1/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+    clock.advance(3600)
+    assert not transport.disconnecting
