@@ -696,8 +696,12 @@ class Guard:
             else:
                 _render_now(request, target or self._route(request))
 
-        checking.addCallback(done)
-        checking.addErrback(lambda failure: (log.failure("password check failed", failure), done(False)))
+        def broken(failure: Failure) -> None:
+            log.failure("password check failed", failure)
+            done(False)
+
+        checking.addCallbacks(done, broken)
+        checking.addErrback(lambda failure: log.failure("answering after the password check failed", failure))
 
     def _conclude(self, request: IRequest, ok: bool, immediate: bool) -> IResource | None:
         peer = _peer_key(request)

@@ -141,7 +141,7 @@ needs_root = pytest.mark.skipif(
 @needs_root
 def test_owners_self_hides_another_users_instance_and_all_shows_it(tmp_path, fakes, router_factory):
     port = free_port_block(2)
-    mine = fakes(tmp_path / "mine", port)
+    fakes(tmp_path / "mine", port)
     theirs = fakes(Path("/tmp") / f"ocr-sec-{os.getpid()}-theirs", port + 1, as_user="nobody")
     try:
         own_only = router_factory(*scan_args(port, port + 1))
