@@ -485,3 +485,83 @@ def test_slowloris_is_dropped_while_normal_clients_and_long_streams_are_served(t
     assert idle.recv(100) == b""
     assert 1.5 < time.monotonic() - began < 5
     idle.close()
+
+
+# -- 5, against the real OpenCode ---------------------------------------------------------------------
+OPENCODE = Path.home() / ".cache/opencoderouter/opencode-ai-1.18.33/bin/opencode"
+_OFFLINE = {
+    "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
+    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1", "OPENCODE_DISABLE_SHARE": "1", "OPENCODE_DISABLE_CLAUDE_CODE": "1",
+    "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+}
+
+
+def _start_real_opencode(tmp_path: Path, project: Path, port: int, password: str) -> subprocess.Popen:
+    home = tmp_path / "home"
+    plugin_dir = home / ".config/opencode"
+    (plugin_dir / "node_modules").mkdir(parents=True)
+    # Seeding the plugin install keeps opencode from running npm (network) on the first request.
+    (plugin_dir / "package.json").write_text('{"dependencies":{"@opencode-ai/plugin":"1.18.33"}}')
+    (plugin_dir / "package-lock.json").write_text(
+        '{"lockfileVersion":3,"packages":{"":{"dependencies":{"@opencode-ai/plugin":"1.18.33"}}}}')
+    config = {"$schema": "https://opencode.ai/config.json",
+              "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake",
+                                    "options": {"baseURL": f"http://127.0.0.1:{free_port()}/v1", "apiKey": "sk-fake"},
+                                    "models": {"fake-model": {"name": "Fake Model"}}}},
+              "model": "fake/fake-model", "small_model": "fake/fake-model"}
+    env = dict(os.environ, HOME=str(home), OPENCODE_SERVER_PASSWORD=password,
+               OPENCODE_CONFIG_CONTENT=json.dumps(config), **_OFFLINE)
+    process = subprocess.Popen([str(OPENCODE), "serve", "--port", str(port), "--hostname", "127.0.0.1"],
+                               cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"opencode exited with {process.wait()}")
+        if LISTENING.search(line):
+            return process
+    raise RuntimeError("opencode did not start")
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+@pytest.mark.slow
+@pytest.mark.real_opencode
+@pytest.mark.skipif(not OPENCODE.exists(), reason="the real opencode is not installed (make opencode)")
+def test_real_locked_opencode_is_listed_and_opened_with_the_password(tmp_path, router_factory):
+    project = tmp_path / "real-locked"
+    project.mkdir()
+    port = free_port()
+    opencode = _start_real_opencode(tmp_path, project, port, "real-password-123")
+    try:
+        blind = router_factory(*scan_args(port, port), "--probe-timeout", "3s")
+        [listed] = wait_backends(blind, 1)
+        assert listed["locked"] is True and listed["slug"] == f"locked-{port}"
+        status, headers, _ = call(blind.port, "GET", f"/locked-{port}/global/health")
+        assert status == 401 and headers["www-authenticate"].startswith("Basic")
+
+        password = write_secret(tmp_path / "oc-password", "real-password-123")
+        opened = router_factory(*scan_args(port, port), "--probe-timeout", "3s", "--opencode-password-file", password)
+        [listed] = wait_backends(opened, 1)
+        assert listed["locked"] is True and listed["slug"] == "real-locked"
+        assert listed["version"] == "1.18.33"
+        status, _, body = call(opened.port, "GET", "/real-locked/global/health")
+        assert status == 200 and json.loads(body) == {"healthy": True, "version": "1.18.33"}
+        status, _, body = call(opened.port, "GET", "/real-locked/path")
+        assert status == 200 and json.loads(body)["directory"] == str(project)
+    finally:
+        _stop_process_group(opencode)
