@@ -160,7 +160,10 @@ class Options(usage.Options):
 
     def opt_allowed_host(self, name: str) -> None:
         """Also serve this Host name (repeatable; '*.example.org' for subdomains)."""
-        self["allowed-hosts"].append(name)
+        text = name.strip().lower()
+        if not re.match(r"^(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$|^\[?[0-9a-f:.]+\]?$", text):
+            raise usage.UsageError(f"--allowed-host {name!r} is not a host name or address (e.g. devbox.example.org)")
+        self["allowed-hosts"].append(text)
 
     def opt_cors_origin(self, origin: str) -> None:
         """Also accept state-changing requests from this origin, e.g. https://app.example (repeatable)."""

@@ -310,3 +310,21 @@ def test_an_upgraded_connection_is_never_cut_by_head_or_idle_timeouts():
     assert transport.value().startswith(b"HTTP/1.1 101 ")
     clock.advance(3600)
     assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--allowed-host", "http://devbox"], "--allowed-host"),
+        (["--cors-origin", "evil.example"], "--cors-origin"),
+        (["--owners", "all,root"], "--owners"),
+        (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
+        (["--header-timeout", "0s"], "--header-timeout"),
+    ],
+)
+def test_bad_security_flags_stop_with_a_sentence_naming_the_flag(argv, flag):
+    from opencoderouter.config import Options
+
+    with pytest.raises(SystemExit) as raised:
+        Options().parseOptions(argv)
+    assert flag in str(raised.value)
