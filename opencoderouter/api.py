@@ -50,6 +50,7 @@ def backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, 
         "url": f"http://{authority}/{backend.slug}/",
         "last_seen": rfc3339(backend.last_seen),
         "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
+        "locked": backend.locked,
     }
 
 
