@@ -580,3 +580,22 @@ def resolve_directory(directory: str) -> str:
         raise LauncherError(f"project directory {directory} is not a directory")
     return path
 
+
+
+def served_port_finder(
+    registry: Any, prober: Any, port_range: tuple[int, int], list_listeners: Callable[[int, int], Any]
+) -> Callable[[str], Deferred[int | None]]:
+    """A ``find_served`` for the Launcher: the registry first, else a fresh probe of the range's listeners."""
+
+    async def find(directory: str) -> int | None:
+        backend = registry.by_path(directory)
+        if backend is not None and backend.up:
+            return int(backend.port)
+        listeners = list_listeners(*port_range)
+        # Without a socket table (not Linux) only the registry answers; the scanner adopts later.
+        ports = sorted(listeners) if listeners else []
+        sightings = await defer.gatherResults([prober.probe(port) for port in ports], consumeErrors=True)
+        matches = sorted(s.port for s in sightings if s is not None and s.project_path == directory)
+        return matches[0] if matches else None
+
+    return lambda directory: defer.ensureDeferred(find(directory))

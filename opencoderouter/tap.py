@@ -20,10 +20,11 @@ from treq.client import HTTPClient
 from .api import RouterAPI
 from .config import Options, default_username
 from .dashboard import Dashboard
+from .launcher import Launcher, LauncherSettings, served_port_finder
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
-from .scanner import Prober, Scanner
+from .scanner import Prober, Scanner, list_listeners
 
 __all__ = ["Options", "makeService"]
 
@@ -114,7 +115,23 @@ def makeService(options: Options) -> MultiService:
     scanner.setName("scanner")
     scanner.setServiceParent(top)
 
-    api = RouterAPI(registry, naming)
+    port_range = (options["scan-start"], options["scan-end"])
+    launcher = Launcher(
+        options["projects"],
+        LauncherSettings(
+            opencode_bin=options["opencode-bin"],
+            port_range=port_range,
+            startup_timeout=options["startup-timeout"],
+            stop_timeout=options["stop-timeout"],
+        ),
+        reactor,
+        find_served=served_port_finder(registry, prober, port_range, list_listeners),
+        used_ports=lambda: [backend.port for backend in registry.backends()],
+    )
+    launcher.setName("launcher")
+    launcher.setServiceParent(top)
+
+    api = RouterAPI(registry, naming, launcher=launcher)
     proxy_factory = BackendProxyFactory(reactor)
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
