@@ -184,17 +184,26 @@ class _Run(ProcessProtocol):
         for line in lines:
             self.launcher._line(self, stream, line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
 
-    def processEnded(self, reason: Failure) -> None:
-        """Flush partial lines, then let the launcher decide what follows."""
-        for stream, rest in self._buffers.items():
-            if rest:
-                self.launcher._line(self, stream, rest[:_MAX_LINE].decode("utf-8", "replace"))
-        self._buffers = {"stdout": b"", "stderr": b""}
+    def processExited(self, reason: Failure) -> None:
+        """The child exited: decide what follows now, not when its pipes close.
+
+        A grandchild that inherited stdout keeps the pipes open (so ``processEnded`` waits for it);
+        the launcher must still restart the instance and clean up that grandchild.
+        """
         self.has_ended = True
         try:
             self.launcher._ended(self, reason)
         finally:
             self.ended.callback(None)
+
+    def processEnded(self, reason: Failure) -> None:
+        """Every pipe closed too: flush partial lines."""
+        for stream, rest in self._buffers.items():
+            if rest:
+                self.launcher._line(self, stream, rest[:_MAX_LINE].decode("utf-8", "replace"))
+        self._buffers = {"stdout": b"", "stderr": b""}
+        if not self.has_ended:
+            self.processExited(reason)
 
 
 def _exit_text(reason: Failure) -> str:
@@ -246,7 +255,7 @@ class Launcher(Service):
     def startService(self) -> None:
         """Start (or adopt) every configured directory."""
         super().startService()
-        for directory in self.directories:
+        for directory in dict.fromkeys(self.directories):  # each directory once, in the given order
             d = self.add(directory)
             d.addErrback(lambda failure, directory=directory: log.failure(
                 "could not start opencode for {directory}", failure, directory=directory))
@@ -339,7 +348,8 @@ class Launcher(Service):
 
     def _pick_port(self, instance: Instance, tried: set[int]) -> int | None:
         start, end = self.settings.port_range
-        busy = set(tried) | set(self._used_ports())
+        # Ports the registry knows are busy, except this instance's own previous port.
+        busy = set(tried) | (set(self._used_ports()) - {instance.port})
         busy |= {i.port for i in self._instances.values() if i is not instance and i.port is not None}
         # The previous port first, so that a restarted instance keeps its address when it can.
         candidates = ([instance.port] if instance.port is not None else []) + list(range(start, end + 1))

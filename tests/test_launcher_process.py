@@ -203,3 +203,15 @@ def test_missing_opencode_binary_is_a_clear_startup_error(projects: Path, tmp_pa
     )
     assert result.returncode == 1
     assert f"--opencode-bin: {tmp_path / 'nope'} is not an executable file or a command on PATH" in result.stderr
+
+
+def test_crash_with_a_grandchild_holding_the_pipes_is_still_restarted(
+    fake_bin: Path, projects: Path, router_factory: Any
+) -> None:
+    # The grandchild inherits stdout, so the pipes stay open after the leader dies.
+    crashy = project(projects, "crashy", crash_after=0.5, grandchild=True)
+    start = free_port_block(BLOCK)
+    router = router_factory(*router_args(fake_bin, start, str(crashy)))
+    wait_for(lambda: instances(router)[str(crashy)]["restarts"] >= 1, 10, what="a restart")
+    first_grandchild = recorded_pids(crashy)["grandchild"][0]
+    assert wait_gone([first_grandchild], 7) == [], "the crashed leader's grandchild is cleaned up"

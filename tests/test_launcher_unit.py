@@ -62,6 +62,8 @@ class FakeProcess:
             reason = Failure(ProcessDone(0))
         else:
             reason = Failure(ProcessTerminated(code if sig is None else None, sig))
+        # As Twisted does: exited first, ended once every pipe closed too.
+        self.proto.processExited(reason)
         self.proto.processEnded(reason)
 
 
@@ -380,3 +382,21 @@ def test_stop_instance_then_add_starts_it_again(tmp_path: Path) -> None:
     failures: list[Failure] = []
     launcher.stop_instance("nope").addErrback(failures.append)
     assert failures[0].check(KeyError)
+
+
+def test_restart_reuses_the_previous_port_even_though_the_registry_remembers_it(tmp_path: Path) -> None:
+    launcher, reactor, _ = make_launcher(tmp_path)
+    launcher._used_ports = lambda: [START]  # the registry still lists the crashed server's port
+    launcher.startService()
+    assert reactor.last.port == START + 1
+    reactor.last.listening()
+    reactor.last.exit(1)
+    reactor.advance(1)
+    assert reactor.last.port == START + 1
+
+
+def test_a_directory_given_twice_is_started_once(tmp_path: Path) -> None:
+    launcher, reactor, (directory,) = make_launcher(tmp_path)
+    launcher.directories.append(directory)
+    launcher.startService()
+    assert len(reactor.processes) == 1
