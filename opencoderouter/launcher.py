@@ -51,6 +51,31 @@ _WRAPPER = (
     "except OSError as e:sys.stderr.write('cannot run %s: %s\\n'%(sys.argv[2],e.strerror));sys.exit(127)\n"
 )
 
+#: One reaper per launcher: told each child's process group, it outlives a router killed with SIGKILL
+#: just long enough to SIGTERM (then SIGKILL) those whole groups, grandchildren included. Its stdin
+#: reaching EOF is the signal: only the router holds the other end, and the kernel closes it when
+#: the router dies, however it dies. Lines: "+ PGID" (watch), "- PGID" (forget).
+_REAPER = (
+    "import os,signal,sys,time\n"
+    "os.setsid()\n"
+    "signal.signal(signal.SIGINT,signal.SIG_IGN)\n"
+    "groups=set()\n"
+    "for line in sys.stdin:\n"
+    " op,_,pgid=line.strip().partition(' ')\n"
+    " (groups.add if op=='+' else groups.discard)(int(pgid))\n"
+    "def alive(g):\n"
+    " try:os.killpg(g,0)\n"
+    " except ProcessLookupError:return False\n"
+    " except PermissionError:pass\n"
+    " return True\n"
+    "live=[g for g in groups if alive(g)]\n"
+    "for g in live:os.killpg(g,signal.SIGTERM)\n"
+    "end=time.monotonic()+float(sys.argv[1])\n"
+    "while live and time.monotonic()<end:\n"
+    " time.sleep(0.05);live=[g for g in live if alive(g)]\n"
+    "for g in live:os.killpg(g,signal.SIGKILL)\n"
+)
+
 _MAX_LINE = 8192
 _POLL = 0.05
 
@@ -58,6 +83,32 @@ _POLL = 0.05
 def wrapped_command(executable: str, args: list[str], parent_pid: int) -> tuple[str, list[str]]:
     """The (executable, argv) that runs ``executable args`` in its own group with a parent-death signal."""
     return sys.executable, [sys.executable, "-I", "-S", "-c", _WRAPPER, str(parent_pid), executable, *args]
+
+
+class _Reaper(ProcessProtocol):
+    """The launcher's end of the reaper process (see ``_REAPER``)."""
+
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+        self.alive = False
+
+    def connectionMade(self) -> None:
+        """The reaper runs."""
+        self.alive = True
+
+    def tell(self, op: str, pgid: int) -> None:
+        """Watch (``+``) or forget (``-``) a process group."""
+        if self.alive:
+            self.transport.write(f"{op} {pgid}\n".encode("ascii"))  # type: ignore[union-attr]
+
+    def errReceived(self, data: bytes) -> None:
+        """The reaper only writes when something is wrong."""
+        log.warn("launcher reaper: {text}", text=data.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        """Gone (normally because the launcher closed its stdin)."""
+        self.alive = False
+        self.ended.callback(None)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -235,6 +286,7 @@ class Launcher(Service):
         signal_group: Callable[[int, int], bool] = signal_group,
         environ: dict[str, str] | None = None,
         parent_pid: int | None = None,
+        reaper: bool = True,
     ) -> None:
         self.directories = list(directories)
         self.settings = settings
@@ -250,6 +302,10 @@ class Launcher(Service):
         self._restart_calls: dict[str, IDelayedCall] = {}
         self._stops: dict[str, Deferred[None]] = {}
         self._adding: set[str] = set()
+        self._use_reaper = reaper
+        self._reaper: _Reaper | None = None
+        #: Groups of leaders that exited on their own, being cleaned up: stopService waits for them.
+        self._cleanups: dict[int, Deferred[None]] = {}
 
     # -- service ---------------------------------------------------------
     def startService(self) -> None:
@@ -268,7 +324,28 @@ class Launcher(Service):
                 call.cancel()
         self._restart_calls.clear()
         stops = [self._stop(instance) for instance in list(self._instances.values())]
-        return defer.gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
+        stops += [_chain(d) for d in self._cleanups.values()]
+        return defer.gatherResults(stops, consumeErrors=True).addCallback(self._stop_reaper)
+
+    def _stop_reaper(self, _: object) -> Deferred[None]:
+        reaper, self._reaper = self._reaper, None
+        if reaper is None or not reaper.alive:
+            return defer.succeed(None)
+        reaper.transport.closeStdin()  # type: ignore[union-attr]
+        return reaper.ended
+
+    def _ensure_reaper(self) -> None:
+        """Start the reaper before the first child (and again if it died)."""
+        if not self._use_reaper or (self._reaper is not None and self._reaper.alive):
+            return
+        self._reaper = _Reaper()
+        argv = [sys.executable, "-I", "-S", "-c", _REAPER, repr(self.settings.stop_timeout)]
+        try:
+            self._reactor.spawnProcess(self._reaper, sys.executable, argv, env=dict(os.environ))
+        except OSError as error:
+            log.error("could not start the launcher's reaper ({error}); children still die with the router, "
+                      "their grandchildren may not", error=error)
+            self._reaper = None
 
     # -- queries ---------------------------------------------------------
     def instances(self) -> list[Instance]:
@@ -375,6 +452,7 @@ class Launcher(Service):
         env = dict(self._environ)
         env.update(self.settings.extra_env)
         self._runs[instance.directory] = run
+        self._ensure_reaper()
         try:
             self._reactor.spawnProcess(run, executable, argv, env=env, path=instance.directory)
         except OSError as error:
@@ -383,6 +461,8 @@ class Launcher(Service):
             return
         instance.pid = run.pid
         instance.started_at = self._reactor.seconds()
+        if run.pid is not None and self._reaper is not None:
+            self._reaper.tell("+", run.pid)
         log.info("{slug}: starting opencode serve on port {port} in {directory} (pid {pid})",
                  slug=instance.slug, port=port, directory=instance.directory, pid=run.pid)
         run.startup_timer = self._reactor.callLater(self.settings.startup_timeout, self._startup_timed_out, run)
@@ -523,7 +603,12 @@ class Launcher(Service):
             self._wait_group_gone(pgid, kill_call, done)
 
         run.ended.addCallback(ended)
+        done.addCallback(lambda _: self._forget_group(pgid))
         return done
+
+    def _forget_group(self, pgid: int) -> None:
+        if self._reaper is not None:
+            self._reaper.tell("-", pgid)
 
     def _send(self, run: _Run, sig: int) -> None:
         if run.pid is None:
@@ -562,10 +647,21 @@ class Launcher(Service):
     def _clean_group(self, pgid: int) -> None:
         """After a leader exited on its own: SIGTERM what is left of its group, SIGKILL it later."""
         if not self._signal_group(pgid, 0):
+            self._forget_group(pgid)
             return
         log.info("process group {pgid} outlived its leader; terminating it", pgid=pgid)
         self._signal_group(pgid, signal.SIGTERM)
-        self._reactor.callLater(self.settings.stop_timeout, self._signal_group, pgid, signal.SIGKILL)
+        kill_call = self._reactor.callLater(self.settings.stop_timeout, self._signal_group, pgid, signal.SIGKILL)
+        done: Deferred[None] = Deferred()
+        self._cleanups[pgid] = done
+
+
+        def cleaned(_: object) -> None:
+            self._cleanups.pop(pgid, None)
+            self._forget_group(pgid)
+
+        done.addCallback(cleaned)
+        self._wait_group_gone(pgid, kill_call, done)
 
 
 def _chain(d: Deferred[None]) -> Deferred[None]:

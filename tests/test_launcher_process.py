@@ -106,14 +106,39 @@ def test_router_starts_two_projects_routes_both_and_leaves_no_process_on_stop(
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_router_kills_its_children(fake_bin: Path, projects: Path, router_factory: Any) -> None:
-    alpha = project(projects, "alpha", ignore_sigterm=True)
+def test_sigkill_of_the_router_kills_its_children_and_grandchildren(
+    fake_bin: Path, projects: Path, router_factory: Any
+) -> None:
+    alpha = project(projects, "alpha", ignore_sigterm=True, grandchild=True)
+    beta = project(projects, "beta", grandchild=True)
     start = free_port_block(BLOCK)
-    router = router_factory(*router_args(fake_bin, start, str(alpha)))
-    wait_for(lambda: instances(router)[str(alpha)]["state"] == "running", 15, what="alpha running")
-    leader = recorded_pids(alpha)["leader"][0]
+    router = router_factory(*router_args(fake_bin, start, "--stop-timeout", "1s", str(alpha), str(beta)))
+    for directory in (alpha, beta):
+        wait_for(lambda: instances(router)[str(directory)]["state"] == "running", 15, what=f"{directory} running")
+    leaders = [recorded_pids(d)["leader"][0] for d in (alpha, beta)]
+    grandchildren = [recorded_pids(d)["grandchild"][0] for d in (alpha, beta)]
+    reapers = [p for p in children_of(router.process.pid) if p not in leaders]
+    assert len(reapers) == 1, "one reaper per launcher"
     router.stop(signal.SIGKILL)
-    assert wait_gone([leader], 5) == [], "the parent-death signal kills the child with the router"
+    # The leaders die at once (parent-death signal); the reaper takes their whole groups down,
+    # SIGTERM first, SIGKILL after --stop-timeout for alpha's grandchild, which ignores SIGTERM.
+    assert wait_gone(leaders, 3) == [], "the parent-death signal kills the children with the router"
+    assert wait_gone(grandchildren, 5) == [], "the reaper kills the grandchildren too"
+    assert wait_gone(reapers, 3) == [], "and then exits"
+
+
+def children_of(pid: int) -> list[int]:
+    """Live direct children of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.slow

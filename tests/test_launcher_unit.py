@@ -37,6 +37,10 @@ class FakeProcess:
         self.executable, self.args, self.env, self.path, self.pid = executable, args, env, path, pid
         self.signals: list[int] = []
         self.stdin_closed = False
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     @property
     def port(self) -> int:
@@ -107,13 +111,15 @@ def make_launcher(tmp_path: Path, names: tuple[str, ...] = ("alpha",), served: d
     served = served or {}
     launcher = Launcher(
         directories,
-        LauncherSettings(opencode_bin="/usr/bin/opencode-test", port_range=(START, START + 9), **settings),
+        LauncherSettings(opencode_bin="/usr/bin/opencode-test", port_range=(START, START + 9),
+                         **{k: v for k, v in settings.items() if k != "reaper"}),
         reactor,
         find_served=lambda path: succeed(served.get(path)),
         port_is_free=lambda port: port not in taken,
         signal_group=reactor.signal_group,
         environ={"PATH": "/usr/bin", "HOME": "/home/x", "FROM_ROUTER": "1"},
         parent_pid=4242,
+        reaper=settings.pop("reaper", False),
     )
     return launcher, reactor, directories
 
@@ -400,3 +406,21 @@ def test_a_directory_given_twice_is_started_once(tmp_path: Path) -> None:
     launcher.directories.append(directory)
     launcher.startService()
     assert len(reactor.processes) == 1
+
+
+def test_the_reaper_is_told_each_group_and_stops_last(tmp_path: Path) -> None:
+    launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b"), reaper=True)
+    launcher.startService()
+    reaper, first, second = reactor.processes
+    assert "killpg" in reaper.args[4] and reaper.args[-1] == "5.0"
+    assert reaper.written == f"+ {first.pid}\n+ {second.pid}\n".encode()
+    first.listening()
+    first.exit(1)  # crashed, its group is gone: the reaper forgets it
+    assert reaper.written.endswith(f"- {first.pid}\n".encode())
+    stopped: list[object] = []
+    launcher.stopService().addBoth(stopped.append)
+    second.exit(sig=signal.SIGTERM)
+    assert reaper.written.endswith(f"- {second.pid}\n".encode())
+    assert reaper.stdin_closed and stopped == [], "stopService waits for the reaper to exit"
+    reaper.exit(0)
+    assert stopped == [None]
