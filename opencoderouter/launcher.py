@@ -347,6 +347,25 @@ class Launcher(Service):
                       "their grandchildren may not", error=error)
             self._reaper = None
 
+    # -- registry observer: an adopted server that goes away is replaced by our own -----
+    def added(self, backend: Any) -> None:
+        """Nothing to do: adoption is decided when a directory is added."""
+
+    def updated(self, backend: Any) -> None:
+        """Nothing to do."""
+
+    def removed(self, backend: Any) -> None:
+        """The adopted server of one of our directories was pruned: start our own."""
+        instance = self._instances.get(backend.project_path)
+        if instance is None or instance.state != ADOPTED or not self.running:
+            return
+        log.info("{slug}: the adopted server on port {port} is gone; starting opencode for {directory}",
+                 slug=instance.slug, port=backend.port, directory=instance.directory)
+        instance.state = STOPPED
+        d = self.add(instance.directory)
+        d.addErrback(lambda failure: log.failure("could not start opencode for {directory}", failure,
+                                                 directory=instance.directory))
+
     # -- queries ---------------------------------------------------------
     def instances(self) -> list[Instance]:
         """Every instance, in the order they were added."""

@@ -130,6 +130,7 @@ def makeService(options: Options) -> MultiService:
     )
     launcher.setName("launcher")
     launcher.setServiceParent(top)
+    registry.subscribe(launcher)
 
     api = RouterAPI(registry, naming, launcher=launcher)
     proxy_factory = BackendProxyFactory(reactor)

@@ -424,3 +424,19 @@ def test_the_reaper_is_told_each_group_and_stops_last(tmp_path: Path) -> None:
     assert reaper.stdin_closed and stopped == [], "stopService waits for the reaper to exit"
     reaper.exit(0)
     assert stopped == [None]
+
+
+def test_an_adopted_server_that_disappears_is_replaced_by_our_own(tmp_path: Path) -> None:
+    from opencoderouter.registry import Backend
+
+    directory = os.path.realpath(tmp_path / "alpha")
+    served = {directory: 30555}
+    launcher, reactor, _ = make_launcher(tmp_path, served=served)
+    launcher.startService()
+    (instance,) = launcher.instances()
+    assert instance.state == ADOPTED and reactor.processes == []
+    del served[directory]
+    launcher.removed(Backend("elsewhere", "/elsewhere", 30556, "1", None, 0, 0))
+    assert reactor.processes == [], "another project's removal changes nothing"
+    launcher.removed(Backend("alpha", directory, 30555, "1", None, 0, 0))
+    assert instance.state == STARTING and reactor.last.path == directory
