@@ -156,7 +156,7 @@ def test_crashing_child_is_restarted_then_marked_failed(fake_bin: Path, projects
     assert "restarting in 1s" in router.log() and "restarting in 8s" in router.log()
 
 
-def test_taken_port_is_retried_on_the_next_one(fake_bin: Path, projects: Path, router_factory: Any) -> None:
+def test_a_port_in_use_in_the_range_is_skipped(fake_bin: Path, projects: Path, router_factory: Any) -> None:
     alpha = project(projects, "alpha")
     start = free_port_block(BLOCK)
     # Something that is not OpenCode holds the first port of the range; the launcher moves on.
