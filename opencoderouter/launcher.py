@@ -2,8 +2,9 @@
 
 One :class:`Launcher` service owns every child. Each child runs through a tiny exec wrapper that puts
 it in its own session and process group and asks the kernel to SIGKILL it when the router dies (even
-by SIGKILL), so no OpenCode server of ours outlives the router. Stopping signals the whole group
-(OpenCode spawns LSP/MCP grandchildren), SIGTERM first and SIGKILL after a grace period.
+by SIGKILL), and a small reaper process takes down the children's whole groups (OpenCode spawns LSP/MCP
+grandchildren) in that case, so no OpenCode process of ours outlives the router. Stopping signals each
+whole group, SIGTERM first and SIGKILL after a grace period.
 """
 
 from __future__ import annotations
@@ -63,17 +64,16 @@ _REAPER = (
     "for line in sys.stdin:\n"
     " op,_,pgid=line.strip().partition(' ')\n"
     " (groups.add if op=='+' else groups.discard)(int(pgid))\n"
-    "def alive(g):\n"
-    " try:os.killpg(g,0)\n"
+    "def send(g,s):\n"
+    " try:os.killpg(g,s)\n"
     " except ProcessLookupError:return False\n"
     " except PermissionError:pass\n"
     " return True\n"
-    "live=[g for g in groups if alive(g)]\n"
-    "for g in live:os.killpg(g,signal.SIGTERM)\n"
+    "live=[g for g in groups if send(g,signal.SIGTERM)]\n"
     "end=time.monotonic()+float(sys.argv[1])\n"
     "while live and time.monotonic()<end:\n"
-    " time.sleep(0.05);live=[g for g in live if alive(g)]\n"
-    "for g in live:os.killpg(g,signal.SIGKILL)\n"
+    " time.sleep(0.05);live=[g for g in live if send(g,0)]\n"
+    "for g in live:send(g,signal.SIGKILL)\n"
 )
 
 _MAX_LINE = 8192
@@ -312,9 +312,7 @@ class Launcher(Service):
         """Start (or adopt) every configured directory."""
         super().startService()
         for directory in dict.fromkeys(self.directories):  # each directory once, in the given order
-            d = self.add(directory)
-            d.addErrback(lambda failure, directory=directory: log.failure(
-                "could not start opencode for {directory}", failure, directory=directory))
+            self.add(directory).addErrback(_log_add_failure, directory)
 
     def stopService(self) -> Deferred[None]:
         """Stop every child; fires when each one and its process group have exited."""
@@ -346,6 +344,10 @@ class Launcher(Service):
             log.error("could not start the launcher's reaper ({error}); children still die with the router, "
                       "their grandchildren may not", error=error)
             self._reaper = None
+            return
+        # A replacement (someone killed the last one) must know the groups that already run.
+        for pgid in [run.pid for run in self._runs.values() if run.pid is not None] + list(self._cleanups):
+            self._reaper.tell("+", pgid)
 
     # -- registry observer: an adopted server that goes away is replaced by our own -----
     def added(self, backend: Any) -> None:
@@ -362,9 +364,7 @@ class Launcher(Service):
         log.info("{slug}: the adopted server on port {port} is gone; starting opencode for {directory}",
                  slug=instance.slug, port=backend.port, directory=instance.directory)
         instance.state = STOPPED
-        d = self.add(instance.directory)
-        d.addErrback(lambda failure: log.failure("could not start opencode for {directory}", failure,
-                                                 directory=instance.directory))
+        self.add(instance.directory).addErrback(_log_add_failure, instance.directory)
 
     # -- queries ---------------------------------------------------------
     def instances(self) -> list[Instance]:
@@ -681,6 +681,14 @@ class Launcher(Service):
 
         done.addCallback(cleaned)
         self._wait_group_gone(pgid, kill_call, done)
+
+
+def _log_add_failure(failure: Failure, directory: str) -> None:
+    """A refused start is one log line with the reason; anything else is a bug worth a traceback."""
+    if failure.check(LauncherError):
+        log.error("not starting opencode for {directory}: {reason}", directory=directory, reason=failure.value)
+    else:
+        log.failure("could not start opencode for {directory}", failure, directory=directory)
 
 
 def _chain(d: Deferred[None]) -> Deferred[None]:
