@@ -446,7 +446,10 @@ class Launcher(Service):
         start, end = self.settings.port_range
         # Ports the registry knows are busy, except this instance's own previous port.
         busy = set(tried) | (set(self._used_ports()) - {instance.port})
-        busy |= {i.port for i in self._instances.values() if i is not instance and i.port is not None}
+        busy |= {
+            i.port for i in self._instances.values()
+            if i is not instance and i.port is not None and i.state not in (STOPPED, FAILED)
+        }
         # The previous port first, so that a restarted instance keeps its address when it can.
         candidates = ([instance.port] if instance.port is not None else []) + list(range(start, end + 1))
         for port in candidates:
