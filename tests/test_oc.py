@@ -176,3 +176,26 @@ def test_oc_kill_never_touches_another_users_server(public_root: Path) -> None:
         other.kill()
         other.wait()
         other.stdout.close()
+
+
+def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from opencoderouter import oc
+
+    alpha = project(workspace, "alpha")
+    start = free_port_block(BLOCK)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", start))
+        holder.listen()
+        # The check says the held port is free, as if it was taken right after: the real child then
+        # fails with ServeError and oc moves to the next port.
+        real_check = oc.port_is_free
+        monkeypatch.setattr(oc, "port_is_free", lambda port: port == start or real_check(port))
+        status = oc.oc_main(oc_args(workspace, start) + [str(alpha)])
+    leaders = recorded_pids(alpha)["leader"]
+    assert status == 0
+    assert capsys.readouterr().out.splitlines() == [f"started {alpha} on :{start + 1} (pid {leaders[1]})"]
+    assert len(leaders) == 2 and not alive(leaders[0])
+    assert "ServeError" in (workspace.parent / "logs" / "alpha.log").read_text()
