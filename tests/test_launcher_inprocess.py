@@ -6,7 +6,6 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 

@@ -20,7 +20,7 @@ from .launcher_support import (
     recorded_pids,
     wait_gone,
 )
-from .support import FakeOpenCodeProcess, free_port_block, http_get, http_json, wait_for
+from .support import free_port_block, http_get, http_json, wait_for
 
 BLOCK = 10
 

@@ -7,8 +7,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
