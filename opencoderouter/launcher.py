@@ -719,17 +719,29 @@ def resolve_directory(directory: str) -> str:
 
 
 def served_port_finder(
-    registry: Any, prober: Any, port_range: tuple[int, int], list_listeners: Callable[[int, int], Any]
+    registry: Any,
+    prober: Any,
+    port_range: tuple[int, int],
+    list_listeners: Callable[[int, int], Any],
+    uid: int | None = None,
 ) -> Callable[[str], Deferred[int | None]]:
-    """A ``find_served`` for the Launcher: the registry first, else a fresh probe of the range's listeners."""
+    """A ``find_served`` for the Launcher: the registry first, else a fresh probe of the range's listeners.
+
+    Only servers of the router's own user count (as for ``oc``): another user's server in the
+    directory runs with that user's rights, so the router starts its user's own.
+    """
+    from .scanner import username_for_uid
+
+    own_uid = os.getuid() if uid is None else uid
+    own_name = username_for_uid(own_uid)
 
     async def find(directory: str) -> int | None:
         backend = registry.by_path(directory)
-        if backend is not None and backend.up:
+        if backend is not None and backend.up and backend.owner in (None, own_name):
             return int(backend.port)
         listeners = list_listeners(*port_range)
-        # Without a socket table (not Linux) only the registry answers; the scanner adopts later.
-        ports = sorted(listeners) if listeners else []
+        # Without a socket table (not Linux) only the registry can tell.
+        ports = sorted(port for port, listener in (listeners or {}).items() if listener.uid == own_uid)
         sightings = await defer.gatherResults([prober.probe(port) for port in ports], consumeErrors=True)
         matches = sorted(s.port for s in sightings if s is not None and s.project_path == directory)
         return matches[0] if matches else None

@@ -439,3 +439,29 @@ def test_an_adopted_server_that_disappears_is_replaced_by_our_own(tmp_path: Path
     assert reactor.processes == [], "another project's removal changes nothing"
     launcher.removed(Backend("alpha", directory, 30555, "1", None, 0, 0))
     assert instance.state == STARTING and reactor.last.path == directory
+
+
+def test_only_the_routers_own_users_servers_are_adopted() -> None:
+    from opencoderouter.launcher import served_port_finder
+    from opencoderouter.registry import Registry, Sighting
+    from opencoderouter.scanner import Listener, username_for_uid
+
+    clock = MemoryReactorClock()
+    registry = Registry(clock, stale_after=30)
+    me, other = os.getuid(), os.getuid() + 4242
+    serving = {30001: "/p/theirs-and-mine", 30002: "/p/theirs-and-mine", 30003: "/p/only-theirs", 30004: "/p/known"}
+
+    class Prober:
+        def probe(self, port: int) -> Any:
+            return succeed(Sighting(port, serving[port], "1"))
+
+    listeners = {30001: Listener(30001, other, 1), 30002: Listener(30002, me, 2), 30003: Listener(30003, other, 3)}
+    find = served_port_finder(registry, Prober(), (30000, 30010), lambda start, end: listeners, uid=me)
+    results: list[Any] = []
+    for path in ("/p/theirs-and-mine", "/p/only-theirs", "/p/nothing"):
+        find(path).addCallback(results.append)
+    registry.record(Sighting(30004, "/p/known", "1", username_for_uid(me)))
+    registry.record(Sighting(30005, "/p/known-theirs", "1", "someone-else"))
+    find("/p/known").addCallback(results.append)
+    find("/p/known-theirs").addCallback(results.append)
+    assert results == [30002, None, None, 30004, None]
