@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shutil
 from typing import Callable, Sequence
 
 from twisted.python import usage
@@ -150,6 +151,11 @@ class Options(usage.Options):
          _flag_coercer("max-body-bytes", _positive_int)],
         ["header-timeout", None, 20.0, "Time a client has to send a whole request head (e.g. 20s).",
          _flag_coercer("header-timeout", _positive_duration)],
+        ["opencode-bin", None, "opencode", "OpenCode executable the launcher runs (a path, or a name on PATH)."],
+        ["startup-timeout", None, 30.0, "A launched opencode must print its listening line within this (e.g. 30s).",
+         _flag_coercer("startup-timeout", _positive_duration)],
+        ["stop-timeout", None, 5.0, "Grace after SIGTERM before a launched opencode's group gets SIGKILL (e.g. 5s).",
+         _flag_coercer("stop-timeout", _positive_duration)],
     ]
 
     def __init__(self) -> None:
@@ -206,6 +212,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"project directory {argument} is not a directory")
             directories.append(os.path.realpath(path))
         self["projects"] = directories
+        self["opencode-bin"] = _find_opencode(self["opencode-bin"], required=bool(directories))
         if self["listen"] is None:
             self["listen"] = listen_endpoint(self["port"], self["hostname"])
         else:
@@ -230,6 +237,17 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
+
+
+def _find_opencode(name: str, required: bool) -> str | None:
+    """The absolute path of the OpenCode executable; a UsageError when projects need it and it is missing."""
+    found = shutil.which(os.path.expanduser(name))
+    if found is None and required:
+        raise usage.UsageError(
+            f"--opencode-bin: {name} is not an executable file or a command on PATH; install opencode "
+            "(npm install -g opencode-ai) or pass --opencode-bin /path/to/opencode"
+        )
+    return os.path.abspath(found) if found else None
 
 
 def _escape_endpoint(text: str) -> str:

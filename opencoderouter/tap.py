@@ -19,10 +19,11 @@ from . import security
 from .api import RouterAPI
 from .config import Options, default_username
 from .dashboard import Dashboard
+from .launcher import Launcher, LauncherSettings, served_port_finder
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
-from .scanner import Prober, Scanner, loopback_agent
+from .scanner import Prober, Scanner, list_listeners, loopback_agent
 
 __all__ = ["Options", "makeService"]
 
@@ -128,7 +129,29 @@ def makeService(options: Options) -> MultiService:
     scanner.setName("scanner")
     scanner.setServiceParent(top)
 
-    api = RouterAPI(registry, naming, extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners})
+    port_range = (options["scan-start"], options["scan-end"])
+    launcher = Launcher(
+        options["projects"],
+        LauncherSettings(
+            opencode_bin=options["opencode-bin"],
+            port_range=port_range,
+            startup_timeout=options["startup-timeout"],
+            stop_timeout=options["stop-timeout"],
+        ),
+        reactor,
+        find_served=served_port_finder(registry, prober, port_range, list_listeners),
+        used_ports=lambda: [backend.port for backend in registry.backends()],
+    )
+    launcher.setName("launcher")
+    launcher.setServiceParent(top)
+    registry.subscribe(launcher)
+
+    api = RouterAPI(
+        registry,
+        naming,
+        extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
+        launcher=launcher,
+    )
     proxy_factory = BackendProxyFactory(reactor)
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
