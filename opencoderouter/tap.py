@@ -115,7 +115,7 @@ def makeService(options: Options) -> MultiService:
     scanner.setServiceParent(top)
 
     api = RouterAPI(registry, naming)
-    proxy_factory = BackendProxyFactory(reactor)
+    proxy_factory = BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"])
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
         registry,
@@ -127,7 +127,8 @@ def makeService(options: Options) -> MultiService:
     )
     web = WebService(
         options["listen"],
-        QuietSite(root),
+        # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
+        QuietSite(root, parsePOSTFormSubmission=False),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],
