@@ -459,7 +459,7 @@ class _Exchange:
                 self.timer = None
             self.pending.cancel()
         elif state == "streaming" and self.body_transport is not None:
-            self.request.unregisterProducer()
+            # The channel already dropped its producer with the connection; just close the backend.
             self.body_transport.stopProducing()
 
 

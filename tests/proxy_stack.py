@@ -57,10 +57,12 @@ class Stack:
             connection.close()
 
     def close(self) -> None:
-        """Stop the router and every backend."""
+        """Stop the router and every backend; fail if the router logged a traceback."""
         self.router.stop()
         for backend in self.backends.values():
             backend.stop()
+        log = self.router.log()
+        assert "Traceback" not in log and "Unhandled error" not in log, log[-5000:]
 
 
 def make_stack(root: Path, *router_args: str) -> Stack:
