@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import time
 from dataclasses import dataclass, field
@@ -119,3 +120,30 @@ def rss_kib(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values["VmRSS"], values["VmHWM"]
+
+
+class SSEReader:
+    """Reads ``data:`` events from a chunked SSE response on a raw socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.raw = b""
+        self.closed = False
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            self.closed = True
+            raise EOFError
+        self.raw += chunk
+
+    def next_event(self) -> dict:
+        """The next event's JSON (chunk framing is ignored: events are whole lines)."""
+        while True:
+            start = self.raw.find(b"data: ")
+            end = self.raw.find(b"\n\n", start) if start >= 0 else -1
+            if end >= 0:
+                line = self.raw[start + 6 : end]
+                self.raw = self.raw[end + 2 :]
+                return json.loads(line)
+            self._fill()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .proxy_backend import pattern
-from .proxy_stack import make_stack, rss_kib, server_connections
+from .proxy_stack import SSEReader, make_stack, rss_kib, server_connections
 from .support import wait_for
 
 MB = 1024 * 1024
@@ -42,33 +42,6 @@ def open_stream(port: int, path: str, timeout: float = 5.0) -> socket.socket:
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"transfer-encoding: chunked" in head.lower()
     return sock
-
-
-class SSEReader:
-    """Reads ``data:`` events from a chunked SSE response on a raw socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.raw = b""
-        self.closed = False
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.closed = True
-            raise EOFError
-        self.raw += chunk
-
-    def next_event(self) -> dict:
-        """The next event's JSON (chunk framing is ignored: events are whole lines)."""
-        while True:
-            start = self.raw.find(b"data: ")
-            end = self.raw.find(b"\n\n", start) if start >= 0 else -1
-            if end >= 0:
-                line = self.raw[start + 6 : end]
-                self.raw = self.raw[end + 2 :]
-                return json.loads(line)
-            self._fill()
 
 
 def test_sse_event_reaches_client_in_under_50ms(stack):
