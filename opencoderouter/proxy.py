@@ -343,6 +343,14 @@ class _BodyRelay(Protocol):
         self.exchange.body_ended(reason)
 
 
+class _Discard(Protocol):
+    """Takes a response body nobody wants and closes its connection."""
+
+    def connectionMade(self) -> None:
+        """Close the backend connection rather than read the body."""
+        self.transport.stopProducing()
+
+
 class _Exchange:
     """One request forwarded to a backend and its response relayed back."""
 
@@ -395,8 +403,9 @@ class _Exchange:
             self.timer.cancel()
             self.timer = None
         request = self.request
-        if self.state != "waiting":  # the client left while the headers were on their way
-            response._transport.stopProducing()
+        if self.state != "waiting":
+            # Cannot happen through the Agent (cancelling fails the Deferred at once); be safe anyway.
+            response.deliverBody(_Discard())
             return
         self.state = "streaming"
         request.setResponseCode(response.code, response.phrase)

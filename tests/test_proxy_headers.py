@@ -24,8 +24,10 @@ def stack(tmp_path_factory):
 
 
 def raw_request(stack, lines: list[str]) -> tuple[bytes, bytes]:
-    """Send a hand-written request (``Connection: close`` appended); return (head, body)."""
-    request = "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1")
+    """Send a hand-written request (``Connection: close`` appended unless given); return (head, body)."""
+    if not any(line.lower().startswith("connection:") for line in lines):
+        lines = [*lines, "Connection: close"]
+    request = "\r\n".join([*lines, "", ""]).encode("latin-1")
     answer = raw_exchange(stack.router.port, request)
     head, _, body = answer.partition(b"\r\n\r\n")
     return head, body
@@ -39,7 +41,7 @@ def test_hop_by_hop_request_headers_are_stripped(stack):
     head, body = raw_request(stack, [
         "GET /alpha/echo HTTP/1.1",
         "Host: router.example:8080",
-        "Connection: X-Secret-Hop, keep-alive",
+        "Connection: X-Secret-Hop, close",
         "X-Secret-Hop: do-not-forward",
         "Keep-Alive: timeout=5",
         "TE: trailers",
