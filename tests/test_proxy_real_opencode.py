@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import time
@@ -142,3 +144,29 @@ def test_terminal_websocket_runs_a_command(real, mode):
         assert "routed-42" in output
     finally:
         ws.close()
+
+
+def rendered_text(url: str, profile: Path) -> str:
+    """The visible text of ``url`` after headless Chromium ran its scripts."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (make system-deps)")
+    result = subprocess.run(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+         "--virtual-time-budget=8000", "--dump-dom", url],
+        capture_output=True, timeout=90,
+    )
+    dom = result.stdout.decode("utf-8", "replace")
+    body = dom[dom.find("<body"):]
+    body = re.sub(r"<script.*?</script>|<style.*?</style>", "", body, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", body).split())
+
+
+@pytest.mark.slow
+def test_web_ui_renders_through_host_route_as_it_does_directly(real, tmp_path):
+    stack, port = real
+    # Chromium resolves every *.localhost name to the loopback by itself (no DNS, as through an SSH tunnel).
+    via_router = rendered_text(f"http://webproj-{USERNAME}.localhost:{stack.router.port}/", tmp_path / "a")
+    direct = rendered_text(f"http://127.0.0.1:{port}/", tmp_path / "b")
+    assert "Add project" in direct, direct[:300]
+    assert via_router == direct
