@@ -60,6 +60,7 @@ NASTY_HOSTS = [
     b".localhost", b"local", b"localhost", b"ALPHA-TESTER.LOCAL", b"alpha-tester.local..", b"\xc3\xa9.local",
     b"\xff.localhost", b"a" * 5000 + b".local", b"alpha-tester.local\x00evil", b"alpha-tester.local, evil.local",
     b"user@alpha-tester.local", b"alpha-tester.local/x", b"%61lpha-tester.local", b"127.0.0.1:1", b"0",
+    b"x" * 64 + b".evil.com", b"a..b", b"\xb2\xff", b"host\x01name", b"-.local",
 ]
 
 
@@ -73,6 +74,8 @@ def test_nasty_path_gets_a_well_formed_answer(stack, path):
 def test_nasty_host_gets_a_well_formed_answer(stack, host):
     ask(stack, b"/alpha/global/health", host)
     ask(stack, b"/", host)
+    ask(stack, b"/api/health", host)
+    ask(stack, b"/api/backends", host)
 
 
 def test_router_still_serves_after_the_table(stack):
