@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -14,6 +15,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
+from opencoderouter.config import Options
 from opencoderouter.proxy import (
     BackendResource,
     _Forwarder,
@@ -234,3 +236,16 @@ def test_target_that_is_not_a_plain_path_gets_400():
         render(forwarder, request, target=target)
         assert written(request).startswith(b"HTTP/1.1 400 ")
     assert agent.calls == []
+
+
+def test_backend_timeout_flag_takes_durations_and_names_itself_on_bad_values():
+    options = Options()
+    options.parseOptions(["--backend-timeout", "1m30s"])
+    assert options["backend-timeout"] == 90.0
+    defaults = Options()
+    defaults.parseOptions([])
+    assert defaults["backend-timeout"] == 30.0
+    for bad in ("0", "soon", "-5s"):
+        with pytest.raises(SystemExit) as caught:
+            Options().parseOptions(["--backend-timeout", bad])
+        assert "--backend-timeout" in str(caught.value) and bad in str(caught.value)
