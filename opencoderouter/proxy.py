@@ -211,7 +211,7 @@ class _ProxyClientFactory(_HTTP11ClientFactory):
 
 
 def backend_pool(reactor: Any, idle_timeout: float = 4.0, per_backend: int = 128) -> HTTPConnectionPool:
-    """A persistent pool whose idle connections close before the backend's keep-alive (Bun: 10 s)."""
+    """A persistent pool whose idle connections close long before a backend drops them (OpenCode: > 25 s)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _ProxyClientFactory
     pool.cachedConnectionTimeout = idle_timeout
