@@ -152,7 +152,7 @@ def makeService(options: Options) -> MultiService:
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
         launcher=launcher,
     )
-    proxy_factory = BackendProxyFactory(reactor)
+    proxy_factory = BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"])
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
         registry,
@@ -183,7 +183,8 @@ def makeService(options: Options) -> MultiService:
     )
     web = WebService(
         options["listen"],
-        QuietSite(root, guard=guard, limits=limits),
+        # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
+        QuietSite(root, guard=guard, limits=limits, parsePOSTFormSubmission=False),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],
