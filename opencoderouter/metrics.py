@@ -7,11 +7,11 @@ from a small fixed set.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -49,11 +49,13 @@ def _one_of(value: str, allowed: Iterable[str], fallback: str = "other") -> str:
 
 
 class _BackendCollector:
-    """Reads backend and instance counts at scrape time, so they can never drift from the Registry."""
+    """Reads backends and launcher instances at scrape time, so the figures can never drift from them."""
 
-    def __init__(self, registry: Registry, instance_states: Callable[[], Mapping[str, int]] | None) -> None:
+    def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        self.instance_states = instance_states
+        #: ``() -> instances`` (each with ``state``, ``slug`` and ``restarts``), once a launcher runs.
+        self.instances: Callable[[], Iterable[Any]] | None = None
+        self.slug_label: Callable[[str], str] = str
 
     def collect(self) -> Iterable[Metric]:
         """Yield the backend (and launcher instance) gauges."""
@@ -63,14 +65,25 @@ class _BackendCollector:
         family.add_metric(["up"], up)
         family.add_metric(["down"], len(backends) - up)
         yield family
-        if self.instance_states is not None:
-            counts = dict(self.instance_states())
-            instances = GaugeMetricFamily(
+        if self.instances is not None:
+            listed = list(self.instances())
+            states = GaugeMetricFamily(
                 "opencoderouter_instances", "Launcher-managed instances by state.", labels=["state"]
             )
             for state in INSTANCE_STATES:
-                instances.add_metric([state], counts.get(state, 0))
-            yield instances
+                states.add_metric([state], sum(1 for i in listed if getattr(i, "state", None) == state))
+            yield states
+            # The launcher keeps each instance's restart count: read it rather than count events twice.
+            restarts: dict[str, float] = {}
+            for instance in listed:
+                label = self.slug_label(str(getattr(instance, "slug", "")))
+                restarts[label] = restarts.get(label, 0) + int(getattr(instance, "restarts", 0) or 0)
+            family = CounterMetricFamily(
+                "opencoderouter_launcher_restarts", "Managed instances restarted after exiting.", labels=["slug"]
+            )
+            for label, count in sorted(restarts.items()):
+                family.add_metric([label], count)
+            yield family
 
 
 class RouterMetrics:
@@ -78,7 +91,7 @@ class RouterMetrics:
 
     def __init__(self, registry: Registry) -> None:
         self.collector_registry = CollectorRegistry(auto_describe=True)
-        self._backends = _BackendCollector(registry, None)
+        self._backends = _BackendCollector(registry)
         self.collector_registry.register(self._backends)
         self._slugs: set[str] = set()
         reg = self.collector_registry
@@ -107,10 +120,6 @@ class RouterMetrics:
         )
         self.dashboard_streams = Gauge(
             "opencoderouter_dashboard_streams", "Open /api/events streams (dashboards watching).", registry=reg
-        )
-        self.launcher_restarts = Counter(
-            "opencoderouter_launcher_restarts", "Managed instances restarted after exiting.", ["slug"],
-            registry=reg,
         )
         # Pre-create the fixed label sets so that dashboards see zeros rather than missing series.
         for kind in SCAN_KINDS:
@@ -185,13 +194,10 @@ class RouterMetrics:
         self.dashboard_streams.dec()
 
     # -- launcher hooks ----------------------------------------------------
-    def launcher_restarted(self, slug: str) -> None:
-        """The launcher restarted a managed instance after it exited."""
-        self.launcher_restarts.labels(self.slug_label(slug)).inc()
-
-    def watch_instances(self, states: Callable[[], Mapping[str, int]]) -> None:
-        """Report launcher instances by state, read from ``states()`` at every scrape."""
-        self._backends.instance_states = states
+    def watch_launcher(self, instances: Callable[[], Iterable[Any]]) -> None:
+        """Report launcher instances by state, and their restarts, from ``instances()`` at every scrape."""
+        self._backends.instances = instances
+        self._backends.slug_label = self.slug_label
 
     # -- exposition --------------------------------------------------------
     def render(self) -> bytes:

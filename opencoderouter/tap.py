@@ -15,24 +15,25 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from . import __version__
+from . import __version__, security
 from .api import RouterAPI
 from .config import Options, default_username
 from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
+from .launcher import Launcher, LauncherSettings, served_port_finder
 from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
-from .scanner import Prober, Scanner, loopback_agent
+from .scanner import Prober, Scanner, list_listeners, loopback_agent
 
 __all__ = ["Options", "makeService"]
 
 log = Logger()
 
 
-class QuietSite(Site):
-    """A Site without a per-request access log line (metrics count requests instead)."""
+class QuietSite(security.GuardedSite):
+    """A guarded Site without a per-request access log line (metrics count requests instead)."""
 
     noisy = False
 
@@ -102,9 +103,24 @@ def makeService(options: Options) -> MultiService:
     naming = Naming(username=options["username"], os_user=default_username())
     metrics = RouterMetrics(registry)
 
+    owner_filter = options["owner-filter"]
+    authenticator = security.Authenticator(options["auth-token"], options["basic-users"])
+    backend_credentials = security.BackendCredentials(
+        options["opencode-username"],
+        options["opencode-password"],
+        may_inject=authenticator.enabled or not security.listens_beyond_loopback(options["listen"]),
+    )
+    security.log_startup_warnings(options["listen"], authenticator, backend_credentials)
+
     probe_pool = quiet_pool(reactor, persistent=False)
-    probe_agent = loopback_agent(reactor, probe_pool, options["probe-timeout"])
-    prober = Prober(probe_agent, reactor, timeout=options["probe-timeout"], metrics=metrics)
+    prober = Prober(
+        loopback_agent(reactor, probe_pool, options["probe-timeout"]),
+        reactor,
+        timeout=options["probe-timeout"],
+        credentials=backend_credentials.probe_header(),
+        trusts=owner_filter.is_self,
+        metrics=metrics,
+    )
     scanner = Scanner(
         registry,
         prober,
@@ -112,10 +128,29 @@ def makeService(options: Options) -> MultiService:
         port_range=(options["scan-start"], options["scan-end"]),
         interval=options["scan-interval"],
         concurrency=options["scan-concurrency"],
+        admit_owner=owner_filter.admits,
         metrics=metrics,
     )
     scanner.setName("scanner")
     scanner.setServiceParent(top)
+
+    port_range = (options["scan-start"], options["scan-end"])
+    launcher = Launcher(
+        options["projects"],
+        LauncherSettings(
+            opencode_bin=options["opencode-bin"],
+            port_range=port_range,
+            startup_timeout=options["startup-timeout"],
+            stop_timeout=options["stop-timeout"],
+        ),
+        reactor,
+        find_served=served_port_finder(registry, prober, port_range, list_listeners),
+        used_ports=lambda: [backend.port for backend in registry.backends()],
+    )
+    launcher.setName("launcher")
+    launcher.setServiceParent(top)
+    registry.subscribe(launcher)
+    metrics.watch_launcher(launcher.instances)
 
     web_holder: list[WebService] = []
     events = EventStream(
@@ -126,9 +161,18 @@ def makeService(options: Options) -> MultiService:
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
     )
-    api = RouterAPI(registry, naming, events=events)
+
+    api = RouterAPI(
+        registry,
+        naming,
+        extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
+        launcher=launcher,
+        events=events,
+    )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
-    proxy_factory = MeteredProxyFactory(BackendProxyFactory(reactor), metrics, reactor)
+    proxy_factory = MeteredProxyFactory(
+        BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"]), metrics, reactor
+    )
     assets = load_assets()
     own_routes: dict[bytes, IResource] = {
         b"api": api.resource(),
@@ -138,14 +182,34 @@ def makeService(options: Options) -> MultiService:
     root = RouterResource(
         registry,
         naming,
-        proxy_factory,
+        security.with_backend_credentials(proxy_factory, backend_credentials),
         own_routes=own_routes,
         dashboard=Dashboard(assets),
         own_host_names=_own_host_names(),
     )
+    guard = security.Guard(
+        clock=reactor,
+        hosts=security.HostPolicy(
+            root.backend_for_host,
+            options["allowed-hosts"],
+            security.listen_interface(options["listen"]),
+            clock=reactor,
+        ),
+        authenticator=authenticator,
+        cors_origins=frozenset(options["cors-origins"]),
+        goes_to_backend=security.goes_to_backend_for(root),
+    )
+    limits = security.Limits(
+        max_url=options["max-url-bytes"],
+        max_header_bytes=options["max-header-bytes"],
+        max_headers=options["max-headers"],
+        max_body=options["max-body-bytes"],
+        header_timeout=options["header-timeout"],
+    )
     web = WebService(
         options["listen"],
-        QuietSite(root),
+        # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
+        QuietSite(root, guard=guard, limits=limits, parsePOSTFormSubmission=False),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],
@@ -180,8 +244,8 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "scan_interval": options["scan-interval"],
         "stale_after": options["stale-after"],
         "mdns": options["mdns"],
-        # Set True once a launcher is wired in: the page then polls GET /api/instances.
-        "launcher": False,
+        # The page polls GET /api/instances for managed instances when this is true.
+        "launcher": True,
     }
 
 

@@ -187,18 +187,23 @@ def test_status_class_names():
     ]
 
 
-def test_launcher_restarts_and_instances_by_state():
+def test_launcher_instances_by_state_and_their_restarts():
+    from types import SimpleNamespace as Instance
+
     metrics = RouterMetrics(Registry(Clock(), 30))
     text = scrape(metrics)
     assert not any(name == "opencoderouter_instances" for name, _ in samples(text))  # no launcher: no gauge
-    metrics.watch_instances(lambda: {"running": 2, "failed": 1})
-    metrics.launcher_restarted("alpha")
-    metrics.launcher_restarted("alpha")
+    instances = [Instance(slug="alpha", state="running", restarts=2), Instance(slug="beta", state="running", restarts=0),
+                 Instance(slug="gamma", state="failed", restarts=5)]
+    metrics.watch_launcher(lambda: instances)
     text = scrape(metrics)
     assert value(text, "opencoderouter_instances", state="running") == 2
     assert value(text, "opencoderouter_instances", state="failed") == 1
     assert value(text, "opencoderouter_instances", state="starting") == 0
     assert value(text, "opencoderouter_launcher_restarts_total", slug="alpha") == 2
+    assert value(text, "opencoderouter_launcher_restarts_total", slug="gamma") == 5
+    instances[0].restarts = 3  # read live at each scrape
+    assert value(scrape(metrics), "opencoderouter_launcher_restarts_total", slug="alpha") == 3
 
 
 def test_router_process_serves_metrics_that_move(tmp_path, fake_opencode_factory, router_factory):
