@@ -148,11 +148,6 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
     print(f"row appeared after {appeared_after:.2f}s; down after {down_after:.2f}s; gone after {gone_after:.2f}s")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the placeholder proxy on this branch answers 400 for every forwarded request; "
-    "this passes once the proxy rewrite (issue 3) is merged, and the mark should then go",
-)
 @pytest.mark.parametrize("kind", ["path", "tunnel"])
 def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_factory, router_factory, kind):
     base = free_port_block(1)
