@@ -304,14 +304,14 @@ class Dispatcher:
     @inlineCallbacks
     def run(self) -> Any:
         """Dispatch the task; fires with a :class:`Result` (never errbacks)."""
+        if self.options.timeout is not None:
+            # Bounds the whole dispatch; the session is aborted if it exists by then.
+            self._timers.append(self.reactor.callLater(self.options.timeout, self._on_timeout))
         try:
-            yield self._resolve()
-            yield self._choose_agent()
-            yield self._create_session()
-            yield self._open_events()
-            if self.options.timeout is not None:
-                self._timers.append(self.reactor.callLater(self.options.timeout, self._on_timeout))
-            yield self._prompt()
+            for step in (self._resolve, self._choose_agent, self._create_session, self._open_events, self._prompt):
+                if self._finished.called:
+                    break  # interrupted or timed out between steps: do not start the next one
+                yield step()
             status, error = yield self._finished
         except DispatchError as error:
             status, error_body, code = error.status, {"name": "DispatchError", "message": error.message}, error.exit_code
@@ -342,8 +342,11 @@ class Dispatcher:
             self.options.out.flush()
         if self._pool is not None:
             yield self._pool.closeCachedConnections()
+        duration = self.reactor.seconds() - self._started
+        if self.session_id is not None:
+            self._say(f"{status} after {duration:.1f}s (session {self.session_id}, exit {code})")
         return Result(session_id=self.session_id, status=status, error=error, text=text,
-                      duration_s=self.reactor.seconds() - self._started, exit_code=code,
+                      duration_s=duration, exit_code=code,
                       project=self.directory, url=self.base_url)
 
     @inlineCallbacks
@@ -608,13 +611,15 @@ class Dispatcher:
     # -- ending early ------------------------------------------------------------
     def _on_timeout(self) -> None:
         if not self._finished.called:
-            self._say(f"timed out after {self.options.timeout:g}s; aborting session {self.session_id}")
+            self._say(f"timed out after {self.options.timeout:g}s; "
+                      + (f"aborting session {self.session_id}" if self.session_id else "no session was created"))
             self._abort_then("timeout", {"name": "Timeout", "message": f"no result after {self.options.timeout:g}s"})
 
     def interrupt(self) -> None:
         """Abort the session and end the dispatch (SIGINT)."""
         if not self._finished.called:
-            self._say(f"interrupted; aborting session {self.session_id}")
+            self._say("interrupted; " + (f"aborting session {self.session_id}" if self.session_id
+                                         else "no session was created"))
             self._abort_then("interrupted", {"name": "Interrupted", "message": "interrupted by the user"})
 
     def _abort_then(self, status: str, error: dict[str, Any]) -> None:

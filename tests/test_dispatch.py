@@ -231,6 +231,17 @@ async def test_timeout_aborts_the_session_and_exits_124(harness):
 
 
 @pytest_twisted.ensureDeferred
+async def test_interrupt_before_the_session_exists_prompts_nothing(harness):
+    h = harness("reply")
+    dispatcher = Dispatcher(reactor, Task(project="archer", prompt="x"), h.options())
+    running = dispatcher.run()
+    dispatcher.interrupt()
+    result = await running
+    assert result.exit_code == EXIT_INTERRUPTED and result.session_id is None
+    assert h.opencode.sessions == {} and h.opencode.prompts == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_backend_gone_mid_turn_exits_4_after_the_reconnect_budget(harness):
     h = harness("hang")
     dispatcher = Dispatcher(reactor, Task(project="archer", prompt="x"), h.options(reconnect_timeout=1.0))

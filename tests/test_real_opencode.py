@@ -65,11 +65,12 @@ class Pipeline:
         self.launched = launcher_available()
         if self.launched:
             # The launcher's children inherit the router's environment: one seeded HOME for both.
+            # The victim first, so that the launcher never picks its port.
+            self.victim = self._start(self.victim_project, "home-victim", ports[-1])
             home = seed_home(base / "home-router")
             env = opencode_env(home, self.model.url)
             self.router = RouterProcess(*scan, "--opencode-bin", str(opencode_binary()), str(self.git_project),
                                         str(self.plain_project), env=env)
-            self.victim = self._start(self.victim_project, "home-victim", ports[-1])
         else:
             self._start(self.git_project, "home-git", ports[0])
             self._start(self.plain_project, "home-plain", ports[1])
