@@ -263,6 +263,8 @@ class Dispatcher:
         self._idle_timer: Any = None
         self._prompted = False
         self._stopping = False
+        #: Set once we abort the session: its session.error/idle are our own doing, not the outcome.
+        self._aborting = False
 
     # -- output ----------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -464,7 +466,7 @@ class Dispatcher:
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         props = event.get("properties") or {}
-        if not isinstance(props, dict) or self._finished.called:
+        if not isinstance(props, dict) or self._finished.called or self._aborting:
             return
         session = props.get("sessionID") or (props.get("part") or {}).get("sessionID") or (props.get("info") or {}).get("sessionID")
         if session != self.session_id:
@@ -624,6 +626,7 @@ class Dispatcher:
 
     def _abort_then(self, status: str, error: dict[str, Any]) -> None:
         finished = self._finished
+        self._aborting = True
 
         def done(_: Any) -> None:
             if not finished.called:

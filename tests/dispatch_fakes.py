@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from opencoderouter.fake_opencode import FakeOpenCode
 
@@ -62,7 +62,21 @@ class ScriptedOpenCode(FakeOpenCode):
             self.aborted.append(parts[1])
             if self.on_abort is not None:
                 self.on_abort(parts[1])
+            if parts[1] in self.busy:
+                # Like the real server: the aborted turn reports an error, then idle, before the answer.
+                self.emit("session.error", {"sessionID": parts[1], "error": {
+                    "name": "MessageAbortedError", "data": {"message": "Aborted"}}})
+                self.busy.discard(parts[1])
+                self.emit("session.idle", {"sessionID": parts[1]})
+                # The answer comes later than the events, so a client must not take them as the outcome.
+                self.clock.callLater(0.2, self._answer_later, request, b"true")
+                return NOT_DONE_YET
         return super().render(request)
+
+    def _answer_later(self, request: IRequest, body: bytes) -> None:
+        request.setHeader(b"content-type", b"application/json")
+        request.write(body)
+        request.finish()
 
     def _prompt_async(self, request: IRequest, session: dict[str, Any]) -> bytes:
         self.prompts.append(json.loads(request.content.getvalue() or b"{}"))

@@ -257,3 +257,14 @@ def test_killing_the_backend_mid_dispatch_exits_4_with_a_clear_message(pipeline)
     assert code == 4, stderr
     assert "lost the backend of project" in stderr and "may still be running" in stderr
     assert elapsed < 20
+
+
+def test_dispatch_timeout_aborts_the_session_and_exits_124(pipeline):
+    done = _dispatch(pipeline, f"---\nproject: {pipeline.plain_project}\n---\n{MODE_SLOW} never mind\n", "--timeout", "4s",
+                     "--json")
+    assert done.returncode == 124, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "timeout"
+    slug = pipeline.by_path[str(pipeline.plain_project)]["slug"]
+    statuses = http_json(f"{pipeline.router.url}/{slug}/session/status?directory={pipeline.plain_project}")
+    assert result["session_id"] not in statuses, "the aborted session is no longer busy"
