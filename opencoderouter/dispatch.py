@@ -34,7 +34,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 
 import treq
 from treq.client import HTTPClient
@@ -227,6 +227,8 @@ def _describe(error: Failure | Exception) -> str:
     if isinstance(value, ResponseFailed):
         reasons = "; ".join(r.getErrorMessage() for r in value.reasons)
         return f"the connection failed mid-response ({reasons})"
+    if isinstance(value, ResponseDone):
+        return "the server ended it"
     if isinstance(value, defer.CancelledError):
         return "no answer in time"
     text = str(value).strip() or value.__class__.__name__
@@ -425,7 +427,7 @@ class Dispatcher:
             body = yield treq.content(response).addErrback(lambda _: b"")
             raise DispatchError(EXIT_UNREACHABLE,
                                 f"the event stream {url.split('?')[0]} answered {response.code} "
-                                f"{content_type.decode('latin-1')}: {body[:200].decode('utf-8', 'replace')}",
+                                f"{content_type.decode('latin-1')}: {body[:200].decode('utf-8', 'replace').strip()}",
                                 "unreachable")
         stream = _EventStream(self._on_event, self._reset_idle_timer)
         self._stream = stream
