@@ -96,6 +96,8 @@ class Result:
     exit_code: int
     project: str | None = None
     url: str | None = None
+    #: Permission requests seen and how they were answered: ``{"permission", "patterns", "reply"}``.
+    permissions: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object."""
@@ -257,6 +259,7 @@ class Dispatcher:
         self._user_messages: set[str] = set()
         self._tool_status: dict[str, str] = {}
         self._answered: set[str] = set()
+        self.permissions: list[dict[str, Any]] = []
         self._stream: _EventStream | None = None
         self._finished: Deferred[tuple[str, dict[str, Any] | None]] = Deferred()
         self._started = reactor.seconds()
@@ -351,7 +354,7 @@ class Dispatcher:
             self._say(f"{status} after {duration:.1f}s (session {self.session_id}, exit {code})")
         return Result(session_id=self.session_id, status=status, error=error, text=text,
                       duration_s=duration, exit_code=code,
-                      project=self.directory, url=self.base_url)
+                      project=self.directory, url=self.base_url, permissions=self.permissions)
 
     @inlineCallbacks
     def _resolve(self) -> Any:
@@ -519,6 +522,8 @@ class Dispatcher:
             return
         self._answered.add(request_id)
         reply = self.options.permissions
+        self.permissions.append({"permission": props.get("permission"), "patterns": props.get("patterns") or [],
+                                 "reply": reply})
         patterns = ", ".join(map(str, props.get("patterns") or []))
         self._say(f"permission asked: {props.get('permission')} {patterns} → {reply}")
 

@@ -43,6 +43,9 @@ OFFLINE_ENV = {
 #: Put one of these in a prompt to pick the fake model's behaviour for that turn.
 MODE_ERROR = "[fake-model:error400]"
 MODE_SLOW = "[fake-model:slow]"
+#: The model calls the bash tool with BASH_COMMAND first (a permission request when bash is "ask").
+MODE_BASH = "[fake-model:bash]"
+BASH_COMMAND = "echo permitted > proof.txt"
 #: What the fake model answers in the normal mode.
 REPLY_TEXT = "Hello from the fake model."
 
@@ -91,6 +94,8 @@ def model_config(model_url: str, extra: dict[str, Any] | None = None) -> str:
         "small_model": "fake/fake-model",
         "autoupdate": False,
         "share": "disabled",
+        # Tools that change things ask first, so that dispatch's --permissions is exercised.
+        "permission": {"bash": "ask", "edit": "ask"},
     }
     config.update(extra or {})
     return json.dumps(config)
@@ -193,7 +198,8 @@ class FakeModelServer:
 
     Modes (per request, from a marker in the last user message, else ``default_mode``):
     ``text`` streams :data:`REPLY_TEXT`; ``error400`` answers 400; ``slow`` streams a word every
-    ``slow_interval`` seconds for ``slow_duration`` seconds. Title requests are always answered fast.
+    ``slow_interval`` seconds for ``slow_duration`` seconds; ``bash`` calls the bash tool with
+    :data:`BASH_COMMAND`, then answers with text. Title requests are always answered fast.
     """
 
     def __init__(self, default_mode: str = "text", slow_duration: float = 130.0, slow_interval: float = 5.0,
@@ -245,6 +251,9 @@ class FakeModelServer:
             return "error400"
         if MODE_SLOW in last_user:
             return "slow"
+        if MODE_BASH in last_user:
+            # After the tool ran, its result is the last message: then answer with text.
+            return "text" if messages and messages[-1].get("role") == "tool" else "bash"
         return self.default_mode
 
 
@@ -292,6 +301,14 @@ class _ModelHandler(BaseHTTPRequestHandler):
         try:
             if mode == "title":
                 self._chunk("Fake task title")
+            elif mode == "bash":
+                arguments = json.dumps({"command": BASH_COMMAND, "description": "Write proof.txt"})
+                self._chunk(None, tool_call={"index": 0, "id": "call_fake_1", "type": "function",
+                                             "function": {"name": "bash", "arguments": arguments}})
+                self._chunk(None, finish="tool_calls")
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                return
             elif mode == "slow":
                 deadline = time.monotonic() + owner.slow_duration
                 step = 0
@@ -308,8 +325,10 @@ class _ModelHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # opencode aborted the request (session aborted or killed)
 
-    def _chunk(self, text: str | None, finish: str | None = None) -> None:
-        delta = {"content": text} if text is not None else {}
+    def _chunk(self, text: str | None, finish: str | None = None, tool_call: dict[str, Any] | None = None) -> None:
+        delta: dict[str, Any] = {"content": text} if text is not None else {}
+        if tool_call is not None:
+            delta = {"role": "assistant", "tool_calls": [tool_call]}
         chunk: dict[str, Any] = {
             "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": "fake-model", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],

@@ -202,6 +202,7 @@ async def test_permission_request_is_answered_as_configured(harness):
     result = await h.dispatch(permissions="once")
     assert result.exit_code == EXIT_DONE
     assert h.opencode.permission_replies == [("per_fake1", "once")]
+    assert result.permissions == [{"permission": "bash", "patterns": ["rm -rf build"], "reply": "once"}]
     assert "permission asked: bash rm -rf build → once" in h.err.getvalue()
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from .real_opencode import (
-    MODE_ERROR, MODE_SLOW, REPLY_TEXT, FakeModelServer, OpenCodeInstance, git_init, opencode_binary, opencode_env,
+    BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_SLOW, REPLY_TEXT, FakeModelServer, OpenCodeInstance, git_init, opencode_binary, opencode_env,
     seed_home,
 )
 from .support import REPO, RouterProcess, free_port_block, http_get, http_json, subprocess_env, wait_for
@@ -217,6 +217,25 @@ def test_dispatch_with_a_failing_model_exits_1_with_api_error(pipeline):
     done = _dispatch(pipeline, f"---\nproject: {pipeline.plain_project}\n---\n{MODE_ERROR} please fail\n")
     assert done.returncode == 1, done.stderr
     assert "APIError" in done.stderr
+
+
+def test_dispatch_permission_once_lets_the_tool_run(pipeline):
+    proof = pipeline.git_project / "proof.txt"
+    done = _dispatch(pipeline, f"---\nproject: {pipeline.git_project}\n---\n{MODE_BASH} write the proof\n",
+                     "--permissions", "once", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["permissions"] == [{"permission": "bash", "patterns": [BASH_COMMAND], "reply": "once"}]
+    assert f"permission asked: bash {BASH_COMMAND} → once" in done.stderr
+    assert proof.read_text() == "permitted\n"
+
+
+def test_dispatch_rejects_permissions_by_default(pipeline):
+    proof = pipeline.plain_project / "proof.txt"
+    done = _dispatch(pipeline, f"---\nproject: {pipeline.plain_project}\n---\n{MODE_BASH} write the proof\n")
+    assert done.returncode == 0, done.stderr
+    assert f"permission asked: bash {BASH_COMMAND} → reject" in done.stderr
+    assert "tool bash error" in done.stderr
+    assert not proof.exists()
 
 
 def test_dispatch_to_an_unknown_project_exits_3(pipeline):
