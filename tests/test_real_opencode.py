@@ -60,8 +60,10 @@ class Pipeline:
         self.router: RouterProcess | None = None
         first = free_port_block(BLOCK)
         ports = list(range(first, first + BLOCK))
+        # A generous probe timeout: on a loaded 2-core machine a busy opencode answers its health probe
+        # late, and a backend pruned for that would fail tests that have nothing to do with probing.
         scan = ["--scan-start", str(first), "--scan-end", str(first + BLOCK - 1), "--scan-interval", "1s",
-                "--stale-after", "5s"]
+                "--probe-timeout", "3s", "--stale-after", "60s"]
         self.launched = launcher_available()
         if self.launched:
             # The launcher's children inherit the router's environment: one seeded HOME for both.
