@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -167,6 +168,8 @@ class Options:
     #: No byte on the event stream for this long (OpenCode sends a heartbeat every 10 s): reconnect.
     stream_idle_timeout: float = 35.0
     request_timeout: float = 15.0
+    #: ``Authorization`` value for the router (Bearer token or Basic), sent only to the router's own origin.
+    authorization: str | None = None
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     err: IO[str] = field(default_factory=lambda: sys.stderr)
 
@@ -289,10 +292,18 @@ class Dispatcher:
         params = {"directory": self.directory, **query}
         return self.base_url + path + "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
 
+    def _headers(self, url: str, accept: bytes) -> dict[bytes, list[bytes]]:
+        """Request headers; the router's credentials go to the router's origin only, never elsewhere."""
+        headers = {b"accept": [accept]}
+        if self.options.authorization and _origin(url) == _origin(self.options.router):
+            headers[b"authorization"] = [self.options.authorization.encode("latin-1")]
+        return headers
+
     @inlineCallbacks
     def _request(self, method: str, url: str, body: Any = None, what: str = "the backend") -> Any:
         """One bounded JSON request; returns (status, decoded body or raw text)."""
-        kwargs: dict[str, Any] = {"timeout": self.options.request_timeout, "headers": {b"accept": [b"application/json"]}}
+        kwargs: dict[str, Any] = {"timeout": self.options.request_timeout,
+                                  "headers": self._headers(url, b"application/json")}
         if body is not None:
             kwargs["json"] = body
         try:
@@ -363,6 +374,10 @@ class Dispatcher:
         key = "path" if by_path else "name"
         url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}"
         code, body = yield self._request("GET", url, what="the router")
+        if code in (401, 403):
+            raise DispatchError(EXIT_BAD_INPUT,
+                                f"the router at {router} refused the credentials ({code}): pass --token-file, "
+                                "OPENCODEROUTER_TOKEN or user:password@ in --router", "bad_input")
         if code == 404:
             known = yield self._known_projects(router)
             hint = f" (known: {', '.join(known)})" if known else ""
@@ -420,7 +435,7 @@ class Dispatcher:
         if old is not None:
             old.close()  # never two streams: a half-dead one would only leak
         try:
-            response = yield self.http.get(url, headers={b"accept": [b"text/event-stream"]},
+            response = yield self.http.get(url, headers=self._headers(url, b"text/event-stream"),
                                            timeout=self.options.request_timeout, unbuffered=True)
         except Exception as error:
             raise DispatchError(EXIT_UNREACHABLE, f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
@@ -651,6 +666,28 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def split_credentials(router: str) -> tuple[str, str | None]:
+    """``http://user:pass@host:port`` → (``http://host:port``, ``Basic ...``); no user info → (router, None)."""
+    parts = urlsplit(router)
+    if parts.username is None:
+        return router, None
+    from base64 import b64encode
+    from urllib.parse import unquote
+
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return parts._replace(netloc=netloc).geturl(), "Basic " + b64encode(credentials).decode("ascii")
+
+
 def _title_from(prompt: str) -> str:
     first = next((line.strip() for line in prompt.splitlines() if line.strip()), "dispatched task")
     return first if len(first) <= 60 else first[:57] + "..."
@@ -705,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent", help="agent (default: the server's default agent, else build)")
     parser.add_argument("--title", help="session title (default: the prompt's first line)")
     parser.add_argument("--router", type=_router_url, default=DEFAULT_ROUTER, help=f"router URL [{DEFAULT_ROUTER}]")
+    parser.add_argument("--token-file", help="file whose first line is the router's access token "
+                        "(default: $OPENCODEROUTER_TOKEN; or put user:password@ in --router)")
     parser.add_argument("--permissions", choices=PERMISSION_REPLIES, default="reject",
                         help="answer to the agent's permission requests [reject]")
     parser.add_argument("--timeout", type=_duration, help="abort the session after this long (5m, 1h30m) and exit 124")
@@ -727,6 +766,24 @@ def _read_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
         raise DispatchError(EXIT_BAD_INPUT, f"cannot read the task file {args.task!r}: {error}", "bad_input") from None
 
 
+def _authorization(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The router URL without user info, and the Authorization header value to send it."""
+    router, basic = split_credentials(args.router)
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DispatchError(EXIT_BAD_INPUT, f"cannot read the token file {args.token_file!r}: {error}") from None
+        if not token:
+            raise DispatchError(EXIT_BAD_INPUT, f"the token file {args.token_file!r} is empty")
+        return router, f"Bearer {token}"
+    token = os.environ.get("OPENCODEROUTER_TOKEN", "").strip()
+    if basic is None and token:
+        return router, f"Bearer {token}"
+    return router, basic
+
+
 def main(argv: list[str] | None = None) -> int:
     """``opencoderouter-dispatch``: returns the exit code."""
     parser = build_parser()
@@ -740,8 +797,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(Result(None, error.status, {"name": "DispatchError", "message": error.message}, "", 0.0,
                                     error.exit_code).to_json()))
         return error.exit_code
-    options = Options(router=args.router, quiet=args.quiet or args.json, permissions=args.permissions,
-                      timeout=args.timeout, reconnect_timeout=args.reconnect_timeout)
+    try:
+        router, authorization = _authorization(args)
+    except DispatchError as error:
+        print(f"opencoderouter-dispatch: {error.message}", file=sys.stderr)
+        return error.exit_code
+    options = Options(router=router, quiet=args.quiet or args.json, permissions=args.permissions,
+                      timeout=args.timeout, reconnect_timeout=args.reconnect_timeout, authorization=authorization)
     outcome: dict[str, Result] = {}
 
     def run(reactor: Any) -> Deferred[None]:

@@ -146,6 +146,8 @@ class StubRouter(Resource):
         self.project_path = project_path
         self.backend_url = backend_url
         self.queries: list[bytes] = []
+        #: When set, every request must carry exactly this Authorization header (else 401).
+        self.required_authorization: bytes | None = None
 
     def _backend(self) -> dict[str, Any]:
         return {"slug": self.name.lower(), "project_name": self.name, "project_path": self.project_path,
@@ -155,6 +157,9 @@ class StubRouter(Resource):
         """Resolve by name (case-insensitive) or path; 404 JSON otherwise."""
         request.setHeader(b"content-type", b"application/json")
         self.queries.append(request.uri)
+        if self.required_authorization and request.getHeader(b"authorization") != self.required_authorization:
+            request.setResponseCode(401)
+            return b'{"error": "unauthorized"}'
         if request.path == b"/api/backends":
             return json.dumps([self._backend()]).encode()
         name = (request.args.get(b"name") or [b""])[0].decode()

@@ -18,7 +18,7 @@ from twisted.web.server import Site
 
 from opencoderouter.dispatch import (
     EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_SESSION_ERROR, EXIT_TIMEOUT,
-    EXIT_UNREACHABLE, DispatchError, Dispatcher, Options, Task, parse_task,
+    DEFAULT_ROUTER, EXIT_UNREACHABLE, DispatchError, Dispatcher, Options, Task, parse_task,
 )
 
 from .dispatch_fakes import ScriptedOpenCode, StubRouter
@@ -354,3 +354,46 @@ def test_cli_sigint_aborts_the_session_then_exits_130(tmp_path):
     assert code == EXIT_INTERRUPTED
     assert "interrupted; aborting session" in rest
     assert "abort ses_" in output
+
+
+# -- credentials for a router with authentication ----------------------------------------------
+def test_user_info_in_the_router_url_becomes_basic_auth():
+    from opencoderouter.dispatch import split_credentials
+
+    assert split_credentials("http://127.0.0.1:8080") == ("http://127.0.0.1:8080", None)
+    assert split_credentials("http://alice:s%40cret@devbox:8080") == ("http://devbox:8080", "Basic YWxpY2U6c0BjcmV0")
+
+
+def test_token_file_and_environment_give_a_bearer_token(tmp_path, monkeypatch):
+    from opencoderouter.dispatch import _authorization, build_parser
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    parse = build_parser().parse_args
+    assert _authorization(parse(["--token-file", str(token)])) == (DEFAULT_ROUTER, "Bearer t0ken")
+    monkeypatch.setenv("OPENCODEROUTER_TOKEN", "from-env")
+    assert _authorization(parse([])) == (DEFAULT_ROUTER, "Bearer from-env")
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(DispatchError) as caught:
+        _authorization(parse(["--token-file", str(empty)]))
+    assert caught.value.exit_code == EXIT_BAD_INPUT and "is empty" in caught.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_router_credentials_go_to_the_router_only(harness):
+    h = harness("reply")
+    h.stub.required_authorization = b"Bearer t0ken"
+    result = await h.dispatch(authorization="Bearer t0ken")
+    assert result.exit_code == EXIT_DONE
+    # The backend in this harness is another origin: it must never see the router's token.
+    assert all(b"authorization" not in {k.lower() for k in headers} for _, _, headers in h.opencode.requests_seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_credentials_are_bad_input(harness):
+    h = harness("reply")
+    h.stub.required_authorization = b"Bearer right"
+    result = await h.dispatch(authorization="Bearer wrong")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "refused the credentials (401)" in h.err.getvalue()
