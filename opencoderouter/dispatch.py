@@ -53,6 +53,8 @@ EXIT_INTERRUPTED = 130
 PERMISSION_REPLIES = ("reject", "once", "always")
 DEFAULT_ROUTER = "http://127.0.0.1:8080"
 _MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/(\S+)$")
+#: An event bigger than this is skipped (memory bound against a hostile or broken stream).
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 _FRONT_MATTER_KEYS = ("project", "model", "agent", "title")
 
 
@@ -181,6 +183,9 @@ class _EventStream(Protocol):
         self.on_event = on_event
         self.on_bytes = on_bytes
         self.buffer = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.skipping = False
         self.data: list[bytes] = []
         #: Fires (with None) when the body ends; ``reason`` says how.
         self.ended: Deferred[None] = Deferred()
@@ -190,12 +195,24 @@ class _EventStream(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
         """Split into lines; a blank line ends an event."""
         self.on_bytes()
-        self.buffer += data
+        if b"\n" not in data:
+            # Large events (a tool's whole output) arrive in many pieces: do not rescan the buffer per piece.
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size + len(self.buffer) > MAX_EVENT_BYTES:
+                self.pending, self.pending_size, self.buffer, self.data = [], 0, b"", []
+                self.skipping = True  # drop the rest of this oversized line
+            return
+        self.buffer += b"".join(self.pending) + data
+        self.pending, self.pending_size = [], 0
         while True:
             line, newline, rest = self.buffer.partition(b"\n")
             if not newline:
                 break
             self.buffer = rest
+            if self.skipping:
+                self.skipping = False
+                continue
             line = line.rstrip(b"\r")
             if not line:
                 self._dispatch()

@@ -397,3 +397,29 @@ async def test_refused_credentials_are_bad_input(harness):
     result = await h.dispatch(authorization="Bearer wrong")
     assert result.exit_code == EXIT_BAD_INPUT
     assert "refused the credentials (401)" in h.err.getvalue()
+
+
+def test_event_parser_reassembles_split_frames_and_skips_junk():
+    from opencoderouter.dispatch import _EventStream
+
+    events: list[dict] = []
+    stream = _EventStream(events.append, lambda: None)
+    big = "x" * 300_000
+    frame = b'data: {"type": "a", "properties": {"big": "' + big.encode() + b'"}}\r\n\r\n'
+    for start in range(0, len(frame), 4096):
+        stream.dataReceived(frame[start:start + 4096])
+    stream.dataReceived(b"data: not json\n\n: comment\nevent: x\ndata: [1]\n\n")
+    stream.dataReceived(b'data: {"type": "b"}\n\n')
+    assert [e["type"] for e in events] == ["a", "b"] and events[0]["properties"]["big"] == big
+
+
+def test_event_parser_drops_an_oversized_line_and_recovers(monkeypatch):
+    from opencoderouter import dispatch
+
+    monkeypatch.setattr(dispatch, "MAX_EVENT_BYTES", 1000)
+    events: list[dict] = []
+    stream = dispatch._EventStream(events.append, lambda: None)
+    for _ in range(10):
+        stream.dataReceived(b"y" * 500)
+    stream.dataReceived(b'tail\n\ndata: {"type": "after"}\n\n')
+    assert [e["type"] for e in events] == ["after"]
