@@ -639,14 +639,25 @@ class Dispatcher:
 
     @inlineCallbacks
     def _final_text(self) -> Any:
-        """The answer's text as the server stored it (complete even if events were missed)."""
+        """The turn's text as the server stored it (complete even if events were missed).
+
+        Every assistant message after the last user message counts: a turn with tool calls is
+        several assistant messages, and stdout showed the text of all of them.
+        """
         try:
-            last = yield self._last_assistant()
+            code, messages = yield self._request("GET", self._url(f"session/{self.session_id}/message"))
         except DispatchError:
             return None
-        if last is None:
+        if code != 200 or not isinstance(messages, list):
             return None
-        texts = [p.get("text", "") for p in last.get("parts") or [] if isinstance(p, dict) and p.get("type") == "text"]
+        texts: list[str] = []
+        for message in messages:
+            role = (message.get("info") or {}).get("role") if isinstance(message, dict) else None
+            if role == "user":
+                texts = []
+            elif role == "assistant":
+                texts += [p.get("text", "") for p in message.get("parts") or []
+                          if isinstance(p, dict) and p.get("type") == "text" and not p.get("synthetic")]
         return "".join(texts) if texts else None
 
     # -- ending early ------------------------------------------------------------

@@ -226,7 +226,9 @@ def test_dispatch_permission_once_lets_the_tool_run(pipeline):
     done = _dispatch(pipeline, f"---\nproject: {pipeline.git_project}\n---\n{MODE_BASH} write the proof\n",
                      "--permissions", "once", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["permissions"] == [{"permission": "bash", "patterns": [BASH_COMMAND], "reply": "once"}]
+    result = json.loads(done.stdout)
+    assert result["permissions"] == [{"permission": "bash", "patterns": [BASH_COMMAND], "reply": "once"}]
+    assert result["text"] == REPLY_TEXT, "the text of the turn's every assistant message (tool call, then answer)"
     assert f"permission asked: bash {BASH_COMMAND} → once" in done.stderr
     assert proof.read_text() == "permitted\n"
 
