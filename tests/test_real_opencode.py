@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -291,3 +292,27 @@ def test_dispatch_timeout_aborts_the_session_and_exits_124(pipeline):
     slug = pipeline.by_path[str(pipeline.plain_project)]["slug"]
     statuses = http_json(f"{pipeline.router.url}/{slug}/session/status?directory={pipeline.plain_project}")
     assert result["session_id"] not in statuses, "the aborted session is no longer busy"
+
+
+def test_sigint_aborts_the_session_before_exiting_130(pipeline):
+    child = subprocess.Popen(
+        [sys.executable, "-m", "opencoderouter.dispatch", "--router", pipeline.router.url, "--project",
+         str(pipeline.git_project), "--json", "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    try:
+        child.stdin.write(f"{MODE_SLOW} interrupt me\n")
+        child.stdin.close()
+        for line in child.stderr:
+            if "following events" in line:
+                break
+        child.send_signal(signal.SIGINT)
+        code = child.wait(30)
+        result = json.loads(child.stdout.read())
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 130 and result["status"] == "interrupted"
+    slug = pipeline.by_path[str(pipeline.git_project)]["slug"]
+    statuses = http_json(f"{pipeline.router.url}/{slug}/session/status?directory={pipeline.git_project}")
+    assert result["session_id"] not in statuses, "the interrupted session is no longer busy"
