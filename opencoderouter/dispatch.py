@@ -606,7 +606,7 @@ class Dispatcher:
             self._reconnecting = False
 
     @inlineCallbacks
-    def _reconcile(self) -> Any:
+    def _reconcile(self, second_look: bool = False) -> Any:
         """After a reconnect: did the turn end while we were away? Returns True when it did."""
         code, statuses = yield self._request("GET", self._url("session/status"))
         if code != 200 or not isinstance(statuses, dict):
@@ -625,7 +625,17 @@ class Dispatcher:
             self._say("the turn ended while the event stream was down")
             self._finished.callback(("done", None))
             return True
-        return False
+        # Not busy, yet the answer is unfinished: the server lost the turn (it was restarted mid-turn).
+        # Look once more a moment later, so that a turn between two steps is not taken for lost.
+        if not second_look:
+            yield task.deferLater(self.reactor, 1.0, lambda: None)
+            ended = yield self._reconcile(second_look=True)
+            return ended
+        error = {"name": "TurnLost", "data": {"message": "the session is idle but its answer never finished "
+                                                         "(was the OpenCode server restarted mid-turn?)"}}
+        self._say(f"session error: {_error_text(error)}")
+        self._finished.callback(("error", error))
+        return True
 
     @inlineCallbacks
     def _last_assistant(self) -> Any:

@@ -24,7 +24,8 @@ class ScriptedOpenCode(FakeOpenCode):
 
     ``behaviour``: ``reply`` (the fake's normal turn, after a foreign session's events), ``error``
     (session.error then idle), ``hang`` (busy forever), ``drop`` (cut every event stream mid-turn,
-    finish while nobody listens), ``permission`` (ask, finish once answered), ``reasoning``
+    finish while nobody listens), ``lost`` (cut the streams, then idle with an unfinished answer),
+    ``permission`` (ask, finish once answered), ``reasoning``
     (a reasoning part's deltas must not reach stdout).
     """
 
@@ -112,6 +113,11 @@ class ScriptedOpenCode(FakeOpenCode):
             self.refuse_events = True
             self.close_streams()
             self.clock.callLater(0.3, self._finish_quietly, session_id)
+        elif self.behaviour == "lost":
+            self.emit("session.status", {"sessionID": session_id, "status": {"type": "busy"}})
+            self.refuse_events = True
+            self.close_streams()
+            self.clock.callLater(0.3, self._lose_turn, session_id)
         elif self.behaviour == "permission":
             self.emit("session.status", {"sessionID": session_id, "status": {"type": "busy"}})
             self._waiting_permission = session_id
@@ -123,6 +129,15 @@ class ScriptedOpenCode(FakeOpenCode):
                                          "field": "text", "delta": self.reply_text})
         self.busy.discard(session_id)
         self.emit("session.idle", {"sessionID": session_id})
+
+    def _lose_turn(self, session_id: str) -> None:
+        """A restarted server: the turn is gone, the answer stays unfinished, nobody says so."""
+        self.busy.discard(session_id)
+        self.refuse_events = False
+        self.messages[session_id] = [
+            {"info": {"id": "msg_u", "role": "user"}, "parts": [{"type": "text", "text": "prompt"}]},
+            {"info": {"id": "msg_a", "role": "assistant", "time": {"created": 1}}, "parts": [{"type": "step-start"}]},
+        ]
 
     def _finish_quietly(self, session_id: str) -> None:
         """The turn ends while no stream is open: only the stored messages tell."""

@@ -43,6 +43,8 @@ OFFLINE_ENV = {
 #: Put one of these in a prompt to pick the fake model's behaviour for that turn.
 MODE_ERROR = "[fake-model:error400]"
 MODE_SLOW = "[fake-model:slow]"
+#: ``[fake-model:slow=8]``: a slow stream lasting 8 s instead of ``slow_duration``.
+_SLOW_FOR = re.compile(r"\[fake-model:slow=(\d+(?:\.\d+)?)\]")
 #: The model calls the bash tool with BASH_COMMAND first (a permission request when bash is "ask").
 MODE_BASH = "[fake-model:bash]"
 BASH_COMMAND = "echo permitted > proof.txt"
@@ -239,6 +241,12 @@ class FakeModelServer:
             self._server.shutdown()
             self._server.server_close()
 
+    def slow_duration_for(self, body: dict[str, Any]) -> float:
+        """How long a slow answer streams: ``[fake-model:slow=N]`` in the prompt, else ``slow_duration``."""
+        users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+        match = _SLOW_FOR.search(_content_text(users[-1])) if users else None
+        return float(match.group(1)) if match else self.slow_duration
+
     def mode_for(self, body: dict[str, Any]) -> str:
         """Which behaviour answers this request."""
         messages = body.get("messages") or []
@@ -249,7 +257,7 @@ class FakeModelServer:
         last_user = _content_text(users[-1]) if users else ""
         if MODE_ERROR in last_user:
             return "error400"
-        if MODE_SLOW in last_user:
+        if MODE_SLOW in last_user or _SLOW_FOR.search(last_user):
             return "slow"
         if MODE_BASH in last_user:
             # After the tool ran, its result is the last message: then answer with text.
@@ -310,7 +318,7 @@ class _ModelHandler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 return
             elif mode == "slow":
-                deadline = time.monotonic() + owner.slow_duration
+                deadline = time.monotonic() + owner.slow_duration_for(body)
                 step = 0
                 while time.monotonic() < deadline and not owner._stopping.is_set():
                     self._chunk(f"tick{step} ")

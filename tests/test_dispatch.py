@@ -224,6 +224,15 @@ async def test_turn_that_ends_while_the_stream_is_down_is_reported_after_reconne
 
 
 @pytest_twisted.ensureDeferred
+async def test_turn_lost_by_a_restarted_server_is_an_error_not_a_hang(harness):
+    h = harness("lost")
+    result = await h.dispatch(timeout=20)
+    assert result.exit_code == EXIT_SESSION_ERROR, h.err.getvalue()
+    assert result.error["name"] == "TurnLost"
+    assert "never finished" in h.err.getvalue()
+
+
+@pytest_twisted.ensureDeferred
 async def test_timeout_aborts_the_session_and_exits_124(harness):
     h = harness("hang")
     result = await h.dispatch(timeout=0.5)

@@ -71,14 +71,19 @@ class Pipeline:
             # The victim first, so that the launcher never picks its port.
             self.victim = self._start(self.victim_project, "home-victim", ports[-1])
             home = seed_home(base / "home-router")
-            env = opencode_env(home, self.model.url)
-            self.router = RouterProcess(*scan, "--opencode-bin", str(opencode_binary()), str(self.git_project),
-                                        str(self.plain_project), env=env)
+            self.router_env: dict[str, str] = opencode_env(home, self.model.url)
+            self.router_args = [*scan, "--opencode-bin", str(opencode_binary()), str(self.git_project),
+                                str(self.plain_project)]
         else:
             self._start(self.git_project, "home-git", ports[0])
             self._start(self.plain_project, "home-plain", ports[1])
             self.victim = self._start(self.victim_project, "home-victim", ports[2])
-            self.router = RouterProcess(*scan)
+            self.router_env, self.router_args = {}, scan
+        self.start_router()
+
+    def start_router(self, port: int | None = None) -> None:
+        """Start the router and wait until it lists all three projects (again, after a restart)."""
+        self.router = RouterProcess(*self.router_args, env=self.router_env, port=port)
         wanted = {str(self.git_project), str(self.plain_project), str(self.victim_project)}
         self.backends = wait_for(
             lambda: (lambda b: {x["project_path"] for x in b} == wanted and b)(http_json(self.router.url + "/api/backends")),
@@ -258,6 +263,38 @@ def test_dispatch_sees_session_idle_after_a_stream_longer_than_120s(pipeline):
     assert "event stream lost" not in done.stderr
 
 
+def test_turn_that_ends_while_the_router_is_down_is_reported_after_it_returns(pipeline):
+    """Reconnect + reconcile against the real server: the stream drops, the turn ends unseen, exit 0.
+
+    It uses the victim instance (started by this module, not by the router's launcher, so it survives
+    the router's restart); it runs before the test that kills that instance.
+    """
+    router = pipeline.router
+    slow_before = sum(r["mode"] == "slow" for r in pipeline.model.requests)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "opencoderouter.dispatch", "--router", router.url, "--project",
+         str(pipeline.victim_project), "--json", "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    try:
+        child.stdin.write("[fake-model:slow=3] finish while nobody watches\n")
+        child.stdin.close()
+        wait_for(lambda: sum(r["mode"] == "slow" for r in pipeline.model.requests) > slow_before, timeout=30,
+                 what="the slow model call to start")
+        router.stop()
+        time.sleep(6)  # the 3 s answer ends while no router is there
+        pipeline.start_router(port=router.port)
+        code = child.wait(60)
+        result = json.loads(child.stdout.read())
+        stderr = child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 0, stderr
+    assert "event stream lost" in stderr and "ended while the event stream was down" in stderr
+    assert result["status"] == "done" and "slow done." in result["text"]
+
+
 def test_killing_the_backend_mid_dispatch_exits_4_with_a_clear_message(pipeline):
     child = subprocess.Popen(
         [sys.executable, "-m", "opencoderouter.dispatch", "--router", pipeline.router.url, "--project",
@@ -316,3 +353,4 @@ def test_sigint_aborts_the_session_before_exiting_130(pipeline):
     slug = pipeline.by_path[str(pipeline.git_project)]["slug"]
     statuses = http_json(f"{pipeline.router.url}/{slug}/session/status?directory={pipeline.git_project}")
     assert result["session_id"] not in statuses, "the interrupted session is no longer busy"
+
