@@ -247,8 +247,7 @@ class _EventStream(Protocol):
 def _describe(error: Failure | Exception) -> str:
     value = error.value if isinstance(error, Failure) else error
     if isinstance(value, ResponseFailed):
-        reasons = "; ".join(r.getErrorMessage() for r in value.reasons)
-        return f"the connection failed mid-response ({reasons})"
+        return "the connection was cut mid-response"
     if isinstance(value, ResponseDone):
         return "the server ended it"
     if isinstance(value, defer.CancelledError):
