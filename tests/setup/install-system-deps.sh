@@ -9,6 +9,7 @@ command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v wrk >/dev/null 2>&1 || need="$need wrk"
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+command -v git >/dev/null 2>&1 || need="$need git"  # the real-OpenCode suite makes a git project
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "missing system packages:$need (install them as root; their tests will be skipped)" >&2
