@@ -37,8 +37,8 @@ def request_authority(request: IRequest) -> str:
     return f"{host}:{port}" if port else host
 
 
-def backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, Any]:
-    """The spec's backend object, plus ``owner``."""
+def backend_json(backend: Backend, naming: Naming, authority: str, mdns_name: str | None = None) -> dict[str, Any]:
+    """The spec's backend object, plus ``owner`` and ``mdns_name`` (the advertised name, or null)."""
     return {
         "slug": backend.slug,
         "project_name": backend.project_name,
@@ -50,6 +50,7 @@ def backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, 
         "url": f"http://{authority}/{backend.slug}/",
         "last_seen": rfc3339(backend.last_seen),
         "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
+        "mdns_name": mdns_name,
     }
 
 
@@ -70,10 +71,13 @@ class RouterAPI:
         registry: Registry,
         naming: Naming,
         extra_health: Callable[[], dict[str, Any]] | None = None,
+        mdns_names: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.naming = naming
         self._extra_health = extra_health or dict
+        #: ``{slug: advertised mDNS name}`` from the advertiser, when mDNS is on.
+        self._mdns_names = mdns_names or dict
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -95,7 +99,11 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        return _json(request, [backend_json(b, self.naming, authority) for b in self.registry.backends()])
+        names = self._mdns_names()
+        return _json(
+            request,
+            [backend_json(b, self.naming, authority, names.get(b.slug)) for b in self.registry.backends()],
+        )
 
     @app.route("/resolve", methods=["GET"])
     def resolve(self, request: IRequest) -> bytes:
@@ -118,7 +126,8 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return _json(request, {"error": "not_found", "query": query}, 404)
-        return _json(request, backend_json(backend, self.naming, request_authority(request)))
+        mdns_name = self._mdns_names().get(backend.slug)
+        return _json(request, backend_json(backend, self.naming, request_authority(request), mdns_name))
 
     @app.handle_errors(HTTPException)
     def http_error(self, request: IRequest, failure: Any) -> bytes:

@@ -139,6 +139,13 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["projects"] = []
+        self["mdns-interface"] = []
+
+    def opt_mdns_interface(self, value: str) -> None:
+        """Advertise over mDNS only on this interface name or address (repeatable) [default: all non-loopback]."""
+        if not value.strip() or any(c.isspace() for c in value):
+            raise usage.UsageError(f"--mdns-interface: {value!r} is not an interface name or address")
+        self["mdns-interface"].append(value)
 
     def parseArgs(self, *directories: str) -> None:
         """Take the positional arguments as project directories."""
