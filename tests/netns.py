@@ -123,6 +123,16 @@ class Lan:
         return subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True, text=True,
                               timeout=timeout, env=env)
 
+    def checkpoint(self) -> int:
+        """A mark for ``stop_since``."""
+        return len(self._processes)
+
+    def stop_since(self, mark: int) -> None:
+        """Stop every process started after ``checkpoint()`` returned ``mark`` (newest first)."""
+        for process in reversed(self._processes[mark:]):
+            self.stop(process, timeout=10)
+        del self._processes[mark:]
+
     def log(self, name: str) -> str:
         """What process ``name`` wrote so far."""
         path = self.tmp / f"{name}.log"
@@ -230,7 +240,8 @@ def monotonic() -> float:
 ROUTER_PORT = 8080
 
 
-def start_router(lan: Lan, *args: str, name: str = "router", api_host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+def start_router(lan: Lan, *args: str, name: str = "router", api_host: str = "127.0.0.1",
+                 prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """``twistd -n opencoderouter --mdns=true`` in namespace ``a``; ready once its API answers there."""
     import sys
 
@@ -238,7 +249,7 @@ def start_router(lan: Lan, *args: str, name: str = "router", api_host: str = "12
 
     process = lan.spawn(
         lan.a,
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+        [*prefix, sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
          "opencoderouter", "--port", str(ROUTER_PORT), "--mdns=true", *args],
         name,
         env=subprocess_env(),

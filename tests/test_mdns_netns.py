@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from typing import Iterator
@@ -44,6 +45,14 @@ def lan() -> Iterator[Lan]:
         yield network
     finally:
         network.close()
+
+
+@pytest.fixture(autouse=True)
+def own_processes(lan: Lan) -> Iterator[None]:
+    """Every process a test starts in the namespaces (router, backends, clients) is stopped after it."""
+    mark = lan.checkpoint()
+    yield
+    lan.stop_since(mark)
 
 
 @pytest.fixture
@@ -148,7 +157,7 @@ def test_version_change_updates_txt_and_pruned_backend_says_goodbye(lan, browser
         assert parse_txt(browser.resolved(label)[9])["version"] == "1.0.0-test"
 
         lan.stop(backend)
-        start_backend(lan, lan.tmp / project, 30003, version="2.0.0-test")
+        backend = start_backend(lan, lan.tmp / project, 30003, version="2.0.0-test")
         wait_until(lambda: (zeroconf_info(lan, label) or {}).get("txt", {}).get("version") == "2.0.0-test",
                    3 * SCAN, "python-zeroconf to read the new version")
         def avahi_version() -> str:
@@ -157,7 +166,7 @@ def test_version_change_updates_txt_and_pruned_backend_says_goodbye(lan, browser
         wait_until(lambda: avahi_version() == "2.0.0-test", 3 * SCAN, "avahi-browse -rpt to show the new version")
         assert not browser.removed(label)  # an update, not a withdrawal
 
-        lan.stop(lan._processes[-1])
+        lan.stop(backend)
         wait_until(lambda: browser.removed(label), 6 + 3 * SCAN, f"a goodbye (-) line for {label}")
         assert label not in {line[3] for line in avahi_browse_once(lan)}
         assert zeroconf_info(lan, label) is None
@@ -219,10 +228,14 @@ def test_name_taken_by_another_machine_moves_to_the_next_name_and_routes_by_it(l
         lan.stop(squatter)
 
 
+#: The router and the measuring client get a real-time priority, so that what is measured is the router
+#: (its reactor, and zeroconf's thread, which inherits it), not other test runs sharing the machine.
+REALTIME = ("chrt", "--fifo", "10") if subprocess.run(["chrt", "--fifo", "10", "true"]).returncode == 0 else ()
+
 _LATENCY_SCRIPT = """
 import json, sys, time, http.client
 port, wanted, limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-latencies, began = [], time.monotonic()
+latencies, moments, began = [], [], time.monotonic()
 while time.monotonic() - began < limit:
     start = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -230,44 +243,64 @@ while time.monotonic() - began < limit:
     body = json.loads(connection.getresponse().read())
     connection.close()
     latencies.append(time.perf_counter() - start)
+    moments.append(time.monotonic() - began)
     if sum(1 for b in body if b.get("mdns_name")) >= wanted:
         break
     time.sleep(0.02)
-print(json.dumps({"latencies": latencies, "advertised": sum(1 for b in body if b.get("mdns_name")),
+print(json.dumps({"latencies": latencies, "moments": moments, "advertised": sum(1 for b in body if b.get("mdns_name")),
                   "elapsed": time.monotonic() - began}))
 """
 
 _MANY_BACKENDS = """
 import os, sys
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from opencoderouter.fake_opencode import FakeOpenCode
-root, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+root, first, count, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+servers = []
 for n in range(count):
     directory = os.path.join(root, f"p{n}")
     os.makedirs(directory, exist_ok=True)
-    FakeOpenCode(directory).listen(reactor, first + n)
-print("opencode server listening on all", flush=True)
+    servers.append(FakeOpenCode(directory))
+print("ready", flush=True)
+
+def start_when_told():
+    # Everything is imported and built before the go file appears, so that the ten servers'
+    # start-up costs the router's machine nothing while it is being measured.
+    if os.path.exists(go):
+        poll.stop()
+        for n, server in enumerate(servers):
+            server.listen(reactor, first + n)
+        print("opencode server listening on all", flush=True)
+
+poll = task.LoopingCall(start_when_told)
+poll.start(0.02)
 reactor.run()
 """
 
 
 def test_api_answers_within_50ms_while_ten_services_register(lan):
-    router = start_router(lan, *router_args())
+    router = start_router(lan, *router_args(), prefix=REALTIME)
     try:
         from .support import subprocess_env
 
         root = lan.tmp / unique("ten")
-        measurer = lan.spawn(lan.a, [sys.executable, "-c", _LATENCY_SCRIPT, str(ROUTER_PORT), "10", "40"],
-                             "latency", stdout=open(lan.tmp / "latency.out", "wb"))
-        time.sleep(0.3)  # the measurer's first requests see no backends: it is running before they appear
-        lan.spawn(lan.a, [sys.executable, "-c", _MANY_BACKENDS, str(root), "30030", "10"], "ten",
+        go = lan.tmp / f"{root.name}.go"
+        lan.spawn(lan.a, [sys.executable, "-c", _MANY_BACKENDS, str(root), "30030", "10", str(go)], "ten",
                   env=subprocess_env())
+        wait_until(lambda: "ready" in lan.log("ten"), 15, "the ten fake servers to be built")
+        measurer = lan.spawn(lan.a, [*REALTIME, sys.executable, "-c", _LATENCY_SCRIPT, str(ROUTER_PORT), "10", "40"],
+                             "latency", stdout=open(lan.tmp / "latency.out", "wb"))
+        time.sleep(0.5)  # the measurer's first requests see no backends: it is running before they appear
+        go.touch()
         assert measurer.wait(60) == 0, lan.log("latency")
         report = json.loads((lan.tmp / "latency.out").read_text())
         assert report["advertised"] == 10, lan.log("router")
-        worst = max(report["latencies"])
-        print(f"\n{len(report['latencies'])} API requests while ten services registered "
-              f"({report['elapsed']:.1f}s): worst {worst * 1000:.1f} ms")
+        latencies = sorted(report["latencies"])
+        p95, worst = latencies[int(len(latencies) * 0.95)], latencies[-1]
+        print(f"\n{len(latencies)} API requests while ten services registered ({report['elapsed']:.1f}s): "
+              f"median {latencies[len(latencies) // 2] * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, "
+              f"worst {worst * 1000:.1f} ms")
+        assert len(latencies) >= 20
         assert worst < 0.050
     finally:
         lan.stop(router)
