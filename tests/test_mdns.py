@@ -6,6 +6,7 @@ import json
 from typing import Any, Sequence
 
 import pytest
+import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
@@ -469,3 +470,37 @@ def test_blank_mdns_interface_is_refused_with_a_sentence():
     with pytest.raises(SystemExit) as error:
         Options().parseOptions(["--mdns-interface", " "])
     assert "--mdns-interface" in str(error.value)
+
+
+# -- wiring ------------------------------------------------------------------------------------------------
+
+
+def test_make_service_has_an_mdns_child_only_when_mdns_is_on():
+    from twisted.application.service import IServiceCollection
+
+    from opencoderouter.tap import makeService
+
+    on, off = Options(), Options()
+    on.parseOptions(["--port", "0", "--mdns=true", "--mdns-interface", "eth0"])
+    off.parseOptions(["--port", "0", "--mdns=false"])
+    advertiser = makeService(on).getServiceNamed("mdns")
+    assert isinstance(advertiser, MdnsAdvertiser) and advertiser._selectors == ["eth0"]
+    with pytest.raises(KeyError):
+        IServiceCollection(makeService(off)).getServiceNamed("mdns")
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_service_tells_the_advertiser_its_listening_port():
+    from opencoderouter.tap import makeService
+
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--mdns=false"])
+    web = makeService(options).getServiceNamed("web")
+    early = web.when_listening()
+    web.privilegedStartService()
+    try:
+        port = await early
+        late = await web.when_listening()
+        assert late is port and port.getHost().port > 0
+    finally:
+        await web.stopService()
