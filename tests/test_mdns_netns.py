@@ -304,3 +304,42 @@ def test_api_answers_within_50ms_while_ten_services_register(lan):
         assert worst < 0.050
     finally:
         lan.stop(router)
+
+
+def test_loopback_only_router_advertises_nothing_and_logs_why(lan):
+    project = unique("loop")
+    router = start_router(lan, *router_args("--hostname", "127.0.0.1"))
+    try:
+        start_backend(lan, lan.tmp / project, 30025)
+        wait_until(lambda: any(b["slug"] == project for b in api_backends(lan)), 3 * SCAN, "the backend")
+        assert "mDNS: nothing advertised: the router listens on loopback only (127.0.0.1)" in lan.log("router")
+        assert zeroconf_info(lan, f"{project}-{USER}") is None
+        assert next(b for b in api_backends(lan) if b["slug"] == project)["mdns_name"] is None
+    finally:
+        lan.stop(router)
+
+
+def test_mdns_interface_keeps_other_interfaces_out_and_new_addresses_are_followed(lan):
+    project = unique("iface")
+    label = f"{project}-{USER}"
+    bridge = f"{lan.a[:-1]}d"  # a second interface of the router's machine, like a Docker bridge
+    subnet = lan.address_a.rsplit(".", 1)[0]
+    extra = f"{subnet}.3"
+    lan.run(lan.a, ["ip", "link", "add", bridge, "type", "dummy"])
+    lan.run(lan.a, ["ip", "addr", "add", "172.31.99.1/24", "dev", bridge])
+    lan.run(lan.a, ["ip", "link", "set", bridge, "up"])
+    router = start_router(lan, *router_args("--mdns-interface", lan.veth_a))
+    try:
+        start_backend(lan, lan.tmp / project, 30026)
+        first = wait_until(lambda: zeroconf_info(lan, label), 3 * SCAN, f"python-zeroconf to find {label}")
+        assert first["addresses"] == [lan.address_a]
+
+        lan.run(lan.a, ["ip", "addr", "add", f"{extra}/24", "dev", lan.veth_a])
+        wait_until(lambda: sorted((zeroconf_info(lan, label) or {}).get("addresses", [])) == sorted([lan.address_a, extra]),
+                   2 * SCAN, "the new address in the A records")
+        resolved = lan.run(lan.b, ["avahi-resolve", "-n4", f"{label}.local"], env=lan.bus_env())
+        assert resolved.stdout.split()[1] in (lan.address_a, extra)
+    finally:
+        lan.stop(router)
+        lan.run(lan.a, ["ip", "link", "del", bridge])
+        lan.run(lan.a, ["ip", "addr", "del", f"{extra}/24", "dev", lan.veth_a])
