@@ -250,7 +250,11 @@ class ZeroconfResponder:
     def _run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Deferred[Any]:
         """Run a coroutine on zeroconf's loop; the Deferred fires on the reactor thread."""
         future = asyncio.run_coroutine_threadsafe(make(), self._zc.loop)
-        result: Deferred[Any] = Deferred(lambda _: future.cancel())
+
+        def cancel(_: Deferred[Any]) -> None:
+            future.cancel()
+
+        result: Deferred[Any] = Deferred(cancel)
 
         def finished(done: Any) -> None:
             if result.called:
@@ -565,5 +569,11 @@ async def _bounded(operation: Deferred[Any], clock: Any) -> Any:
 async def _quietly(waiting: Deferred[Any]) -> None:
     """Wait for ``waiting`` without letting its failure propagate (it is logged where it happens)."""
     done: Deferred[None] = Deferred()
-    waiting.addBoth(lambda result: (done.callback(None), result)[1] if not done.called else result)
+
+    def passed_on(result: object) -> object:
+        if not done.called:
+            done.callback(None)
+        return result
+
+    waiting.addBoth(passed_on)
     await done

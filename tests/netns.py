@@ -57,15 +57,15 @@ def netns_unavailable() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (tests/setup/install-system-deps.sh installs it)"
     probe = f"ocrprobe{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"`ip netns add` does not work here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
 def _run(*command: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()}")
 
@@ -121,7 +121,7 @@ class Lan:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``command`` inside ``ns`` to completion."""
         return subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=env, check=False)
 
     def checkpoint(self) -> int:
         """A mark for ``stop_since``."""
@@ -184,12 +184,12 @@ class Lan:
         for process in reversed(self._processes):
             try:
                 self.stop(process, timeout=10)
-            except Exception:
-                pass
+            except OSError as error:  # keep cleaning up the rest; say what could not be stopped
+                print(f"could not stop {process.args}: {error}")
         for log in self._logs:
             log.close()
         for ns in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -202,6 +202,11 @@ class Browser:
         self._out = open(self.path, "wb")
         self.process = lan.spawn(lan.b, ["avahi-browse", "-rpk", "_opencode._tcp"], "browse",
                                  env=lan.bus_env(), stdout=self._out)
+
+    def close(self) -> None:
+        """Stop avahi-browse and close its output file."""
+        self.lan.stop(self.process)
+        self._out.close()
 
     def lines(self) -> list[list[str]]:
         """Every line so far, split on ``;``."""

@@ -60,7 +60,7 @@ def browser(lan: Lan) -> Iterator[Browser]:
     """A long-running avahi-browse in the laptop namespace."""
     watcher = Browser(lan)
     yield watcher
-    lan.stop(watcher.process)
+    watcher.close()
 
 
 def unique(prefix: str) -> str:
@@ -182,13 +182,13 @@ def test_shutdown_unregisters_everything(lan, browser):
         for offset, project in enumerate(projects):
             start_backend(lan, lan.tmp / project, 30010 + offset)
         for label in labels:
-            wait_until(lambda: browser.resolved(label), 3 * SCAN, f"avahi-browse to show {label}")
+            wait_until(lambda label=label: browser.resolved(label), 3 * SCAN, f"avahi-browse to show {label}")
     finally:
         status = lan.stop(router, signal.SIGTERM)
     # twistd ends a SIGTERM-ed run by re-raising the signal once it has shut down cleanly.
     assert status in (0, -signal.SIGTERM), lan.log("router")
     for label in labels:
-        wait_until(lambda: browser.removed(label), 5, f"a goodbye (-) line for {label}")
+        wait_until(lambda label=label: browser.removed(label), 5, f"a goodbye (-) line for {label}")
     assert not set(labels) & {line[3] for line in avahi_browse_once(lan)}
     assert "every advertisement withdrawn" in lan.log("router")
 
@@ -230,7 +230,7 @@ def test_name_taken_by_another_machine_moves_to_the_next_name_and_routes_by_it(l
 
 #: The router and the measuring client get a real-time priority, so that what is measured is the router
 #: (its reactor, and zeroconf's thread, which inherits it), not other test runs sharing the machine.
-REALTIME = ("chrt", "--fifo", "10") if subprocess.run(["chrt", "--fifo", "10", "true"]).returncode == 0 else ()
+REALTIME = ("chrt", "--fifo", "10") if subprocess.run(["chrt", "--fifo", "10", "true"], check=False).returncode == 0 else ()
 
 _LATENCY_SCRIPT = """
 import json, sys, time, http.client
@@ -288,11 +288,12 @@ def test_api_answers_within_50ms_while_ten_services_register(lan):
         lan.spawn(lan.a, [sys.executable, "-c", _MANY_BACKENDS, str(root), "30030", "10", str(go)], "ten",
                   env=subprocess_env())
         wait_until(lambda: "ready" in lan.log("ten"), 15, "the ten fake servers to be built")
-        measurer = lan.spawn(lan.a, [*REALTIME, sys.executable, "-c", _LATENCY_SCRIPT, str(ROUTER_PORT), "10", "40"],
-                             "latency", stdout=open(lan.tmp / "latency.out", "wb"))
-        time.sleep(0.5)  # the measurer's first requests see no backends: it is running before they appear
-        go.touch()
-        assert measurer.wait(60) == 0, lan.log("latency")
+        with open(lan.tmp / "latency.out", "wb") as out:
+            measurer = lan.spawn(lan.a, [*REALTIME, sys.executable, "-c", _LATENCY_SCRIPT, str(ROUTER_PORT), "10",
+                                         "40"], "latency", stdout=out)
+            time.sleep(0.5)  # the measurer's first requests see no backends: it runs before they appear
+            go.touch()
+            assert measurer.wait(60) == 0, lan.log("latency")
         report = json.loads((lan.tmp / "latency.out").read_text())
         assert report["advertised"] == 10, lan.log("router")
         latencies = sorted(report["latencies"])
