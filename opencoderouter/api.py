@@ -37,9 +37,11 @@ def request_authority(request: IRequest) -> str:
     return f"{host}:{port}" if port else host
 
 
-def backend_json(backend: Backend, naming: Naming, authority: str, mdns_name: str | None = None) -> dict[str, Any]:
-    """The spec's backend object, plus ``owner`` and ``mdns_name`` (the advertised name, or null)."""
-    return {
+def backend_json(
+    backend: Backend, naming: Naming, authority: str, mdns_names: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The spec's backend object, plus ``owner``; with mDNS on, ``mdns_name`` (advertised name or null)."""
+    body = {
         "slug": backend.slug,
         "project_name": backend.project_name,
         "project_path": backend.project_path,
@@ -50,8 +52,10 @@ def backend_json(backend: Backend, naming: Naming, authority: str, mdns_name: st
         "url": f"http://{authority}/{backend.slug}/",
         "last_seen": rfc3339(backend.last_seen),
         "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
-        "mdns_name": mdns_name,
     }
+    if mdns_names is not None:
+        body["mdns_name"] = mdns_names.get(backend.slug)
+    return body
 
 
 def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
@@ -77,7 +81,7 @@ class RouterAPI:
         self.naming = naming
         self._extra_health = extra_health or dict
         #: ``{slug: advertised mDNS name}`` from the advertiser, when mDNS is on.
-        self._mdns_names = mdns_names or dict
+        self._mdns_names = mdns_names
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -99,11 +103,8 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        names = self._mdns_names()
-        return _json(
-            request,
-            [backend_json(b, self.naming, authority, names.get(b.slug)) for b in self.registry.backends()],
-        )
+        names = self._mdns_names() if self._mdns_names else None
+        return _json(request, [backend_json(b, self.naming, authority, names) for b in self.registry.backends()])
 
     @app.route("/resolve", methods=["GET"])
     def resolve(self, request: IRequest) -> bytes:
@@ -126,8 +127,8 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return _json(request, {"error": "not_found", "query": query}, 404)
-        mdns_name = self._mdns_names().get(backend.slug)
-        return _json(request, backend_json(backend, self.naming, request_authority(request), mdns_name))
+        names = self._mdns_names() if self._mdns_names else None
+        return _json(request, backend_json(backend, self.naming, request_authority(request), names))
 
     @app.handle_errors(HTTPException)
     def http_error(self, request: IRequest, failure: Any) -> bytes:

@@ -350,6 +350,14 @@ def test_advertised_name_is_in_api_backends_and_routes_by_host():
     assert root.backend_for_host("alpha-alice.local").slug == "alpha"
 
 
+def test_api_has_no_mdns_name_when_mdns_is_off():
+    h = Harness()
+    h.see("/src/alpha", 30001)
+    stub = StubTreq(RouterAPI(h.registry, h.naming).resource())
+    body = json.loads(pytest_twisted_result(pytest_twisted_result(stub.get("http://router/backends")).content()))
+    assert "mdns_name" not in body[0]
+
+
 def pytest_twisted_result(d: Deferred[Any]) -> Any:
     results: list[Any] = []
     d.addBoth(results.append)
