@@ -70,13 +70,34 @@ def _run(*command: str) -> None:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()}")
 
 
+def remove_stale_namespaces() -> None:
+    """Delete namespaces left by an earlier run of these tests that was killed (its pid is gone)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if len(parts) != 4 or parts[0] != "ocrmdns" or not parts[1].isdigit():
+            continue
+        if os.path.exists(f"/proc/{parts[1]}"):
+            continue  # that run is still going
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
+        for pid in pids.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)  # processes those tests started inside their namespace
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
 class Lan:
     """Namespaces ``a`` (router) and ``b`` (laptop) on 10.X.Y.1/24 and .2; everything removed by ``close``."""
 
     def __init__(self) -> None:
+        remove_stale_namespaces()
         tag = secrets.token_hex(3)
-        self.a, self.b = f"ocrm{tag}a", f"ocrm{tag}b"
-        self.veth_a, self.veth_b = f"ocrm{tag}x", f"ocrm{tag}y"
+        # ocrmdns-PID-TAG-x: the creating pid lets a later run clean up after a killed one.
+        self.a, self.b = f"ocrmdns-{os.getpid()}-{tag}-a", f"ocrmdns-{os.getpid()}-{tag}-b"
+        self.veth_a, self.veth_b = f"ocrm{tag}x", f"ocrm{tag}y"  # interface names: 15 characters at most
         subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
         self.address_a, self.address_b = f"{subnet}.1", f"{subnet}.2"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ocr-mdns-{tag}-"))
@@ -146,7 +167,7 @@ class Lan:
                    "dbus")
         wait_for(socket.exists, 10, what="the private D-Bus socket")
         self.bus_address = f"unix:path={socket}"
-        (self.tmp / "avahi.conf").write_text(_AVAHI_CONFIG.format(host=f"{self.b}-laptop", interface=self.veth_b))
+        (self.tmp / "avahi.conf").write_text(_AVAHI_CONFIG.format(host=f"{self.veth_b}-laptop", interface=self.veth_b))
         # A private /run (own mount namespace) keeps avahi's pid file and socket away from any other avahi.
         self.spawn(
             self.b,

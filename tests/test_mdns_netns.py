@@ -323,7 +323,7 @@ def test_loopback_only_router_advertises_nothing_and_logs_why(lan):
 def test_mdns_interface_keeps_other_interfaces_out_and_new_addresses_are_followed(lan):
     project = unique("iface")
     label = f"{project}-{USER}"
-    bridge = f"{lan.a[:-1]}d"  # a second interface of the router's machine, like a Docker bridge
+    bridge = f"{lan.veth_a[:-1]}d"  # a second interface of the router's machine, like a Docker bridge
     subnet = lan.address_a.rsplit(".", 1)[0]
     extra = f"{subnet}.3"
     lan.run(lan.a, ["ip", "link", "add", bridge, "type", "dummy"])
