@@ -8,11 +8,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .registry import Backend, Naming, Registry
+from .security import may_change_instances
 
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 
@@ -52,6 +54,7 @@ def backend_json(
         "url": f"http://{authority}/{backend.slug}/",
         "last_seen": rfc3339(backend.last_seen),
         "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
+        "locked": backend.locked,
     }
     if mdns_names is not None:
         body["mdns_name"] = mdns_names.get(backend.slug)
@@ -75,11 +78,13 @@ class RouterAPI:
         registry: Registry,
         naming: Naming,
         extra_health: Callable[[], dict[str, Any]] | None = None,
+        launcher: Any | None = None,
         mdns_names: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.naming = naming
         self._extra_health = extra_health or dict
+        self.launcher = launcher
         #: ``{slug: advertised mDNS name}`` from the advertiser, when mDNS is on.
         self._mdns_names = mdns_names
 
@@ -129,6 +134,85 @@ class RouterAPI:
             return _json(request, {"error": "not_found", "query": query}, 404)
         names = self._mdns_names() if self._mdns_names else None
         return _json(request, backend_json(backend, self.naming, request_authority(request), names))
+
+    # -- managed instances (the launcher) ----------------------------------
+    def _instance_json(self, instance: Any) -> dict[str, Any]:
+        body = instance.describe()
+        backend = self.registry.by_path(instance.directory)
+        if backend is not None:
+            body["slug"] = backend.slug  # the slug that routes to it
+        if body["started_at"] is not None:
+            body["started_at"] = rfc3339(body["started_at"])
+        return body
+
+    @app.route("/instances", methods=["GET"])
+    def instances(self, request: IRequest) -> bytes:
+        """The instances the launcher manages or adopted."""
+        listed = self.launcher.instances() if self.launcher is not None else []
+        return _json(request, [self._instance_json(i) for i in listed])
+
+    @app.route("/instances", methods=["POST"])
+    def start_instance(self, request: IRequest) -> bytes | Deferred[bytes]:
+        """Start ``opencode serve`` for ``{"directory": ...}`` (loopback clients only)."""
+        refused = self._refuse_write(request)
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(request.content.read(65536) or b"null")
+        except ValueError:
+            body = None
+        directory = body.get("directory") if isinstance(body, dict) else None
+        if not isinstance(directory, str) or not directory:
+            return _json(request, {"error": "bad_request",
+                                   "message": 'send a JSON object {"directory": "/path/to/project"}'}, 400)
+        from .launcher import LauncherError, resolve_directory
+
+        try:
+            known = self.launcher.by_directory(resolve_directory(directory))
+        except LauncherError as error:
+            return _json(request, {"error": "bad_request", "message": str(error)}, 400)
+        was_running = known is not None and known.state not in ("stopped", "failed")
+
+        def started(instance: Any) -> bytes:
+            return _json(request, self._instance_json(instance), 200 if was_running else 201)
+
+        def refused_add(failure: Any) -> bytes:
+            failure.trap(LauncherError)
+            return _json(request, {"error": "bad_request", "message": str(failure.value)}, 400)
+
+        return self.launcher.add(directory).addCallbacks(started, refused_add)
+
+    @app.route("/instances/<string:slug>", methods=["DELETE"])
+    def stop_instance(self, request: IRequest, slug: str) -> bytes | Deferred[bytes]:
+        """Stop one managed instance; answers once its processes have exited (loopback clients only)."""
+        refused = self._refuse_write(request)
+        if refused is not None:
+            return refused
+        instance = self.launcher.find(slug)
+        if instance is None:
+            backend = self.registry.by_slug(slug)
+            instance = self.launcher.by_directory(backend.project_path) if backend is not None else None
+        if instance is None:
+            return _json(request, {"error": "not_found", "slug": slug,
+                                   "message": f"no instance {slug} is managed by this router"}, 404)
+        return self.launcher.stop_instance(instance.slug).addCallback(
+            lambda stopped: _json(request, self._instance_json(stopped)))
+
+    def _refuse_write(self, request: IRequest) -> bytes | None:
+        """Why a write request is refused, as a JSON answer, or None when it may go ahead."""
+        if self.launcher is None:
+            return _json(request, {"error": "not_available", "message": "this router has no launcher"}, 503)
+        if not may_change_instances(request):
+            return _json(request, {"error": "forbidden",
+                                   "message": "starting and stopping instances needs the loopback or the router's "
+                                              "credentials"}, 403)
+        if request.method == b"POST":
+            content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            # Demanding JSON forces a CORS preflight, so a web page cannot make a browser post here.
+            if content_type != b"application/json":
+                return _json(request, {"error": "unsupported_media_type",
+                                       "message": "send the body as Content-Type: application/json"}, 415)
+        return None
 
     @app.handle_errors(HTTPException)
     def http_error(self, request: IRequest, failure: Any) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shutil
 from typing import Callable, Sequence
 
 from twisted.python import usage
@@ -134,12 +135,49 @@ class Options(usage.Options):
         ["stale-after", None, 30.0, "Remove backends not seen for this long (e.g. 30s).",
          _flag_coercer("stale-after", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
+        # -- security (see opencoderouter/security.py) --
+        ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
+        ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],
+        ["basic-auth-file", None, None, "File of 'user:bcrypt-hash' lines for HTTP Basic authentication."],
+        ["opencode-password-file", None, None, "File holding OPENCODE_SERVER_PASSWORD of your locked instances."],
+        ["opencode-username", None, "opencode", "User name of locked instances (OPENCODE_SERVER_USERNAME)."],
+        ["max-url-bytes", None, 8192, "Longest request URL accepted (longer: 414).",
+         _flag_coercer("max-url-bytes", _positive_int)],
+        ["max-header-bytes", None, 16384, "Largest request header block accepted (larger: 431).",
+         _flag_coercer("max-header-bytes", _positive_int)],
+        ["max-headers", None, 100, "Most request header lines accepted (more: 431).",
+         _flag_coercer("max-headers", _positive_int)],
+        ["max-body-bytes", None, 1048576, "Largest request body for the router's own endpoints (larger: 413).",
+         _flag_coercer("max-body-bytes", _positive_int)],
+        ["header-timeout", None, 20.0, "Time a client has to send a whole request head (e.g. 20s).",
+         _flag_coercer("header-timeout", _positive_duration)],
+        ["opencode-bin", None, "opencode", "OpenCode executable the launcher runs (a path, or a name on PATH)."],
+        ["startup-timeout", None, 30.0, "A launched opencode must print its listening line within this (e.g. 30s).",
+         _flag_coercer("startup-timeout", _positive_duration)],
+        ["stop-timeout", None, 5.0, "Grace after SIGTERM before a launched opencode's group gets SIGKILL (e.g. 5s).",
+         _flag_coercer("stop-timeout", _positive_duration)],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["projects"] = []
+        self["allowed-hosts"] = []
+        self["cors-origins"] = []
         self["mdns-interface"] = []
+
+    def opt_allowed_host(self, name: str) -> None:
+        """Also serve this Host name (repeatable; '*.example.org' for subdomains)."""
+        text = name.strip().lower()
+        if not re.match(r"^(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$|^\[?[0-9a-f:.]+\]?$", text):
+            raise usage.UsageError(f"--allowed-host {name!r} is not a host name or address (e.g. devbox.example.org)")
+        self["allowed-hosts"].append(text)
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """Also accept state-changing requests from this origin, e.g. https://app.example (repeatable)."""
+        text = origin.strip().lower().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+$", text):
+            raise usage.UsageError(f"--cors-origin {origin!r} is not an origin like https://app.example.org")
+        self["cors-origins"].append(text)
 
     def opt_mdns_interface(self, value: str) -> None:
         """Advertise over mDNS only on this interface name or address (repeatable) [default: all non-loopback]."""
@@ -181,10 +219,42 @@ class Options(usage.Options):
                 raise usage.UsageError(f"project directory {argument} is not a directory")
             directories.append(os.path.realpath(path))
         self["projects"] = directories
+        self["opencode-bin"] = _find_opencode(self["opencode-bin"], required=bool(directories))
         if self["listen"] is None:
             self["listen"] = listen_endpoint(self["port"], self["hostname"])
         else:
             _check_endpoint(self["listen"])
+        self._load_security()
+
+    def _load_security(self) -> None:
+        """Read the credential files and check --owners now, so that a mistake stops start-up."""
+        from . import security
+
+        try:
+            self["owner-filter"] = security.OwnerFilter(self["owners"], default_username())
+        except ValueError as error:
+            raise usage.UsageError(f"--owners: {error}") from None
+        try:
+            self["auth-token"] = security.load_token(self["auth-token-file"]) if self["auth-token-file"] else None
+            self["basic-users"] = (
+                security.load_basic_users(self["basic-auth-file"]) if self["basic-auth-file"] else {}
+            )
+            self["opencode-password"] = (
+                security.load_password(self["opencode-password-file"]) if self["opencode-password-file"] else None
+            )
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+def _find_opencode(name: str, required: bool) -> str | None:
+    """The absolute path of the OpenCode executable; a UsageError when projects need it and it is missing."""
+    found = shutil.which(os.path.expanduser(name))
+    if found is None and required:
+        raise usage.UsageError(
+            f"--opencode-bin: {name} is not an executable file or a command on PATH; install opencode "
+            "(npm install -g opencode-ai) or pass --opencode-bin /path/to/opencode"
+        )
+    return os.path.abspath(found) if found else None
 
 
 def _escape_endpoint(text: str) -> str:

@@ -36,6 +36,10 @@ class Sighting:
     project_path: str
     version: str
     owner: str | None = None
+    #: The server asks for a password (401 + WWW-Authenticate: Basic).
+    locked: bool = False
+    #: The router's --opencode-password-file opens it (the scanner got in with it).
+    router_credentials: bool = False
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Backend:
     first_seen: float
     last_seen: float
     up: bool = True
+    locked: bool = False
+    router_credentials: bool = False
 
     @property
     def project_name(self) -> str:
@@ -150,6 +156,8 @@ class Registry:
                 owner=sighting.owner,
                 first_seen=now,
                 last_seen=now,
+                locked=sighting.locked,
+                router_credentials=sighting.router_credentials,
             )
             self._by_slug[slug] = backend
             self.log.info(
@@ -161,13 +169,17 @@ class Registry:
             )
             self._notify("added", backend)
             return backend
-        changed = (backend.port, backend.version, backend.owner, backend.up) != (
+        changed = (backend.port, backend.version, backend.owner, backend.up, backend.locked,
+                   backend.router_credentials) != (
             sighting.port,
             sighting.version,
             sighting.owner,
             True,
+            sighting.locked,
+            sighting.router_credentials,
         )
         backend.port, backend.version, backend.owner = sighting.port, sighting.version, sighting.owner
+        backend.locked, backend.router_credentials = sighting.locked, sighting.router_credentials
         backend.up = True
         backend.last_seen = now
         if changed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pwd
@@ -80,6 +81,10 @@ def username_for_uid(uid: int) -> str:
 
 class NotOpenCode(Exception):
     """The port answered, but not as an OpenCode server."""
+
+
+class Locked(NotOpenCode):
+    """The port answered 401 with a Basic challenge: an OpenCode server with a password."""
 
 
 class _LimitedBody(Protocol):
@@ -167,11 +172,23 @@ class Prober:
     and the body read is capped at ``MAX_PROBE_BODY`` bytes.
     """
 
-    def __init__(self, agent: Any, clock: IReactorTime, timeout: float, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        agent: Any,
+        clock: IReactorTime,
+        timeout: float,
+        host: str = "127.0.0.1",
+        credentials: bytes | None = None,
+        trusts: Callable[[str | None], bool] = lambda owner: True,
+    ) -> None:
         self._agent = agent
         self._clock = clock
         self._timeout = timeout
         self._host = host
+        #: ``Authorization`` value for our own locked servers (--opencode-password-file).
+        self._credentials = credentials
+        #: Whether a server owned by this user may see that password (only our own may).
+        self._trusts = trusts
 
     def probe(self, port: int, owner: str | None = None) -> Deferred[Sighting | None]:
         """Fire with a Sighting, or None when the port is not (or not yet) OpenCode."""
@@ -185,10 +202,16 @@ class Prober:
         log.debug("port {port} is not OpenCode: {why}", port=port, why=failure.getErrorMessage())
         return None
 
-    async def _get_json(self, port: int, path: str) -> Any:
+    async def _get_json(self, port: int, path: str, authorization: bytes | None = None) -> Any:
+        headers = _PROBE_HEADERS.copy()
+        if authorization is not None:
+            headers.setRawHeaders(b"authorization", [authorization])
         url = f"http://{self._host}:{port}{path}".encode("ascii")
-        response = await self._agent.request(b"GET", url, _PROBE_HEADERS.copy())
+        response = await self._agent.request(b"GET", url, headers)
         body = await read_body(response)
+        challenge = b"".join(response.headers.getRawHeaders(b"www-authenticate", [])).lower()
+        if response.code == 401 and challenge.startswith(b"basic"):
+            raise Locked(f"{path} asks for a password")
         if response.code != 200:
             raise NotOpenCode(f"{path} answered {response.code}")
         try:
@@ -197,17 +220,32 @@ class Prober:
             raise NotOpenCode(f"{path} did not answer JSON") from None
 
     async def _identify(self, port: int, owner: str | None) -> Sighting | None:
-        health = await self._get_json(port, "/global/health")
+        try:
+            return await self._identify_with(port, owner, None)
+        except Locked:
+            pass
+        # Only our own servers get our password: another user's server could be a trap.
+        if self._credentials is not None and self._trusts(owner):
+            try:
+                sighting = await self._identify_with(port, owner, self._credentials)
+                return dataclasses.replace(sighting, locked=True, router_credentials=True)
+            except Locked:
+                log.info("port {port}: the --opencode-password-file password is refused", port=port)
+        # Without /path we cannot know the project: the port names it (documented in the README).
+        return Sighting(port=port, project_path=f"locked-{port}", version="unknown", owner=owner, locked=True)
+
+    async def _identify_with(self, port: int, owner: str | None, authorization: bytes | None) -> Sighting:
+        health = await self._get_json(port, "/global/health", authorization)
         if not isinstance(health, dict) or health.get("healthy") is not True:
             raise NotOpenCode("/global/health is not OpenCode's")
         version = health.get("version")
         version = version if isinstance(version, str) else "unknown"
-        directory = await self._project_directory(port)
+        directory = await self._project_directory(port, authorization)
         return Sighting(port=port, project_path=directory, version=version[:64], owner=owner)
 
-    async def _project_directory(self, port: int) -> str:
+    async def _project_directory(self, port: int, authorization: bytes | None = None) -> str:
         try:
-            paths = await self._get_json(port, "/path")
+            paths = await self._get_json(port, "/path", authorization)
             directory = paths.get("directory") if isinstance(paths, dict) else None
             if _usable_project_path(directory):
                 return directory
@@ -215,7 +253,7 @@ class Prober:
             raise
         except Exception as error:  # the fallback below is the point; say why we needed it
             log.debug("port {port}: /path failed ({error}); trying /project/current", port=port, error=error)
-        project = await self._get_json(port, "/project/current")
+        project = await self._get_json(port, "/project/current", authorization)
         worktree = project.get("worktree") if isinstance(project, dict) else None
         if _usable_project_path(worktree):
             return worktree
@@ -245,6 +283,7 @@ class Scanner(Service):
         quick_interval: float = 0.5,
         list_listeners: Callable[[int, int], dict[int, Listener] | None] = list_listeners,
         owner_name: Callable[[int], str] = username_for_uid,
+        admit_owner: Callable[[str | None], bool] = lambda owner: True,
     ) -> None:
         self.registry = registry
         self._prober = prober
@@ -255,6 +294,10 @@ class Scanner(Service):
         self._semaphore = defer.DeferredSemaphore(concurrency)
         self._list_listeners = list_listeners
         self._owner_name = owner_name
+        #: --owners: sightings of other users' servers never reach the registry.
+        self._admit_owner = admit_owner
+        #: Port → owner of OpenCode servers left out by --owners (as of the last full scan).
+        self._ignored: dict[int, str | None] = {}
         self._scan_loop: LoopingCall | None = None
         self._quick_loop: LoopingCall | None = None
         self._running_scan: Deferred[None] | None = None
@@ -310,7 +353,7 @@ class Scanner(Service):
             candidates = [(found.port, self._owner_name(found.uid)) for found in listeners.values()]
             self._probed_inodes = {found.inode for found in listeners.values()}
             self._quick_failures.clear()
-        sightings = await self._probe_all(candidates)
+        sightings = self._admitted(await self._probe_all(candidates), replace=True)
         self.registry.record_scan(sightings, complete=True)
         self.registry.prune_stale()
         self.scans_completed += 1
@@ -329,6 +372,30 @@ class Scanner(Service):
             return None
 
         return defer.maybeDeferred(self._prober.probe, port, owner).addErrback(failed)
+
+    def _admitted(self, sightings: list[Sighting], replace: bool) -> list[Sighting]:
+        """The sightings --owners lets through; the others are counted, once logged."""
+        admitted, ignored = [], {}
+        for sighting in sightings:
+            if self._admit_owner(sighting.owner):
+                admitted.append(sighting)
+            else:
+                ignored[sighting.port] = sighting.owner
+                if self._ignored.get(sighting.port, "") != sighting.owner:
+                    log.info("not routing the OpenCode server on port {port}: it belongs to {owner} (--owners)",
+                             port=sighting.port, owner=sighting.owner)
+        if replace:
+            self._ignored = ignored
+        else:
+            self._ignored.update(ignored)
+            for sighting in admitted:
+                self._ignored.pop(sighting.port, None)
+        return admitted
+
+    @property
+    def ignored_other_owners(self) -> int:
+        """How many OpenCode servers --owners leaves out."""
+        return len(self._ignored)
 
     def quick_check_safely(self) -> Deferred[None] | None:
         """Probe listeners that appeared since the last look; errors are logged."""
@@ -358,4 +425,4 @@ class Scanner(Service):
                 self._quick_failures.pop(listener.inode, None)
             else:
                 self._quick_failures[listener.inode] = failures
-        self.registry.record_scan(sightings, complete=False)
+        self.registry.record_scan(self._admitted(sightings, replace=False), complete=False)

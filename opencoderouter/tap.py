@@ -15,22 +15,24 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from . import security
 from .api import RouterAPI
 from .config import Options, default_username
 from .dashboard import Dashboard
+from .launcher import Launcher, LauncherSettings, served_port_finder
 from .mdns import MdnsAdvertiser
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry
 from .routing import RouterResource
-from .scanner import Prober, Scanner, loopback_agent
+from .scanner import Prober, Scanner, list_listeners, loopback_agent
 
 __all__ = ["Options", "makeService"]
 
 log = Logger()
 
 
-class QuietSite(Site):
-    """A Site without a per-request access log line (metrics count requests instead)."""
+class QuietSite(security.GuardedSite):
+    """A guarded Site without a per-request access log line (metrics count requests instead)."""
 
     noisy = False
 
@@ -111,9 +113,23 @@ def makeService(options: Options) -> MultiService:
     registry = Registry(reactor, stale_after=options["stale-after"])
     naming = Naming(username=options["username"], os_user=default_username())
 
+    owner_filter = options["owner-filter"]
+    authenticator = security.Authenticator(options["auth-token"], options["basic-users"])
+    backend_credentials = security.BackendCredentials(
+        options["opencode-username"],
+        options["opencode-password"],
+        may_inject=authenticator.enabled or not security.listens_beyond_loopback(options["listen"]),
+    )
+    security.log_startup_warnings(options["listen"], authenticator, backend_credentials)
+
     probe_pool = quiet_pool(reactor, persistent=False)
-    probe_agent = loopback_agent(reactor, probe_pool, options["probe-timeout"])
-    prober = Prober(probe_agent, reactor, timeout=options["probe-timeout"])
+    prober = Prober(
+        loopback_agent(reactor, probe_pool, options["probe-timeout"]),
+        reactor,
+        timeout=options["probe-timeout"],
+        credentials=backend_credentials.probe_header(),
+        trusts=owner_filter.is_self,
+    )
     scanner = Scanner(
         registry,
         prober,
@@ -121,9 +137,27 @@ def makeService(options: Options) -> MultiService:
         port_range=(options["scan-start"], options["scan-end"]),
         interval=options["scan-interval"],
         concurrency=options["scan-concurrency"],
+        admit_owner=owner_filter.admits,
     )
     scanner.setName("scanner")
     scanner.setServiceParent(top)
+
+    port_range = (options["scan-start"], options["scan-end"])
+    launcher = Launcher(
+        options["projects"],
+        LauncherSettings(
+            opencode_bin=options["opencode-bin"],
+            port_range=port_range,
+            startup_timeout=options["startup-timeout"],
+            stop_timeout=options["stop-timeout"],
+        ),
+        reactor,
+        find_served=served_port_finder(registry, prober, port_range, list_listeners),
+        used_ports=lambda: [backend.port for backend in registry.backends()],
+    )
+    launcher.setName("launcher")
+    launcher.setServiceParent(top)
+    registry.subscribe(launcher)
 
     advertiser: MdnsAdvertiser | None = None
     if options["mdns"]:
@@ -135,21 +169,46 @@ def makeService(options: Options) -> MultiService:
             interfaces=options["mdns-interface"],
             refresh_interval=options["scan-interval"],
         )
-    api = RouterAPI(registry, naming, mdns_names=advertiser.advertised_names if advertiser else None)
+    api = RouterAPI(
+        registry,
+        naming,
+        extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
+        launcher=launcher,
+        mdns_names=advertiser.advertised_names if advertiser else None,
+    )
     proxy_factory = BackendProxyFactory(reactor)
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
         registry,
         naming,
-        proxy_factory,
+        security.with_backend_credentials(proxy_factory, backend_credentials),
         own_routes=own_routes,
         dashboard=Dashboard(registry, naming),
         own_host_names=_own_host_names(),
         host_aliases=advertiser.host_aliases if advertiser else None,
     )
+    guard = security.Guard(
+        clock=reactor,
+        hosts=security.HostPolicy(
+            root.backend_for_host,
+            options["allowed-hosts"],
+            security.listen_interface(options["listen"]),
+            clock=reactor,
+        ),
+        authenticator=authenticator,
+        cors_origins=frozenset(options["cors-origins"]),
+        goes_to_backend=security.goes_to_backend_for(root),
+    )
+    limits = security.Limits(
+        max_url=options["max-url-bytes"],
+        max_header_bytes=options["max-header-bytes"],
+        max_headers=options["max-headers"],
+        max_body=options["max-body-bytes"],
+        header_timeout=options["header-timeout"],
+    )
     web = WebService(
         options["listen"],
-        QuietSite(root),
+        QuietSite(root, guard=guard, limits=limits),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],

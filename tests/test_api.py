@@ -90,6 +90,7 @@ async def test_backends_have_exactly_the_spec_fields_plus_owner(router):
         "url": "http://devbox:31000/archer/",
         "last_seen": "2026-02-28T18:10:00Z",
         "owner": "alice",
+        "locked": False,
     }
     assert body[0]["domain"] == "api-other-bob.local" and body[0]["owner"] == "bob"
 

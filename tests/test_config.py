@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 
 import pytest
 
@@ -125,6 +126,7 @@ def test_project_directories_are_resolved(tmp_path, monkeypatch):
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
     monkeypatch.chdir(tmp_path)
-    assert parse("link", "./real/")["projects"] == [str(real), str(real)]
+    launcher = ("--opencode-bin", sys.executable)  # directories need an executable to launch
+    assert parse(*launcher, "link", "./real/")["projects"] == [str(real), str(real)]
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert parse("~/real")["projects"] == [os.path.realpath(real)]
+    assert parse(*launcher, "~/real")["projects"] == [os.path.realpath(real)]

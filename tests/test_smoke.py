@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from .support import http_json, wait_for
+from .support import free_port_block, http_json, wait_for
 
 
 def test_router_finds_fake_servers(tmp_path, fake_opencode_factory, router_factory):
-    first = fake_opencode_factory(tmp_path / "alpha")
-    second = fake_opencode_factory(tmp_path / "Beta")
-    low, high = sorted((first.port, second.port))
-    router = router_factory("--scan-start", str(low), "--scan-end", str(high), "--scan-interval", "1s")
-    backends = wait_for(lambda: len(http_json(router.url + "/api/backends")) == 2 and http_json(router.url + "/api/backends"))
+    low = free_port_block(2)
+    fake_opencode_factory(tmp_path / "alpha", port=low)
+    fake_opencode_factory(tmp_path / "Beta", port=low + 1)
+    # A scan range holding only this test's servers, so parallel runs never see each other's.
+    router = router_factory("--scan-start", str(low), "--scan-end", str(low + 1), "--scan-interval", "1s")
+    backends = wait_for(lambda: len(http_json(router.url + "/api/backends")) == 2
+                        and http_json(router.url + "/api/backends"))
     assert [b["slug"] for b in backends] == ["alpha", "beta"]
     assert {b["project_path"] for b in backends} == {str(tmp_path / "alpha"), str(tmp_path / "Beta")}
