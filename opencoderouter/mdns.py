@@ -52,7 +52,7 @@ MAX_NAME_ATTEMPTS = 20
 #: Bound on one zeroconf operation; a registration normally takes about two seconds.
 OPERATION_TIMEOUT = 30.0
 #: How long to ask the link whether a host name is taken before claiming it (milliseconds).
-HOST_CHECK_MS = 300
+HOST_CHECK_MS = 200
 
 
 # -- addresses -----------------------------------------------------------------------------------------
