@@ -368,6 +368,7 @@ class MdnsAdvertiser(Service):
         self._started: Deferred[None] | None = None
         self._stopping = False
         self._last_reason = ""
+        self._last_socket_error = ""
 
     # -- what the rest of the router reads --------------------------------------------------------------
     def advertised_names(self) -> dict[str, str]:
@@ -481,12 +482,22 @@ class MdnsAdvertiser(Service):
                      addresses=", ".join(plan.addresses), port=self._bind[1])
         self._last_reason = plan.reason
         if plan.interfaces and plan.interfaces != self._responder_interfaces:
-            if self._responder is None:
-                self._responder = await self._responder_factory(self._reactor, plan.interfaces)
-                if self._stopping:
-                    return
-            else:
-                await self._responder.update_interfaces(plan.interfaces)
+            try:
+                if self._responder is None:
+                    self._responder = await self._responder_factory(self._reactor, plan.interfaces)
+                    if self._stopping:
+                        return
+                else:
+                    await self._responder.update_interfaces(plan.interfaces)
+            except Exception as error:  # e.g. no multicast route: say so once, retry on the next refresh
+                message = f"{type(error).__name__}: {error}"
+                if message != self._last_socket_error:
+                    log.warn("mDNS: cannot send on {interfaces} ({error}); retrying every {interval:g}s",
+                             interfaces=", ".join(map(str, plan.interfaces)), error=message,
+                             interval=self._refresh_interval)
+                self._last_socket_error = message
+                return
+            self._last_socket_error = ""
             self._responder_interfaces = plan.interfaces
         self._plan = plan
         for slug in set(self._backends) | set(self._current):

@@ -459,6 +459,34 @@ def test_failed_registration_is_logged_and_retried_on_the_next_refresh():
     assert list(h.responder.registered) == ["alpha-alice._opencode._tcp.local."]
 
 
+def test_zeroconf_that_cannot_open_its_sockets_is_logged_once_and_retried():
+    from twisted.logger import globalLogPublisher
+
+    h = Harness()
+    failures = [OSError(19, "No such device")] * 2
+    real_factory = h.advertiser._responder_factory
+
+    def flaky(reactor: Any, interfaces: Sequence[str | int]) -> Deferred[Any]:
+        if failures:
+            return defer.fail(failures.pop())
+        return real_factory(reactor, interfaces)
+
+    h.advertiser._responder_factory = flaky
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        h.start()
+        h.see("/src/alpha", 30001)
+        h.clock.advance(5)
+        assert h.responders == []
+        h.clock.advance(5)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if "cannot send on" in e.get("log_format", "")]
+    assert len(warnings) == 1 and "No such device" in warnings[0]["error"]
+    assert list(h.responder.registered) == ["alpha-alice._opencode._tcp.local."]
+
+
 # -- options ----------------------------------------------------------------------------------------------
 
 
