@@ -134,6 +134,8 @@ class Options(usage.Options):
          _flag_coercer("probe-timeout", _positive_duration)],
         ["stale-after", None, 30.0, "Remove backends not seen for this long (e.g. 30s).",
          _flag_coercer("stale-after", _positive_duration)],
+        ["backend-timeout", None, 30.0, "Answer 504 when a backend sends no response headers within this long.",
+         _flag_coercer("backend-timeout", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
         # -- security (see opencoderouter/security.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],

@@ -28,7 +28,8 @@ class Dashboard(Resource):
             request.setResponseCode(404)
             return b"not found\n"
         authority = request_authority(request)
-        port = authority.rsplit(":", 1)[1] if authority.rsplit(":", 1)[-1].isdigit() else "80"
+        _, colon, tail = authority.rpartition(":")
+        port = tail if colon and tail.isdigit() else "80"
         rows = []
         for backend in self.registry.backends():
             label = self.naming.host_label(backend)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import struct
 import itertools
 import json
 import os
@@ -22,6 +24,8 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -74,6 +78,7 @@ class FakeOpenCode(Resource):
         self._ids = itertools.count(1)
         self._heartbeat_loop: task.LoopingCall | None = None
         self.requests_seen: list[tuple[bytes, bytes, dict[bytes, list[bytes]]]] = []
+        self.ptys: dict[str, list["_PtyEcho"]] = {}
 
     # -- events --------------------------------------------------------------
     def emit(self, event_type: str, properties: dict[str, Any] | None = None) -> None:
@@ -162,6 +167,12 @@ class FakeOpenCode(Resource):
             return self._open_stream(request, wrapped=False)
         if method == b"GET" and path == "/global/event":
             return self._open_stream(request, wrapped=True)
+        if method == b"POST" and path == "/pty":
+            pty_id = f"pty_fake{next(self._ids):08d}"
+            self.ptys[pty_id] = []
+            return self._json(request, {"id": pty_id, "title": "Terminal", "command": "/bin/sh", "status": "running"})
+        if method == b"GET" and path.startswith("/pty/") and path.endswith("/connect"):
+            return self._pty_connect(request, path[len("/pty/") : -len("/connect")])
         if method == b"POST" and path == "/session":
             return self._create_session(request, directory)
         if method == b"GET" and path == "/session/status":
@@ -180,6 +191,25 @@ class FakeOpenCode(Resource):
                 return self._json(request, True)
         request.setHeader(b"content-type", b"text/html;charset=UTF-8")
         return _WEB_UI
+
+    def _pty_connect(self, request: IRequest, pty_id: str) -> Any:
+        """Accept a WebSocket for a terminal that echoes what it is sent."""
+        if pty_id not in self.ptys:
+            return self._json(request, {"name": "NotFoundError", "data": {"message": f"PTY not found: {pty_id}"}}, 404)
+        key = request.getHeader(b"sec-websocket-key")
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if not key or upgrade != b"websocket":
+            return self._json(request, {"name": "BadRequest", "data": {"message": "expected a WebSocket upgrade"}}, 400)
+        accept = base64.b64encode(hashlib.sha1(key.strip() + _WS_GUID).digest())
+        from .proxy import take_over_transport
+
+        echo = _PtyEcho(self.ptys[pty_id])
+        transport = take_over_transport(request, echo)
+        transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        return NOT_DONE_YET
 
     def _create_session(self, request: IRequest, directory: str) -> bytes:
         try:
@@ -231,7 +261,96 @@ class FakeOpenCode(Resource):
         return reactor.listenTCP(port, site, interface=interface)
 
 
-def main(argv: list[str] | None = None) -> int:
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked (server → client) RFC 6455 frame with FIN set."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return header + payload
+
+
+class _PtyEcho(Protocol):
+    """A terminal's WebSocket that echoes each message; ``__close__`` makes the server close."""
+
+    def __init__(self, registry: list["_PtyEcho"]) -> None:
+        self.registry = registry
+        self.buffer = b""
+        self.closing = False
+
+    def connectionMade(self) -> None:
+        """Count the connection (tests look at how many are open)."""
+        self.registry.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse complete client frames (masked) and answer each."""
+        self.buffer += data
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return
+            opcode, payload = frame
+            if opcode == 0x8:  # close: answer it, then hang up
+                if not self.closing:
+                    self.closing = True
+                    self.transport.write(ws_frame(0x8, payload[:2]))
+                self.transport.loseConnection()
+                return
+            if opcode == 0x9:
+                self.transport.write(ws_frame(0xA, payload))
+            elif opcode in (0x0, 0x1, 0x2):
+                if payload == b"__close__":
+                    self.closing = True
+                    self.transport.write(ws_frame(0x8, struct.pack("!H", 1000) + b"bye"))
+                    self.transport.loseConnection()
+                    return
+                self.transport.write(ws_frame(opcode, payload))
+
+    def _next_frame(self) -> tuple[int, bytes] | None:
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return None
+        opcode = buffer[0] & 0x0F
+        masked = buffer[1] & 0x80
+        length = buffer[1] & 0x7F
+        offset = 2
+        if length == 126:
+            if len(buffer) < 4:
+                return None
+            (length,) = struct.unpack("!H", buffer[2:4])
+            offset = 4
+        elif length == 127:
+            if len(buffer) < 10:
+                return None
+            (length,) = struct.unpack("!Q", buffer[2:10])
+            offset = 10
+        mask = b""
+        if masked:
+            if len(buffer) < offset + 4:
+                return None
+            mask = buffer[offset : offset + 4]
+            offset += 4
+        if len(buffer) < offset + length:
+            return None
+        payload = buffer[offset : offset + length]
+        self.buffer = buffer[offset + length :]
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return opcode, payload
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        """Forget the connection."""
+        if self in self.registry:
+            self.registry.remove(self)
+
+
+def main(argv: list[str] | None = None, server_class: type[FakeOpenCode] = FakeOpenCode) -> int:
     """``fake_opencode serve --port N --hostname H``: run like ``opencode serve``."""
     parser = argparse.ArgumentParser(prog="fake-opencode", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet.error import CannotListenError
 
     directory = os.path.realpath(args.directory or os.getcwd())
-    server = FakeOpenCode(
+    server = server_class(
         directory,
         version=args.version_string,
         heartbeat=args.heartbeat,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Callable, Protocol
 from urllib.parse import quote
 
@@ -20,6 +21,14 @@ class ProxyFactory(Protocol):
 
     def __call__(self, backend: Backend, path: bytes, prefix: bytes, mode: str) -> IResource:
         """Forward to ``backend`` the raw ``path`` (with query); ``prefix`` was stripped (path mode)."""
+
+
+_VALID_HOST = re.compile(rb"\A[\x21-\x7e]*\Z")
+_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+#: A host name (labels of at most 63 characters) or an IP literal, with an optional port.
+_STRICT_HOST = re.compile(
+    rb"\A(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{0,5})?\Z"
+)
 
 
 def host_name(request: IRequest) -> str | None:
@@ -77,6 +86,20 @@ class NotFound(Resource):
         return json.dumps({"error": "not_found", "slug": self.slug, "known": self.known}).encode("utf-8") + b"\n"
 
 
+class BadHost(Resource):
+    """400 for a Host header no client could mean (raw non-ASCII or control bytes)."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        """Say which header was wrong."""
+        request.setResponseCode(400)
+        request.setHeader(b"content-type", b"application/json")
+        host = (request.getHeader(b"host") or b"").decode("latin-1")[:200]
+        message = f"Host header {host!r} is not a host name (use ASCII; IDNs in punycode)"
+        return json.dumps({"error": "bad_request", "message": message}).encode("utf-8") + b"\n"
+
+
 class RedirectToSlash(Resource):
     """``/{slug}`` → 308 ``/{slug}/``, query kept."""
 
@@ -116,6 +139,15 @@ class RouterResource(Resource):
         self._host_aliases = host_aliases or dict
         #: Names of the router's own machine (``devbox.local``): they reach the router, not a backend.
         self.own_host_names = own_host_names
+        # Host label → slug, rebuilt after any registry change (not per request: that copied every backend).
+        self._labels: dict[str, str] | None = None
+        registry.subscribe(self)
+
+    def added(self, backend: Backend) -> None:
+        """Registry changes invalidate the host-label table."""
+        self._labels = None
+
+    updated = removed = added
 
     def backend_for_host(self, name: str) -> Backend | None:
         """The backend whose ``.local``/``.localhost`` name (or advertised alias) is ``name``."""
@@ -125,14 +157,17 @@ class RouterResource(Resource):
                 break
         else:
             return None
-        alias = self._host_aliases().get(label)
-        for backend in self.registry.backends():
-            if self.naming.host_label(backend) == label or backend.slug == alias:
-                return backend
-        return None
+        labels = self._labels
+        if labels is None:
+            labels = self._labels = {self.naming.host_label(b): b.slug for b in self.registry.backends()}
+        slug = labels.get(label) or self._host_aliases().get(label)
+        return self.registry.by_slug(slug) if slug else None
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         """Pick the resource for this request (``name`` is the first path segment)."""
+        raw_host = request.getHeader(b"host")
+        if raw_host and not _VALID_HOST.match(raw_host.strip()):
+            return BadHost()
         host = host_name(request)
         if host is not None and host.endswith(_HOST_SUFFIXES) and host not in self.own_host_names:
             backend = self.backend_for_host(host)
@@ -144,6 +179,9 @@ class RouterResource(Resource):
         if name == b"":
             return self.dashboard
         if name in self.own_routes:
+            # Klein (werkzeug) answers 500 to a Host it cannot IDNA-encode (a 64-character label).
+            if raw_host and (len(raw_host) > 260 or not _STRICT_HOST.match(raw_host.strip())):
+                return BadHost()
             return self.own_routes[name]
         slug = name.decode("utf-8", "replace")
         backend = self.registry.by_slug(slug)

@@ -176,7 +176,7 @@ def makeService(options: Options) -> MultiService:
         launcher=launcher,
         mdns_names=advertiser.advertised_names if advertiser else None,
     )
-    proxy_factory = BackendProxyFactory(reactor)
+    proxy_factory = BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"])
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
     root = RouterResource(
         registry,
@@ -208,7 +208,8 @@ def makeService(options: Options) -> MultiService:
     )
     web = WebService(
         options["listen"],
-        QuietSite(root, guard=guard, limits=limits),
+        # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
+        QuietSite(root, guard=guard, limits=limits, parsePOSTFormSubmission=False),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],

@@ -86,10 +86,11 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
 class FakeOpenCodeProcess:
     """``python -m opencoderouter.fake_opencode serve`` in a directory, as a child process."""
 
-    def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None):
+    def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None,
+                 module: str = "opencoderouter.fake_opencode"):
         self.directory = str(directory)
         Path(directory).mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "opencoderouter.fake_opencode", "serve", "--port", str(port),
+        command = [sys.executable, "-m", module, "serve", "--port", str(port),
                    "--heartbeat", str(heartbeat)]
         self.process = subprocess.Popen(
             command, cwd=self.directory, env=subprocess_env(**(env or {})),
