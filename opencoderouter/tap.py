@@ -22,7 +22,7 @@ from .dashboard import Dashboard
 from .launcher import Launcher, LauncherSettings, served_port_finder
 from .mdns import MdnsAdvertiser
 from .proxy import BackendProxyFactory
-from .registry import Naming, Registry
+from .registry import Naming, Registry, slugify
 from .routing import RouterResource
 from .scanner import Prober, Scanner, list_listeners, loopback_agent
 
@@ -194,6 +194,7 @@ def makeService(options: Options) -> MultiService:
             options["allowed-hosts"],
             security.listen_interface(options["listen"]),
             clock=reactor,
+            own_label_suffix=f"-{slugify(options['username'])}",
         ),
         authenticator=authenticator,
         cors_origins=frozenset(options["cors-origins"]),
