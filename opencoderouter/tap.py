@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -20,6 +20,7 @@ from .api import RouterAPI
 from .config import Options, default_username
 from .dashboard import Dashboard
 from .launcher import Launcher, LauncherSettings, served_port_finder
+from .mdns import MdnsAdvertiser
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import RouterResource
@@ -51,6 +52,15 @@ class WebService(StreamServerEndpointService):
         self.description = description
         self.banner = banner
         self.listening_port: Any = None
+        self._listening_waiters: list[Deferred[Any]] = []
+
+    def when_listening(self) -> Deferred[Any]:
+        """Fire with the listening port once the router listens (at once if it already does)."""
+        if self.listening_port is not None:
+            return succeed(self.listening_port)
+        waiter: Deferred[Any] = Deferred()
+        self._listening_waiters.append(waiter)
+        return waiter
 
     def privilegedStartService(self) -> None:
         """Listen now, so that a port in use stops twistd before it runs."""
@@ -76,6 +86,9 @@ class WebService(StreamServerEndpointService):
             port=shown_port,
             **self.banner,
         )
+        waiters, self._listening_waiters = self._listening_waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
         return port
 
 
@@ -146,11 +159,22 @@ def makeService(options: Options) -> MultiService:
     launcher.setServiceParent(top)
     registry.subscribe(launcher)
 
+    advertiser: MdnsAdvertiser | None = None
+    if options["mdns"]:
+        advertiser = MdnsAdvertiser(
+            registry,
+            naming,
+            reactor,
+            listening=lambda: web.when_listening(),
+            interfaces=options["mdns-interface"],
+            refresh_interval=options["scan-interval"],
+        )
     api = RouterAPI(
         registry,
         naming,
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
         launcher=launcher,
+        mdns_names=advertiser.advertised_names if advertiser else None,
     )
     proxy_factory = BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"])
     own_routes: dict[bytes, IResource] = {b"api": api.resource()}
@@ -161,6 +185,7 @@ def makeService(options: Options) -> MultiService:
         own_routes=own_routes,
         dashboard=Dashboard(registry, naming),
         own_host_names=_own_host_names(),
+        host_aliases=advertiser.host_aliases if advertiser else None,
     )
     guard = security.Guard(
         clock=reactor,
@@ -195,6 +220,9 @@ def makeService(options: Options) -> MultiService:
     )
     web.setName("web")
     web.setServiceParent(top)
+    if advertiser is not None:
+        advertiser.setName("mdns")
+        advertiser.setServiceParent(top)
     top.addService(_ClosePoolOnStop(proxy_factory))
     return top
 
