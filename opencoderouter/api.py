@@ -39,9 +39,11 @@ def request_authority(request: IRequest) -> str:
     return f"{host}:{port}" if port else host
 
 
-def backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, Any]:
-    """The spec's backend object, plus ``owner``."""
-    return {
+def backend_json(
+    backend: Backend, naming: Naming, authority: str, mdns_names: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The spec's backend object, plus ``owner``; with mDNS on, ``mdns_name`` (advertised name or null)."""
+    body = {
         "slug": backend.slug,
         "project_name": backend.project_name,
         "project_path": backend.project_path,
@@ -54,6 +56,9 @@ def backend_json(backend: Backend, naming: Naming, authority: str) -> dict[str, 
         "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
         "locked": backend.locked,
     }
+    if mdns_names is not None:
+        body["mdns_name"] = mdns_names.get(backend.slug)
+    return body
 
 
 def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
@@ -74,12 +79,15 @@ class RouterAPI:
         naming: Naming,
         extra_health: Callable[[], dict[str, Any]] | None = None,
         launcher: Any | None = None,
+        mdns_names: Callable[[], dict[str, str]] | None = None,
         events: Any = None,
     ) -> None:
         self.registry = registry
         self.naming = naming
         self._extra_health = extra_health or dict
         self.launcher = launcher
+        #: ``{slug: advertised mDNS name}`` from the advertiser, when mDNS is on.
+        self._mdns_names = mdns_names
         #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
         self._events = events
 
@@ -103,7 +111,8 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        return _json(request, [backend_json(b, self.naming, authority) for b in self.registry.backends()])
+        names = self._mdns_names() if self._mdns_names else None
+        return _json(request, [backend_json(b, self.naming, authority, names) for b in self.registry.backends()])
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -133,7 +142,8 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return _json(request, {"error": "not_found", "query": query}, 404)
-        return _json(request, backend_json(backend, self.naming, request_authority(request)))
+        names = self._mdns_names() if self._mdns_names else None
+        return _json(request, backend_json(backend, self.naming, request_authority(request), names))
 
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Any) -> dict[str, Any]:

@@ -165,6 +165,7 @@ class Options(usage.Options):
         self["projects"] = []
         self["allowed-hosts"] = []
         self["cors-origins"] = []
+        self["mdns-interface"] = []
 
     def opt_allowed_host(self, name: str) -> None:
         """Also serve this Host name (repeatable; '*.example.org' for subdomains)."""
@@ -179,6 +180,12 @@ class Options(usage.Options):
         if not re.match(r"^https?://[^/\s]+$", text):
             raise usage.UsageError(f"--cors-origin {origin!r} is not an origin like https://app.example.org")
         self["cors-origins"].append(text)
+
+    def opt_mdns_interface(self, value: str) -> None:
+        """Advertise over mDNS only on this interface name or address (repeatable) [default: all non-loopback]."""
+        if not value.strip() or any(c.isspace() for c in value):
+            raise usage.UsageError(f"--mdns-interface: {value!r} is not an interface name or address")
+        self["mdns-interface"].append(value)
 
     def parseArgs(self, *directories: str) -> None:
         """Take the positional arguments as project directories."""

@@ -27,7 +27,7 @@ import socket
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -207,8 +207,12 @@ class HostPolicy:
         addresses: Callable[[], set[str]] = machine_addresses,
         clock: IReactorTime | None = None,
         refresh: float = 30.0,
+        own_label_suffix: str | None = None,
     ) -> None:
         self._backend_for_host = backend_for_host
+        #: ``-{username}``: the router's own naming scheme; such a ``.local`` name that matches no
+        #: backend (a mistyped project) gets the routing 404 listing the projects, not a 421.
+        self._own_label_suffix = own_label_suffix
         self._exact: set[str] = set()
         self._suffixes: list[str] = []
         for entry in extra:
@@ -257,7 +261,11 @@ class HostPolicy:
                 return True
         if name in self._machine_names():
             return True
-        return name.endswith(".local") and self._backend_for_host(name) is not None
+        if not name.endswith(".local"):
+            return False
+        if self._own_label_suffix and name[: -len(".local")].endswith(self._own_label_suffix):
+            return True
+        return self._backend_for_host(name) is not None
 
 
 # -- owners -----------------------------------------------------------------------------------
@@ -815,8 +823,10 @@ class _LoginForm(Resource):
             call = guard.clock.callLater(wait, _render_now, request, _LoginForm(guard))
             request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
             return NOT_DONE_YET
-        token = (request.args.get(b"token") or [b""])[0].strip()
-        next_uri = _safe_next((request.args.get(b"next") or [b"/"])[0])
+        # The Site does not parse form bodies (the proxy forwards them untouched): parse this one.
+        form = parse_qs(request.content.read(4096) if request.content is not None else b"")
+        token = (form.get(b"token") or request.args.get(b"token") or [b""])[0].strip()
+        next_uri = _safe_next((form.get(b"next") or request.args.get(b"next") or [b"/"])[0])
         if guard.authenticator.check_token(token):
             guard.throttle.succeeded(peer)  # type: ignore[union-attr]
             cookie = guard.authenticator.make_cookie(guard.clock.seconds())

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -22,8 +22,9 @@ from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
 from .launcher import Launcher, LauncherSettings, served_port_finder
 from .metrics import MeteredProxyFactory, RouterMetrics
+from .mdns import MdnsAdvertiser
 from .proxy import BackendProxyFactory
-from .registry import Naming, Registry
+from .registry import Naming, Registry, slugify
 from .routing import RouterResource
 from .scanner import Prober, Scanner, list_listeners, loopback_agent
 
@@ -53,6 +54,15 @@ class WebService(StreamServerEndpointService):
         self.description = description
         self.banner = banner
         self.listening_port: Any = None
+        self._listening_waiters: list[Deferred[Any]] = []
+
+    def when_listening(self) -> Deferred[Any]:
+        """Fire with the listening port once the router listens (at once if it already does)."""
+        if self.listening_port is not None:
+            return succeed(self.listening_port)
+        waiter: Deferred[Any] = Deferred()
+        self._listening_waiters.append(waiter)
+        return waiter
 
     def privilegedStartService(self) -> None:
         """Listen now, so that a port in use stops twistd before it runs."""
@@ -78,6 +88,9 @@ class WebService(StreamServerEndpointService):
             port=shown_port,
             **self.banner,
         )
+        waiters, self._listening_waiters = self._listening_waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
         return port
 
 
@@ -152,6 +165,16 @@ def makeService(options: Options) -> MultiService:
     registry.subscribe(launcher)
     metrics.watch_launcher(launcher.instances)
 
+    advertiser: MdnsAdvertiser | None = None
+    if options["mdns"]:
+        advertiser = MdnsAdvertiser(
+            registry,
+            naming,
+            reactor,
+            listening=lambda: web.when_listening(),
+            interfaces=options["mdns-interface"],
+            refresh_interval=options["scan-interval"],
+        )
     web_holder: list[WebService] = []
     events = EventStream(
         registry,
@@ -160,13 +183,14 @@ def makeService(options: Options) -> MultiService:
         router_info=lambda: _router_info(options, web_holder[0] if web_holder else None),
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
+        backend_extras=_mdns_name_of(advertiser),
     )
-
     api = RouterAPI(
         registry,
         naming,
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
         launcher=launcher,
+        mdns_names=advertiser.advertised_names if advertiser else None,
         events=events,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
@@ -186,6 +210,7 @@ def makeService(options: Options) -> MultiService:
         own_routes=own_routes,
         dashboard=Dashboard(assets),
         own_host_names=_own_host_names(),
+        host_aliases=advertiser.host_aliases if advertiser else None,
     )
     guard = security.Guard(
         clock=reactor,
@@ -194,6 +219,7 @@ def makeService(options: Options) -> MultiService:
             options["allowed-hosts"],
             security.listen_interface(options["listen"]),
             clock=reactor,
+            own_label_suffix=f"-{slugify(options['username'])}",
         ),
         authenticator=authenticator,
         cors_origins=frozenset(options["cors-origins"]),
@@ -220,9 +246,19 @@ def makeService(options: Options) -> MultiService:
     web.setName("web")
     web.setServiceParent(top)
     web_holder.append(web)
+    if advertiser is not None:
+        advertiser.setName("mdns")
+        advertiser.setServiceParent(top)
     top.addService(_ClosePoolOnStop(proxy_factory))
     top.addService(_CloseEventStreamsOnStop(events))
     return top
+
+
+def _mdns_name_of(advertiser: MdnsAdvertiser | None) -> Any:
+    """The dashboard stream's ``mdns_name`` field, as ``/api/backends`` has it."""
+    if advertiser is None:
+        return None
+    return lambda backend: {"mdns_name": advertiser.advertised_names().get(backend.slug)}
 
 
 def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:

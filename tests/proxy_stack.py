@@ -71,7 +71,10 @@ def make_stack(root: Path, *router_args: str) -> Stack:
     block = free_port_block(BLOCK)
     router = RouterProcess(
         "--scan-start", str(block), "--scan-end", str(block + BLOCK - 1), "--scan-interval", "20s",
-        "--stale-after", "10m", "--username", USERNAME, *router_args,
+        "--stale-after", "10m", "--username", USERNAME,
+        # Host names some tests send as a client elsewhere would; the security layer answers 421 to others.
+        "--allowed-host", "router.example", "--allowed-host", "devbox", "--allowed-host", "x",
+        *router_args,
     )
     return Stack(root=root, block=block, router=router)
 

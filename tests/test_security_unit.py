@@ -156,6 +156,13 @@ def test_host_policy_names():
         assert not policy.allows_name(bad), bad
 
 
+def test_unknown_names_in_the_routers_own_scheme_reach_the_routing_404():
+    policy = HostPolicy(lambda name: None, names=set, addresses=set, own_label_suffix="-alice")
+    assert policy.allows_name("mistyped-alice.local")
+    for bad in ("other-bob.local", "evil.local", "x-alice.local.evil.example", "x-alice.example"):
+        assert not policy.allows_name(bad), bad
+
+
 # -- item 5: backend credentials -------------------------------------------------------------------
 def _backend(**kwargs: Any) -> Backend:
     return Backend(slug="p", project_path="/p", port=1, version="v", owner=None, first_seen=0, last_seen=0, **kwargs)

@@ -10,6 +10,7 @@ command -v dbus-daemon >/dev/null 2>&1 || need="$need dbus"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v wrk >/dev/null 2>&1 || need="$need wrk"
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+command -v git >/dev/null 2>&1 || need="$need git"  # the real-OpenCode suite makes a git project
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "missing system packages:$need (install them as root; their tests will be skipped)" >&2
@@ -17,6 +18,15 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "installing system packages:$need"
 export DEBIAN_FRONTEND=noninteractive
+# avahi-daemon's package starts the daemon on install, which would then answer mDNS on this machine's
+# real interfaces; tests run their own avahi-daemon inside a network namespace. policy-rc.d exiting
+# 101 forbids service starts for the duration of the install.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $need >/dev/null

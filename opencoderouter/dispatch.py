@@ -1,0 +1,873 @@
+"""``opencoderouter-dispatch``: hand a coding task to the right OpenCode through the router, follow it to the end.
+
+A task is the spec's convention: optional YAML front matter (``project`` required, ``model`` as
+``provider/model``, ``agent``, ``title``), then the prompt::
+
+    ---
+    project: Archer
+    model: anthropic/claude-sonnet-4-5
+    ---
+    Fix the login timeout bug in the auth module.
+
+Flow, all through the router: ``GET /api/resolve`` → ``POST {url}session`` → open ``{url}event``
+(before prompting, so no event is missed) → ``POST {url}session/{id}/prompt_async`` → follow this
+session's events until ``session.idle`` (done) or ``session.error`` (failed). A dropped event stream
+is reopened with backoff and reconciled with ``/session/status`` and the session's messages.
+
+Python API: ``parse_task(text)`` → :class:`Task`; ``Dispatcher(reactor, task, options).run()`` →
+Deferred firing with a :class:`Result` (``result.exit_code`` is the CLI's exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Callable
+from urllib.parse import quote, urlsplit
+
+import yaml
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+
+import treq
+from treq.client import HTTPClient
+
+from .config import parse_duration
+
+EXIT_DONE = 0
+EXIT_SESSION_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+PERMISSION_REPLIES = ("reject", "once", "always")
+DEFAULT_ROUTER = "http://127.0.0.1:8080"
+_MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/(\S+)$")
+#: An event bigger than this is skipped (memory bound against a hostile or broken stream).
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+_FRONT_MATTER_KEYS = ("project", "model", "agent", "title")
+
+
+class DispatchError(Exception):
+    """A dispatch that cannot go on: ``exit_code`` and a sentence for the user."""
+
+    def __init__(self, exit_code: int, message: str, status: str = "failed") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class Task:
+    """What to run where: the project, the prompt and optional model/agent/title."""
+
+    project: str
+    prompt: str
+    model: str | None = None
+    agent: str | None = None
+    title: str | None = None
+
+    def model_ref(self) -> dict[str, str] | None:
+        """``{"providerID", "modelID"}`` for the prompt body, or None for the server's default."""
+        if self.model is None:
+            return None
+        match = _MODEL.match(self.model)
+        assert match, "parse_task validates the model"
+        return {"providerID": match.group(1), "modelID": match.group(2)}
+
+
+@dataclass
+class Result:
+    """How a dispatch ended (what ``--json`` prints, plus the exit code)."""
+
+    session_id: str | None
+    status: str
+    error: dict[str, Any] | None
+    text: str
+    duration_s: float
+    exit_code: int
+    project: str | None = None
+    url: str | None = None
+    #: Permission requests seen and how they were answered: ``{"permission", "patterns", "reply"}``.
+    permissions: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        body = asdict(self)
+        body["duration_s"] = round(self.duration_s, 3)
+        return body
+
+
+def parse_task(text: str, project: str | None = None, model: str | None = None, agent: str | None = None,
+               title: str | None = None) -> Task:
+    """Parse a task (front matter + prompt); flags given here override the front matter."""
+    meta: dict[str, Any] = {}
+    body = text.lstrip("\ufeff")
+    lines = body.splitlines()
+    if lines and lines[0].strip() == "---":
+        for index in range(1, len(lines)):
+            if lines[index].strip() in ("---", "..."):
+                front, rest = "\n".join(lines[1:index]), lines[index + 1:]
+                break
+        else:
+            raise DispatchError(EXIT_BAD_INPUT, "malformed front matter: the opening '---' line has no closing '---' line",
+                                "bad_input")
+        try:
+            loaded = yaml.safe_load(front)
+        except yaml.YAMLError as error:
+            detail = str(error).replace("\n", " ")
+            raise DispatchError(EXIT_BAD_INPUT, f"malformed front matter: {detail}", "bad_input") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DispatchError(EXIT_BAD_INPUT, f"malformed front matter: expected 'key: value' lines, got {front!r}",
+                                "bad_input")
+        meta = loaded or {}
+        body = "\n".join(rest)
+    for key in _FRONT_MATTER_KEYS:
+        value = meta.get(key)
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise DispatchError(EXIT_BAD_INPUT, f"front matter field {key!r} must be text, got {value!r}", "bad_input")
+    chosen_project = project if project is not None else _text(meta.get("project"))
+    if not chosen_project or not chosen_project.strip():
+        raise DispatchError(EXIT_BAD_INPUT, "no project: put 'project: NAME' in the front matter or pass --project",
+                            "bad_input")
+    chosen_model = model if model is not None else _text(meta.get("model"))
+    if chosen_model is not None and not _MODEL.match(chosen_model):
+        raise DispatchError(EXIT_BAD_INPUT,
+                            f"model {chosen_model!r} is not provider/model (e.g. anthropic/claude-sonnet-4-5)",
+                            "bad_input")
+    prompt = body.strip("\n")
+    if not prompt.strip():
+        raise DispatchError(EXIT_BAD_INPUT, "the task has no prompt: write it after the front matter", "bad_input")
+    return Task(project=chosen_project.strip(), prompt=prompt, model=chosen_model,
+                agent=agent if agent is not None else _text(meta.get("agent")),
+                title=title if title is not None else _text(meta.get("title")))
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass
+class Options:
+    """How to dispatch: where the router is, what to print, how long to wait."""
+
+    router: str = DEFAULT_ROUTER
+    quiet: bool = False
+    permissions: str = "reject"
+    timeout: float | None = None
+    reconnect_timeout: float = 30.0
+    #: No byte on the event stream for this long (OpenCode sends a heartbeat every 10 s): reconnect.
+    stream_idle_timeout: float = 35.0
+    request_timeout: float = 15.0
+    #: ``Authorization`` value for the router (Bearer token or Basic), sent only to the router's own origin.
+    authorization: str | None = None
+    out: IO[str] = field(default_factory=lambda: sys.stdout)
+    err: IO[str] = field(default_factory=lambda: sys.stderr)
+
+
+class _EventStream(Protocol):
+    """Parses ``data: <json>`` SSE frames from a response body and hands each event on."""
+
+    def __init__(self, on_event: Callable[[dict[str, Any]], None], on_bytes: Callable[[], None]) -> None:
+        self.on_event = on_event
+        self.on_bytes = on_bytes
+        self.buffer = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.skipping = False
+        self.data: list[bytes] = []
+        #: Fires (with None) when the body ends; ``reason`` says how.
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self.closing = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        """Split into lines; a blank line ends an event."""
+        self.on_bytes()
+        if b"\n" not in data:
+            # Large events (a tool's whole output) arrive in many pieces: do not rescan the buffer per piece.
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size + len(self.buffer) > MAX_EVENT_BYTES:
+                self.pending, self.pending_size, self.buffer, self.data = [], 0, b"", []
+                self.skipping = True  # drop the rest of this oversized line
+            return
+        self.buffer += b"".join(self.pending) + data
+        self.pending, self.pending_size = [], 0
+        while True:
+            line, newline, rest = self.buffer.partition(b"\n")
+            if not newline:
+                break
+            self.buffer = rest
+            if self.skipping:
+                self.skipping = False
+                continue
+            line = line.rstrip(b"\r")
+            if not line:
+                self._dispatch()
+            elif line.startswith(b"data:"):
+                self.data.append(line[5:].lstrip(b" "))
+            # id:, event:, retry: and comments carry nothing OpenCode uses.
+
+    def _dispatch(self) -> None:
+        if not self.data:
+            return
+        raw, self.data = b"\n".join(self.data), []
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return  # a frame we cannot read is skipped, not fatal
+        if isinstance(event, dict):
+            self.on_event(event)
+
+    def close(self) -> None:
+        """Stop reading (drops the connection)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802 - Twisted's name
+        """Report the end (clean or not) once."""
+        self.reason = reason
+        if not self.ended.called:
+            self.ended.callback(None)
+
+
+def _describe(error: Failure | Exception) -> str:
+    value = error.value if isinstance(error, Failure) else error
+    if isinstance(value, ResponseFailed):
+        return "the connection was cut mid-response"
+    if isinstance(value, ResponseDone):
+        return "the server ended it"
+    if isinstance(value, defer.CancelledError):
+        return "no answer in time"
+    text = str(value).strip() or value.__class__.__name__
+    return text.rstrip(".")
+
+
+class Dispatcher:
+    """One task, start to finish: resolve, create a session, prompt, follow events, report a Result."""
+
+    def __init__(self, reactor: Any, task: Task, options: Options | None = None,
+                 client: HTTPClient | None = None) -> None:
+        self.reactor = reactor
+        self.task = task
+        self.options = options or Options()
+        if client is None:
+            self._pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=False)
+            client = HTTPClient(Agent(reactor, connectTimeout=self.options.request_timeout, pool=self._pool))
+        else:
+            self._pool = None
+        self.http = client
+        self.base_url: str | None = None
+        self.directory: str | None = None
+        self.session_id: str | None = None
+        self.text_parts: list[str] = []
+        self._part_types: dict[str, str] = {}
+        self._user_messages: set[str] = set()
+        self._tool_status: dict[str, str] = {}
+        self._answered: set[str] = set()
+        self.permissions: list[dict[str, Any]] = []
+        self._stream: _EventStream | None = None
+        self._finished: Deferred[tuple[str, dict[str, Any] | None]] = Deferred()
+        self._started = reactor.seconds()
+        self._timers: list[Any] = []
+        self._reconnecting = False
+        self._idle_timer: Any = None
+        self._prompted = False
+        self._stopping = False
+        #: Set once we abort the session: its session.error/idle are our own doing, not the outcome.
+        self._aborting = False
+
+    # -- output ----------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        """Activity for people: one line on stderr."""
+        self.options.err.write(f"[dispatch] {message}\n")
+        self.options.err.flush()
+
+    def _print_text(self, text: str) -> None:
+        self.text_parts.append(text)
+        if not self.options.quiet:
+            self.options.out.write(text)
+            self.options.out.flush()
+
+    # -- HTTP helpers ------------------------------------------------------------
+    def _url(self, path: str, **query: str) -> str:
+        assert self.base_url is not None and self.directory is not None
+        params = {"directory": self.directory, **query}
+        return self.base_url + path + "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+
+    def _headers(self, url: str, accept: bytes) -> dict[bytes, list[bytes]]:
+        """Request headers; the router's credentials go to the router's origin only, never elsewhere."""
+        headers = {b"accept": [accept]}
+        if self.options.authorization and _origin(url) == _origin(self.options.router):
+            headers[b"authorization"] = [self.options.authorization.encode("latin-1")]
+        return headers
+
+    @inlineCallbacks
+    def _request(self, method: str, url: str, body: Any = None, what: str = "the backend") -> Any:
+        """One bounded JSON request; returns (status, decoded body or raw text)."""
+        kwargs: dict[str, Any] = {"timeout": self.options.request_timeout,
+                                  "headers": self._headers(url, b"application/json")}
+        if body is not None:
+            kwargs["json"] = body
+        try:
+            response = yield self.http.request(method, url, **kwargs)
+            raw = yield treq.content(response)
+        except Exception as error:  # every transport failure means "unreachable" to the user
+            raise DispatchError(EXIT_UNREACHABLE, f"cannot reach {what} at {url.split('?')[0]}: {_describe(error)}",
+                                "unreachable") from None
+        try:
+            decoded: Any = json.loads(raw) if raw else None
+        except ValueError:
+            decoded = raw.decode("utf-8", "replace")
+        return response.code, decoded
+
+    # -- the flow ----------------------------------------------------------------
+    @inlineCallbacks
+    def run(self) -> Any:
+        """Dispatch the task; fires with a :class:`Result` (never errbacks)."""
+        if self.options.timeout is not None:
+            # Bounds the whole dispatch; the session is aborted if it exists by then.
+            self._timers.append(self.reactor.callLater(self.options.timeout, self._on_timeout))
+        try:
+            for step in (self._resolve, self._choose_agent, self._create_session, self._open_events, self._prompt):
+                if self._finished.called:
+                    break  # interrupted or timed out between steps: do not start the next one
+                yield step()
+            status, error = yield self._finished
+        except DispatchError as error:
+            status, error_body, code = error.status, {"name": "DispatchError", "message": error.message}, error.exit_code
+            if not self._finished.called:
+                self._finished.callback((status, error_body))
+            self._say(error.message)
+            result = yield self._result(status, error_body, code)
+            return result
+        code = {"done": EXIT_DONE, "error": EXIT_SESSION_ERROR, "timeout": EXIT_TIMEOUT,
+                "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_UNREACHABLE)
+        result = yield self._result(status, error, code)
+        return result
+
+    @inlineCallbacks
+    def _result(self, status: str, error: dict[str, Any] | None, code: int) -> Any:
+        self._stopping = True
+        for timer in self._timers + [self._idle_timer]:
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._stream is not None:
+            self._stream.close()
+        text = "".join(self.text_parts)
+        if self.session_id and status in ("done", "error"):
+            final = yield self._final_text()
+            text = final if final is not None else text
+        if self.text_parts and not self.options.quiet and not "".join(self.text_parts).endswith("\n"):
+            self.options.out.write("\n")
+            self.options.out.flush()
+        if self._pool is not None:
+            yield self._pool.closeCachedConnections()
+        duration = self.reactor.seconds() - self._started
+        if self.session_id is not None:
+            self._say(f"{status} after {duration:.1f}s (session {self.session_id}, exit {code})")
+        return Result(session_id=self.session_id, status=status, error=error, text=text,
+                      duration_s=duration, exit_code=code,
+                      project=self.directory, url=self.base_url, permissions=self.permissions)
+
+    @inlineCallbacks
+    def _resolve(self) -> Any:
+        router = self.options.router.rstrip("/")
+        by_path = "/" in self.task.project or self.task.project.startswith("~")
+        key = "path" if by_path else "name"
+        url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}"
+        code, body = yield self._request("GET", url, what="the router")
+        if code in (401, 403):
+            raise DispatchError(EXIT_BAD_INPUT,
+                                f"the router at {router} refused the credentials ({code}): pass --token-file, "
+                                "OPENCODEROUTER_TOKEN or user:password@ in --router", "bad_input")
+        if code == 404:
+            known = yield self._known_projects(router)
+            hint = f" (known: {', '.join(known)})" if known else ""
+            raise DispatchError(EXIT_NOT_FOUND, f"no such project {self.task.project!r} on the router {router}{hint}",
+                                "not_found")
+        if code != 200 or not isinstance(body, dict) or not body.get("url") or not body.get("project_path"):
+            raise DispatchError(EXIT_UNREACHABLE, f"the router at {router} answered {code} to {url}: {str(body)[:200]}",
+                                "unreachable")
+        self.base_url = body["url"] if body["url"].endswith("/") else body["url"] + "/"
+        self.directory = body["project_path"]
+        self._say(f"project {self.task.project!r} → {body.get('slug')} at {self.base_url} ({self.directory})")
+
+    @inlineCallbacks
+    def _known_projects(self, router: str) -> Any:
+        try:
+            code, body = yield self._request("GET", f"{router}/api/backends", what="the router")
+        except DispatchError:
+            return []
+        if code != 200 or not isinstance(body, list):
+            return []
+        return [str(b.get("project_name") or b.get("slug")) for b in body if isinstance(b, dict)]
+
+    @inlineCallbacks
+    def _choose_agent(self) -> Any:
+        """Check the agent against what the server offers; the default is the server's or ``build``."""
+        code, agents = yield self._request("GET", self._url("agent"))
+        if code != 200 or not isinstance(agents, list):
+            return  # an old server without /agent: send what we have and let it decide
+        names = [a.get("name") for a in agents if isinstance(a, dict) and a.get("mode") != "subagent"]
+        if self.task.agent is not None:
+            if self.task.agent not in names:
+                raise DispatchError(EXIT_BAD_INPUT,
+                                    f"agent {self.task.agent!r} does not exist on this server (agents: {', '.join(map(str, names))})",
+                                    "bad_input")
+            return
+        code, config = yield self._request("GET", self._url("config"))
+        default = config.get("default_agent") if code == 200 and isinstance(config, dict) else None
+        self.task.agent = default if default in names else ("build" if "build" in names or not names else names[0])
+
+    @inlineCallbacks
+    def _create_session(self) -> Any:
+        title = self.task.title or _title_from(self.task.prompt)
+        code, body = yield self._request("POST", self._url("session"), {"title": title})
+        if code != 200 or not isinstance(body, dict) or not str(body.get("id", "")).startswith("ses"):
+            raise DispatchError(EXIT_UNREACHABLE, f"creating a session at {self.base_url} failed: {code} {str(body)[:200]}",
+                                "unreachable")
+        self.session_id = body["id"]
+        self._say(f"session {self.session_id} ({title!r})")
+
+    @inlineCallbacks
+    def _open_events(self) -> Any:
+        """Open ``/event`` for the project directory; fires once the stream is flowing."""
+        url = self._url("event")
+        old, self._stream = self._stream, None
+        if old is not None:
+            old.close()  # never two streams: a half-dead one would only leak
+        try:
+            response = yield self.http.get(url, headers=self._headers(url, b"text/event-stream"),
+                                           timeout=self.options.request_timeout, unbuffered=True)
+        except Exception as error:
+            raise DispatchError(EXIT_UNREACHABLE, f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
+                                "unreachable") from None
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        if response.code != 200 or not content_type.startswith(b"text/event-stream"):
+            body = yield treq.content(response).addErrback(lambda _: b"")
+            raise DispatchError(EXIT_UNREACHABLE,
+                                f"the event stream {url.split('?')[0]} answered {response.code} "
+                                f"{content_type.decode('latin-1')}: {body[:200].decode('utf-8', 'replace').strip()}",
+                                "unreachable")
+        stream = _EventStream(self._on_event, self._reset_idle_timer)
+        self._stream = stream
+        response.deliverBody(stream)
+        stream.ended.addCallback(lambda _: self._on_stream_end(stream))
+        self._reset_idle_timer()
+
+    def _reset_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.options.stream_idle_timeout)
+            return
+        self._idle_timer = self.reactor.callLater(self.options.stream_idle_timeout, self._on_stream_silent)
+
+    def _on_stream_silent(self) -> None:
+        if self._stream is not None and not self._finished.called:
+            self._say(f"no event (not even a heartbeat) for {self.options.stream_idle_timeout:g}s; reconnecting")
+            self._stream.close()
+
+    @inlineCallbacks
+    def _prompt(self) -> Any:
+        body: dict[str, Any] = {"parts": [{"type": "text", "text": self.task.prompt}]}
+        model = self.task.model_ref()
+        if model is not None:
+            body["model"] = model
+        if self.task.agent:
+            body["agent"] = self.task.agent
+        # Before the request: the turn's first events can arrive before the 204 does.
+        self._prompted = True
+        code, answer = yield self._request("POST", self._url(f"session/{self.session_id}/prompt_async"), body)
+        if code == 400:
+            raise DispatchError(EXIT_BAD_INPUT, f"the server refused the prompt: {_error_text(answer)}", "bad_input")
+        if code not in (200, 204):
+            raise DispatchError(EXIT_UNREACHABLE, f"prompting session {self.session_id} failed: {code} {_error_text(answer)}",
+                                "unreachable")
+        self._say(f"prompt sent (agent {self.task.agent or 'default'}, model {self.task.model or 'default'}); following events")
+
+    # -- events ------------------------------------------------------------------
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        props = event.get("properties") or {}
+        if not isinstance(props, dict) or self._finished.called or self._aborting:
+            return
+        session = props.get("sessionID") or (props.get("part") or {}).get("sessionID") or (props.get("info") or {}).get("sessionID")
+        if session != self.session_id:
+            return
+        if kind == "message.updated":
+            info = props.get("info") or {}
+            if info.get("role") == "user":
+                self._user_messages.add(info.get("id"))
+        elif kind == "message.part.updated":
+            self._on_part(props.get("part") or {})
+        elif kind == "message.part.delta":
+            if props.get("field") == "text" and props.get("messageID") not in self._user_messages \
+                    and self._part_types.get(props.get("partID"), "text") == "text":
+                self._print_text(str(props.get("delta", "")))
+        elif kind == "permission.asked":
+            self._answer_permission(props)
+        elif kind == "session.status":
+            status = props.get("status") or {}
+            if status.get("type") == "retry":
+                self._say(f"the model call is being retried (attempt {status.get('attempt')}): {status.get('message')}")
+        elif kind == "session.error":
+            error = props.get("error") or {"name": "UnknownError"}
+            self._say(f"session error: {_error_text(error)}")
+            self._finished.callback(("error", error))
+        elif kind == "session.idle" and self._prompted:
+            self._finished.callback(("done", None))
+
+    def _on_part(self, part: dict[str, Any]) -> None:
+        part_id, kind = part.get("id"), part.get("type")
+        if part_id and kind:
+            self._part_types[part_id] = kind
+        if kind != "tool":
+            return
+        state = part.get("state") or {}
+        status = state.get("status")
+        if self._tool_status.get(part_id) == status:
+            return
+        self._tool_status[part_id] = status
+        detail = state.get("title") or _short(state.get("input"))
+        line = f"tool {part.get('tool')} {status}" + (f": {detail}" if detail else "")
+        if status == "error":
+            line += f" ({state.get('error')})"
+        self._say(line)
+
+    def _answer_permission(self, props: dict[str, Any]) -> None:
+        request_id = props.get("id")
+        if not request_id or request_id in self._answered:
+            return
+        self._answered.add(request_id)
+        reply = self.options.permissions
+        self.permissions.append({"permission": props.get("permission"), "patterns": props.get("patterns") or [],
+                                 "reply": reply})
+        patterns = ", ".join(map(str, props.get("patterns") or []))
+        self._say(f"permission asked: {props.get('permission')} {patterns} → {reply}")
+
+        def report(outcome: Any) -> None:
+            code, body = outcome
+            if code != 200:
+                self._say(f"answering permission {request_id} failed: {code} {_error_text(body)}")
+
+        d = self._request("POST", self._url(f"permission/{request_id}/reply"), {"reply": reply})
+        d.addCallbacks(report, lambda f: self._say(f"answering permission {request_id} failed: {f.getErrorMessage()}"))
+
+    # -- losing and regaining the stream ---------------------------------------------
+    def _on_stream_end(self, stream: _EventStream) -> None:
+        if stream is not self._stream or self._finished.called or self._stopping:
+            return
+        why = _describe(stream.reason) if stream.reason is not None else "closed"
+        self._say(f"event stream lost ({why}); reconnecting")
+        self._reconnect()
+
+    @inlineCallbacks
+    def _reconnect(self) -> Any:
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+        deadline = self.reactor.seconds() + self.options.reconnect_timeout
+        delay, last = 0.25, "no attempt yet"
+        try:
+            while not self._finished.called:
+                try:
+                    yield self._open_events()
+                    ended = yield self._reconcile()
+                    if not ended:
+                        self._say("event stream back; the session is still running")
+                    return
+                except DispatchError as error:
+                    last = error.message
+                if self.reactor.seconds() + delay > deadline:
+                    break
+                yield _sleep(self.reactor, delay)
+                delay = min(delay * 2, 5.0)
+            if not self._finished.called:
+                self._finished.errback(Failure(DispatchError(
+                    EXIT_UNREACHABLE,
+                    f"lost the backend of project {self.task.project!r} ({self.base_url}) for "
+                    f"{self.options.reconnect_timeout:g}s: {last}; session {self.session_id} may still be running there",
+                    "unreachable")))
+        finally:
+            self._reconnecting = False
+
+    @inlineCallbacks
+    def _reconcile(self, second_look: bool = False) -> Any:
+        """After a reconnect: did the turn end while we were away? Returns True when it did."""
+        code, statuses = yield self._request("GET", self._url("session/status"))
+        if code != 200 or not isinstance(statuses, dict):
+            raise DispatchError(EXIT_UNREACHABLE, f"/session/status answered {code}", "unreachable")
+        if (statuses.get(self.session_id) or {}).get("type") in ("busy", "retry"):
+            return False
+        last = yield self._last_assistant()
+        if last is None or self._finished.called:
+            return False
+        info = last.get("info") or {}
+        if info.get("error"):
+            self._say(f"session error (while disconnected): {_error_text(info['error'])}")
+            self._finished.callback(("error", info["error"]))
+            return True
+        if (info.get("time") or {}).get("completed"):
+            self._say("the turn ended while the event stream was down")
+            self._finished.callback(("done", None))
+            return True
+        # Not busy, yet the answer is unfinished: the server lost the turn (it was restarted mid-turn).
+        # Look once more a moment later, so that a turn between two steps is not taken for lost.
+        if not second_look:
+            yield task.deferLater(self.reactor, 1.0, lambda: None)
+            ended = yield self._reconcile(second_look=True)
+            return ended
+        error = {"name": "TurnLost", "data": {"message": "the session is idle but its answer never finished "
+                                                         "(was the OpenCode server restarted mid-turn?)"}}
+        self._say(f"session error: {_error_text(error)}")
+        self._finished.callback(("error", error))
+        return True
+
+    @inlineCallbacks
+    def _last_assistant(self) -> Any:
+        code, messages = yield self._request("GET", self._url(f"session/{self.session_id}/message"))
+        if code != 200 or not isinstance(messages, list):
+            return None
+        for message in reversed(messages):
+            if isinstance(message, dict) and (message.get("info") or {}).get("role") == "assistant":
+                return message
+        return None
+
+    @inlineCallbacks
+    def _final_text(self) -> Any:
+        """The turn's text as the server stored it (complete even if events were missed).
+
+        Every assistant message after the last user message counts: a turn with tool calls is
+        several assistant messages, and stdout showed the text of all of them.
+        """
+        try:
+            code, messages = yield self._request("GET", self._url(f"session/{self.session_id}/message"))
+        except DispatchError:
+            return None
+        if code != 200 or not isinstance(messages, list):
+            return None
+        texts: list[str] = []
+        for message in messages:
+            role = (message.get("info") or {}).get("role") if isinstance(message, dict) else None
+            if role == "user":
+                texts = []
+            elif role == "assistant":
+                texts += [p.get("text", "") for p in message.get("parts") or []
+                          if isinstance(p, dict) and p.get("type") == "text" and not p.get("synthetic")]
+        return "".join(texts) if texts else None
+
+    # -- ending early ------------------------------------------------------------
+    def _on_timeout(self) -> None:
+        if not self._finished.called:
+            self._say(f"timed out after {self.options.timeout:g}s; "
+                      + (f"aborting session {self.session_id}" if self.session_id else "no session was created"))
+            self._abort_then("timeout", {"name": "Timeout", "message": f"no result after {self.options.timeout:g}s"})
+
+    def interrupt(self) -> None:
+        """Abort the session and end the dispatch (SIGINT)."""
+        if not self._finished.called:
+            self._say("interrupted; " + (f"aborting session {self.session_id}" if self.session_id
+                                         else "no session was created"))
+            self._abort_then("interrupted", {"name": "Interrupted", "message": "interrupted by the user"})
+
+    def _abort_then(self, status: str, error: dict[str, Any]) -> None:
+        finished = self._finished
+        self._aborting = True
+
+        def done(_: Any) -> None:
+            if not finished.called:
+                finished.callback((status, error))
+
+        if self.session_id is None or self.base_url is None:
+            done(None)
+            return
+        d = self._request("POST", self._url(f"session/{self.session_id}/abort"), {})
+        d.addErrback(lambda f: self._say(f"could not abort the session: {f.getErrorMessage()}"))
+        d.addBoth(done)
+
+
+def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def split_credentials(router: str) -> tuple[str, str | None]:
+    """``http://user:pass@host:port`` → (``http://host:port``, ``Basic ...``); no user info → (router, None)."""
+    parts = urlsplit(router)
+    if parts.username is None:
+        return router, None
+    from base64 import b64encode
+    from urllib.parse import unquote
+
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return parts._replace(netloc=netloc).geturl(), "Basic " + b64encode(credentials).decode("ascii")
+
+
+def _title_from(prompt: str) -> str:
+    first = next((line.strip() for line in prompt.splitlines() if line.strip()), "dispatched task")
+    return first if len(first) <= 60 else first[:57] + "..."
+
+
+def _short(value: Any) -> str:
+    if not value:
+        return ""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error_text(error: Any) -> str:
+    """``Name: message`` from an OpenCode error object."""
+    if not isinstance(error, dict):
+        return str(error)[:300]
+    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    message = data.get("message") or error.get("message") or ""
+    name = error.get("name") or error.get("_tag") or "Error"
+    return f"{name}: {message}" if message else str(name)
+
+
+# -- the command ---------------------------------------------------------------------
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
+def _router_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a router URL (e.g. http://127.0.0.1:8080)")
+    return text.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``opencoderouter-dispatch``."""
+    parser = argparse.ArgumentParser(
+        prog="opencoderouter-dispatch",
+        description="Dispatch a coding task to the project's OpenCode through OpenCodeRouter and follow it to the end.",
+        epilog="Exit codes: 0 done, 1 the session errored, 2 bad input, 3 project not found, "
+               "4 router or backend unreachable, 124 timeout, 130 interrupted.",
+    )
+    parser.add_argument("task", nargs="?", default="-", help="task file (YAML front matter + prompt); '-' or none: stdin")
+    parser.add_argument("--project", help="project name or path (overrides the front matter)")
+    parser.add_argument("--model", help="provider/model (overrides the front matter)")
+    parser.add_argument("--agent", help="agent (default: the server's default agent, else build)")
+    parser.add_argument("--title", help="session title (default: the prompt's first line)")
+    parser.add_argument("--router", type=_router_url, default=DEFAULT_ROUTER, help=f"router URL [{DEFAULT_ROUTER}]")
+    parser.add_argument("--token-file", help="file whose first line is the router's access token "
+                        "(default: $OPENCODEROUTER_TOKEN; or put user:password@ in --router)")
+    parser.add_argument("--permissions", choices=PERMISSION_REPLIES, default="reject",
+                        help="answer to the agent's permission requests [reject]")
+    parser.add_argument("--timeout", type=_duration, help="abort the session after this long (5m, 1h30m) and exit 124")
+    parser.add_argument("--reconnect-timeout", type=_duration, default=30.0,
+                        help="how long to try to regain a lost event stream before exiting 4 [30s]")
+    parser.add_argument("--quiet", action="store_true", help="do not print the answer's text")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end (implies --quiet)")
+    return parser
+
+
+def _read_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    if args.task == "-":
+        if sys.stdin.isatty():
+            parser.error("give a task file, or pipe the task on stdin")
+        return sys.stdin.read()
+    try:
+        with open(args.task, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DispatchError(EXIT_BAD_INPUT, f"cannot read the task file {args.task!r}: {error}", "bad_input") from None
+
+
+def _authorization(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The router URL without user info, and the Authorization header value to send it."""
+    router, basic = split_credentials(args.router)
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DispatchError(EXIT_BAD_INPUT, f"cannot read the token file {args.token_file!r}: {error}") from None
+        if not token:
+            raise DispatchError(EXIT_BAD_INPUT, f"the token file {args.token_file!r} is empty")
+        return router, f"Bearer {token}"
+    token = os.environ.get("OPENCODEROUTER_TOKEN", "").strip()
+    if basic is None and token:
+        return router, f"Bearer {token}"
+    return router, basic
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``opencoderouter-dispatch``: returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        the_task = parse_task(_read_task(parser, args), project=args.project, model=args.model, agent=args.agent,
+                          title=args.title)
+    except DispatchError as error:
+        print(f"opencoderouter-dispatch: {error.message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(Result(None, error.status, {"name": "DispatchError", "message": error.message}, "", 0.0,
+                                    error.exit_code).to_json()))
+        return error.exit_code
+    try:
+        router, authorization = _authorization(args)
+    except DispatchError as error:
+        print(f"opencoderouter-dispatch: {error.message}", file=sys.stderr)
+        return error.exit_code
+    options = Options(router=router, quiet=args.quiet or args.json, permissions=args.permissions,
+                      timeout=args.timeout, reconnect_timeout=args.reconnect_timeout, authorization=authorization)
+    outcome: dict[str, Result] = {}
+
+    def run(reactor: Any) -> Deferred[None]:
+        dispatcher = Dispatcher(reactor, the_task, options)
+        # After react() installed its handlers: SIGINT aborts the session before we exit.
+        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(dispatcher.interrupt))
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(dispatcher.interrupt))
+        return dispatcher.run().addCallback(lambda result: outcome.update(result=result))
+
+    try:
+        task.react(run)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    result = outcome.get("result")
+    if result is None:
+        print("opencoderouter-dispatch: stopped before the dispatch ended", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(result.to_json()))
+    return result.exit_code
+
+
+def console_main() -> None:
+    """Entry point of the console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
