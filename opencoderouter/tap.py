@@ -21,8 +21,8 @@ from .config import Options, default_username
 from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
 from .launcher import Launcher, LauncherSettings, served_port_finder
-from .metrics import MeteredProxyFactory, RouterMetrics
 from .mdns import MdnsAdvertiser
+from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import RouterResource
