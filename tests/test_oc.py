@@ -200,3 +200,26 @@ def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path, monkey
     assert capsys.readouterr().out.splitlines() == [f"started {alpha} on :{start + 1} (pid {leaders[1]})"]
     assert len(leaders) == 2 and not alive(leaders[0])
     assert "ServeError" in (workspace.parent / "logs" / "alpha.log").read_text()
+
+
+def test_oc_stops_a_server_that_is_not_ready_in_time_and_fails(workspace: Path) -> None:
+    # The hung start ignores SIGTERM and has a grandchild: oc must SIGKILL the whole group.
+    hung = project(workspace, "hung", never_ready=True, ignore_sigterm=True, grandchild=True)
+    fine = project(workspace, "fine")
+    start = free_port_block(BLOCK)
+    # 3 s: long enough for the fake that does start, on a busy machine.
+    result = run("oc", *oc_args(workspace, start), "--startup-timeout", "3s", str(hung), str(fine))
+    assert result.returncode == 1, "a start that timed out fails the run"
+    hung_pids = recorded_pids(hung)
+    fine_pid = recorded_pids(fine)["leader"][0]
+    log_path = workspace.parent / "logs" / "hung.log"
+    assert result.stdout.splitlines() == [
+        f"started {fine} on :{start + 1} (pid {fine_pid})",
+        f"failed {hung}: not ready within 3s; stopped it; log {log_path}",
+    ]
+    assert "Traceback" not in result.stderr
+    assert "never be ready" in log_path.read_text()
+    # Stopped before oc returned: the leader and its grandchild are gone, not left running detached.
+    # oc reaped the leader before returning; the grandchild may take a moment to be gone.
+    assert wait_gone(hung_pids["leader"] + hung_pids["grandchild"], 2) == []
+    assert alive(fine_pid), "the server that did start is left running"
