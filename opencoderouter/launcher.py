@@ -5,6 +5,9 @@ it in its own session and process group and asks the kernel to SIGKILL it when t
 by SIGKILL), and a small reaper process takes down the children's whole groups (OpenCode spawns LSP/MCP
 grandchildren) in that case, so no OpenCode process of ours outlives the router. Stopping signals each
 whole group, SIGTERM first and SIGKILL after a grace period.
+
+Children start one at a time (the start gate): instances share one HOME, and several OpenCode servers
+starting at once on a fresh HOME race on the SQLite migration of its shared database and exit 1.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -206,6 +209,8 @@ class _Run(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.has_ended = False
         self.startup_timer: IDelayedCall | None = None
+        #: True while this run's start holds the launcher's start gate (released on ready, exit or timeout).
+        self.holds_gate = False
         #: Ports this start attempt already found taken, so a retry picks another.
         self.tried: set[int] = {port}
         self._buffers = {"stdout": b"", "stderr": b""}
@@ -302,6 +307,10 @@ class Launcher(Service):
         self._restart_calls: dict[str, IDelayedCall] = {}
         self._stops: dict[str, Deferred[None]] = {}
         self._adding: set[str] = set()
+        #: One start at a time, from spawn until ready, exit or start-up timeout (see the module docstring).
+        self._start_gate = DeferredLock()
+        #: Starts waiting for the gate, by directory, so a stop can take them out of the queue.
+        self._queued: dict[str, Deferred[DeferredLock]] = {}
         self._use_reaper = reaper
         self._reaper: _Reaper | None = None
         #: Groups of leaders that exited on their own, being cleaned up: stopService waits for them.
@@ -414,7 +423,7 @@ class Launcher(Service):
         instance.failures.clear()
         instance.delay, instance.reason = 0.0, None
         instance.state = STARTING
-        self._spawn(instance, tried=set())
+        self._queue_start(instance)
         return instance
 
     def stop_instance(self, slug: str) -> Deferred[Instance]:
@@ -457,10 +466,46 @@ class Launcher(Service):
                 return port
         return None
 
+    def _queue_start(self, instance: Instance) -> None:
+        """Spawn ``instance`` once no other start is in progress (at once when none is)."""
+        waiting = self._start_gate.acquire()
+        self._queued[instance.directory] = waiting
+
+        def go(_: object) -> None:
+            if self._queued.get(instance.directory) is waiting:
+                del self._queued[instance.directory]
+            if not self.running or instance.state != STARTING:
+                # Stopped while it waited (the stop normally cancels the wait; this is the safety net).
+                self._start_gate.release()
+                return
+            try:
+                self._spawn(instance, tried=set())
+            except Exception:
+                # A bug must not leave the gate held: every later start would wait forever.
+                run = self._runs.get(instance.directory)
+                if run is None or not run.holds_gate:
+                    self._start_gate.release()
+                raise
+
+        def cancelled(failure: Failure) -> None:
+            failure.trap(CancelledError)
+
+        waiting.addCallbacks(go, cancelled).addErrback(_log_start_failure, instance)
+        if self._start_gate.locked and instance.directory in self._queued:
+            log.info("{slug}: waiting for another opencode to finish starting", slug=instance.slug)
+
+    def _release_gate(self, run: _Run) -> None:
+        """Let the next queued start go, once per run that held the gate."""
+        if run.holds_gate:
+            run.holds_gate = False
+            self._start_gate.release()
+
     def _spawn(self, instance: Instance, tried: set[int]) -> None:
+        """Start one child; called holding the start gate, which passes to the run (or is released)."""
         self._restart_calls.pop(instance.directory, None)
         port = self._pick_port(instance, tried)
         if port is None:
+            self._start_gate.release()
             start, end = self.settings.port_range
             self._failed_run(instance, f"no free port in {start}-{end}")
             return
@@ -479,8 +524,10 @@ class Launcher(Service):
             self._reactor.spawnProcess(run, executable, argv, env=env, path=instance.directory)
         except OSError as error:
             del self._runs[instance.directory]
+            self._start_gate.release()
             self._failed_run(instance, f"could not start {self.settings.opencode_bin}: {error}")
             return
+        run.holds_gate = True
         instance.pid = run.pid
         instance.started_at = self._reactor.seconds()
         if run.pid is not None and self._reaper is not None:
@@ -503,6 +550,7 @@ class Launcher(Service):
     def _ready(self, run: _Run, port: int) -> None:
         run.ready = True
         run.ready_at = self._reactor.seconds()
+        self._release_gate(run)
         if run.startup_timer is not None and run.startup_timer.active():
             run.startup_timer.cancel()
         instance = run.instance
@@ -515,6 +563,8 @@ class Launcher(Service):
         if run.ready or run.has_ended or run.stopping:
             return
         run.timed_out = True
+        # The gate waits no longer than the timeout: a start stuck this long must not hold up the others.
+        self._release_gate(run)
         log.warn("{slug}: no listening line within {timeout:g}s; stopping it",
                  slug=run.instance.slug, timeout=self.settings.startup_timeout)
         self._terminate(run, stopping=False)
@@ -533,17 +583,21 @@ class Launcher(Service):
         if run.pid is not None and not run.stopping:
             # The leader is gone; its grandchildren (LSP, MCP servers) must not linger as orphans.
             self._clean_group(run.pid)
-        if run.stopping:
-            instance.state = STOPPED
-            return
-        if not self.running:
-            instance.state = STOPPED
-            return
         tried = run.tried
-        if not run.ready and run.port_taken and len(tried) < self.settings.port_attempts:
+        retry_port = (
+            run.holds_gate and not run.stopping and self.running and run.port_taken
+            and len(tried) < self.settings.port_attempts
+        )
+        if retry_port:
+            # Still the same start: the gate passes to the retry's run.
+            run.holds_gate = False
             log.info("{slug}: port {port} was taken; trying another", slug=instance.slug, port=run.port)
             instance.port = None
             self._spawn(instance, tried)
+            return
+        self._release_gate(run)
+        if run.stopping or not self.running:
+            instance.state = STOPPED
             return
         if run.timed_out:
             why = f"no listening line within {self.settings.startup_timeout:g}s"
@@ -583,13 +637,16 @@ class Launcher(Service):
             return
         instance.restarts += 1
         instance.state = STARTING
-        self._spawn(instance, tried=set())
+        self._queue_start(instance)
 
     # -- internals: stopping ---------------------------------------------
     def _stop(self, instance: Instance) -> Deferred[None]:
         call = self._restart_calls.pop(instance.directory, None)
         if call is not None and call.active():
             call.cancel()
+        waiting = self._queued.pop(instance.directory, None)
+        if waiting is not None:
+            waiting.cancel()  # out of the start queue: it never spawns
         pending = self._stops.get(instance.directory)
         if pending is not None:
             return _chain(pending)
@@ -692,6 +749,11 @@ def _log_add_failure(failure: Failure, directory: str) -> None:
         log.error("not starting opencode for {directory}: {reason}", directory=directory, reason=failure.value)
     else:
         log.failure("could not start opencode for {directory}", failure, directory=directory)
+
+
+def _log_start_failure(failure: Failure, instance: Instance) -> None:
+    """A bug while starting a queued instance is logged, not lost in an unobserved Deferred."""
+    log.failure("{slug}: could not start opencode", failure, slug=instance.slug)
 
 
 def _chain(d: Deferred[None]) -> Deferred[None]:

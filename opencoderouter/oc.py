@@ -1,7 +1,7 @@
 """``oc`` and ``oc-kill``: start and stop ``opencode serve`` instances without the router.
 
 ``oc DIR...`` starts one detached ``opencode serve`` per directory on a free port of 30000-31000,
-skipping directories where the calling user already runs one, and waits until each is ready.
+skipping directories where the calling user already runs one, one at a time, each once the previous is ready.
 ``oc-kill`` stops every ``opencode serve`` process of the calling user (never another user's).
 Both read the process table from ``/proc`` (Linux).
 """
@@ -173,7 +173,6 @@ def oc_main(argv: Sequence[str] | None = None) -> int:
     ok = True
     running = serve_processes(os.getuid())
     claimed = {p.port for p in running if p.port is not None}
-    starts: list[_Start] = []
     seen: set[str] = set()
     for argument in args.directories:
         path = os.path.realpath(os.path.expanduser(argument))
@@ -194,8 +193,9 @@ def oc_main(argv: Sequence[str] | None = None) -> int:
             print(f"failed {path}: no free port in {args.scan_start}-{args.scan_end}", flush=True)
             ok = False
         else:
-            starts.append(started)
-    ok = _wait_ready(starts, executable, log_dir, args, claimed) and ok
+            # One at a time: servers starting together on a fresh HOME race on OpenCode's SQLite
+            # migration and one of them exits 1 (the launcher serialises its starts for the same reason).
+            ok = _wait_ready([started], executable, log_dir, args, claimed) and ok
     return 0 if ok else 1
 
 

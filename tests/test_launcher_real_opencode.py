@@ -61,3 +61,29 @@ def test_router_runs_the_real_opencode_for_a_directory_and_leaves_nothing(tmp_pa
     assert not alive(pid)
     assert group_members(pid) == [] and wait_gone(members, 1) == []
     assert [p for p in serve_processes(os.getuid()) if p.cwd == str(directory)] == []
+
+
+def test_real_servers_on_one_fresh_home_all_start_first_time(tmp_path: Path, router_factory: Any) -> None:
+    # Started together, real servers race on the SQLite migration of the shared HOME and one exits 1;
+    # the launcher starts them one at a time, so none needs a restart.
+    directories = [tmp_path / name for name in ("one", "two", "three")]
+    for directory in directories:
+        directory.mkdir()
+    start = free_port_block(10)
+    env = opencode_env(tmp_path / "home", model_port=free_port())
+    router = router_factory(
+        "--opencode-bin", str(REAL_OPENCODE), "--scan-start", str(start), "--scan-end", str(start + 9),
+        "--scan-interval", "1s", *map(str, directories), env=env,
+    )
+
+    def all_running() -> list[dict[str, Any]] | None:
+        instances = http_json(router.url + "/api/instances")
+        return instances if instances and all(i["state"] == "running" for i in instances) else None
+
+    instances = wait_for(all_running, 90, what="three running real instances")
+    assert [i["directory"] for i in instances] == [str(d) for d in directories]
+    assert [i["restarts"] for i in instances] == [0, 0, 0], [i["log"] for i in instances]
+    started = sorted(i["started_at"] for i in instances)
+    assert started[0] < started[1] < started[2]
+    assert router.stop() in (0, -15)
+    assert [p for p in serve_processes(os.getuid()) if p.cwd in map(str, directories)] == []

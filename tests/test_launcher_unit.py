@@ -154,6 +154,7 @@ def test_listening_line_makes_the_instance_running_on_the_port_it_names(tmp_path
 def test_ports_in_use_and_other_instances_ports_are_skipped(tmp_path: Path) -> None:
     launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b"), taken={START, START + 1})
     launcher.startService()
+    reactor.last.listening()
     assert [p.port for p in reactor.processes] == [START + 2, START + 3]
 
 
@@ -276,6 +277,7 @@ def test_stop_sends_sigterm_then_sigkill_and_fires_only_when_the_group_is_gone(t
 def test_stop_fires_at_once_when_the_group_exits_on_sigterm(tmp_path: Path) -> None:
     launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b"))
     launcher.startService()
+    reactor.last.listening()
     stopped: list[object] = []
     launcher.stopService().addBoth(stopped.append)
     reactor.processes[0].exit(sig=signal.SIGTERM)
@@ -410,10 +412,11 @@ def test_a_directory_given_twice_is_started_once(tmp_path: Path) -> None:
 def test_the_reaper_is_told_each_group_and_stops_last(tmp_path: Path) -> None:
     launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b"), reaper=True)
     launcher.startService()
-    reaper, first, second = reactor.processes
+    reaper, first = reactor.processes
+    first.listening()
+    second = reactor.last
     assert "killpg" in reaper.args[4] and reaper.args[-1] == "5.0"
     assert reaper.written == f"+ {first.pid}\n+ {second.pid}\n".encode()
-    first.listening()
     first.exit(1)  # crashed, its group is gone: the reaper forgets it
     assert reaper.written.endswith(f"- {first.pid}\n".encode())
     stopped: list[object] = []
@@ -465,3 +468,115 @@ def test_only_the_routers_own_users_servers_are_adopted() -> None:
     find("/p/known").addCallback(results.append)
     find("/p/known-theirs").addCallback(results.append)
     assert results == [30002, None, None, 30004, None]
+
+
+# -- the start gate: one child starts at a time (concurrent starts race on OpenCode's shared SQLite migration) --
+
+
+def test_children_start_one_at_a_time_each_after_the_previous_listening_line(tmp_path: Path) -> None:
+    launcher, reactor, (first_dir, second_dir, third_dir) = make_launcher(tmp_path, names=("a", "b", "c"))
+    launcher.startService()
+    assert [p.path for p in reactor.processes] == [first_dir]
+    a, b, c = launcher.instances()
+    assert (b.state, b.pid, c.state, c.pid) == (STARTING, None, STARTING, None), "queued, not spawned"
+    reactor.advance(29)  # any time short of the start-up timeout: still waiting
+    reactor.last.say("Performing one time database migration...")
+    assert len(reactor.processes) == 1
+    reactor.last.listening()
+    assert [p.path for p in reactor.processes] == [first_dir, second_dir]
+    assert a.state == RUNNING and b.pid == reactor.last.pid
+    reactor.last.listening()
+    assert [p.path for p in reactor.processes] == [first_dir, second_dir, third_dir]
+    reactor.last.listening()
+    assert [i.state for i in launcher.instances()] == [RUNNING] * 3
+
+
+def test_a_start_that_fails_lets_the_next_one_go_and_its_restart_queues_behind(tmp_path: Path) -> None:
+    launcher, reactor, (first_dir, second_dir) = make_launcher(tmp_path, names=("a", "b"))
+    launcher.startService()
+    reactor.last.say("Error: Failed to run the query 'CREATE TABLE `workspace`'", stream="err")
+    reactor.last.exit(1)
+    assert [p.path for p in reactor.processes] == [first_dir, second_dir], "the failed start freed the gate"
+    a, _ = launcher.instances()
+    assert a.state == RESTARTING
+    reactor.advance(a.delay)
+    assert a.state == STARTING and len(reactor.processes) == 2, "the restart waits for b's start"
+    reactor.last.listening()
+    assert [p.path for p in reactor.processes] == [first_dir, second_dir, first_dir]
+    reactor.last.listening()
+    assert a.state == RUNNING and a.restarts == 1
+
+
+def test_a_start_that_times_out_lets_the_next_one_go(tmp_path: Path) -> None:
+    launcher, reactor, (_, second_dir) = make_launcher(tmp_path, names=("a", "b"), startup_timeout=30)
+    launcher.startService()
+    stuck = reactor.last
+    reactor.advance(29.9)
+    assert len(reactor.processes) == 1
+    reactor.advance(0.1)
+    assert (stuck.pid, signal.SIGTERM) in reactor.group_signals
+    assert reactor.last.path == second_dir, "waited no longer than the start-up timeout"
+
+
+def test_a_port_retry_is_part_of_the_same_start(tmp_path: Path) -> None:
+    launcher, reactor, (first_dir, second_dir) = make_launcher(tmp_path, names=("a", "b"))
+    launcher.startService()
+    reactor.last.say("ServeError", stream="err")
+    reactor.last.exit(1)
+    assert [p.path for p in reactor.processes] == [first_dir, first_dir]
+    reactor.last.listening()
+    assert reactor.last.path == second_dir
+
+
+def test_stop_service_while_a_start_waits_in_the_queue_neither_spawns_nor_hangs(tmp_path: Path) -> None:
+    launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b", "c"))
+    launcher.startService()
+    stopped: list[object] = []
+    launcher.stopService().addBoth(stopped.append)
+    assert stopped == [], "the start in progress is being stopped"
+    reactor.last.exit(sig=signal.SIGTERM)
+    assert stopped == [None]
+    reactor.advance(120)
+    assert len(reactor.processes) == 1, "the queued starts never spawned"
+    assert [i.state for i in launcher.instances()] == [STOPPED] * 3
+    assert not reactor.getDelayedCalls()
+
+
+def test_stop_service_during_a_port_retry_leaves_the_queue_empty(tmp_path: Path) -> None:
+    launcher, reactor, _ = make_launcher(tmp_path, names=("a", "b"))
+    launcher.startService()
+    stopped: list[object] = []
+    launcher.stopService().addBoth(stopped.append)
+    reactor.last.say("ServeError", stream="err")  # lost its port just as the router stops
+    reactor.last.exit(1)
+    assert stopped == [None] and len(reactor.processes) == 1
+
+
+def test_stopping_a_queued_instance_takes_it_out_of_the_queue(tmp_path: Path) -> None:
+    launcher, reactor, (first_dir, second_dir, third_dir) = make_launcher(tmp_path, names=("a", "b", "c"))
+    launcher.startService()
+    done: list[Any] = []
+    launcher.stop_instance("b").addCallback(done.append)
+    assert done and done[0].state == STOPPED and done[0].pid is None
+    reactor.last.listening()
+    assert [p.path for p in reactor.processes] == [first_dir, third_dir], "b was skipped"
+    added: list[Any] = []
+    launcher.add(second_dir).addCallback(added.append)
+    assert added[0].state == STARTING and len(reactor.processes) == 2, "queued behind c"
+    reactor.last.listening()
+    assert reactor.last.path == second_dir
+
+
+def test_a_bug_while_starting_does_not_block_the_starts_behind_it(tmp_path: Path) -> None:
+    launcher, reactor, (_, second_dir) = make_launcher(tmp_path, names=("a", "b"))
+    calls: list[int] = []
+
+    def used_ports() -> list[int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("registry bug")
+        return []
+
+    launcher._used_ports = used_ports
+    launcher.startService()
+    assert [p.path for p in reactor.processes] == [second_dir]

@@ -61,11 +61,11 @@ def test_oc_starts_detached_servers_skips_running_ones_and_oc_kill_stops_them(wo
     assert result.returncode == 1, "a non-directory argument fails the run"
     alpha_pid, beta_pid = recorded_pids(alpha)["leader"][0], recorded_pids(beta)["leader"][0]
     lines = result.stdout.splitlines()
-    assert lines[0] == f"error: {workspace / 'missing'} is not a directory"
-    # Each is reported when it is ready, whichever is first.
-    assert sorted(lines[1:]) == [
+    # One line per argument, in order (each start is waited for before the next).
+    assert lines == [
         f"started {alpha} on :{start} (pid {alpha_pid})",
         f"started {beta} on :{start + 1} (pid {beta_pid})",
+        f"error: {workspace / 'missing'} is not a directory",
     ]
     assert "Traceback" not in result.stderr
     # Detached: they outlive oc, each in its own session, and serve their directory.
@@ -200,3 +200,39 @@ def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path, monkey
     assert capsys.readouterr().out.splitlines() == [f"started {alpha} on :{start + 1} (pid {leaders[1]})"]
     assert len(leaders) == 2 and not alive(leaders[0])
     assert "ServeError" in (workspace.parent / "logs" / "alpha.log").read_text()
+
+
+def test_oc_stops_a_server_that_is_not_ready_in_time_and_fails(workspace: Path) -> None:
+    # The hung start ignores SIGTERM and has a grandchild: oc must SIGKILL the whole group.
+    hung = project(workspace, "hung", never_ready=True, ignore_sigterm=True, grandchild=True)
+    fine = project(workspace, "fine")
+    start = free_port_block(BLOCK)
+    # 3 s: long enough for the fake that does start, on a busy machine.
+    result = run("oc", *oc_args(workspace, start), "--startup-timeout", "3s", str(hung), str(fine))
+    assert result.returncode == 1, "a start that timed out fails the run"
+    hung_pids = recorded_pids(hung)
+    fine_pid = recorded_pids(fine)["leader"][0]
+    log_path = workspace.parent / "logs" / "hung.log"
+    assert result.stdout.splitlines() == [
+        f"failed {hung}: not ready within 3s; stopped it; log {log_path}",
+        f"started {fine} on :{start + 1} (pid {fine_pid})",
+    ]
+    assert "Traceback" not in result.stderr
+    assert "never be ready" in log_path.read_text()
+    # Stopped before oc returned: the leader and its grandchild are gone, not left running detached.
+    # oc reaped the leader before returning; the grandchild may take a moment to be gone.
+    assert wait_gone(hung_pids["leader"] + hung_pids["grandchild"], 2) == []
+    assert alive(fine_pid), "the server that did start is left running"
+
+
+def test_oc_starts_one_directory_at_a_time_in_the_given_order(workspace: Path) -> None:
+    # Started together, beta would be ready first; one at a time, beta starts only once alpha is ready.
+    slow, quick = project(workspace, "slow", delay_ready=1.5), project(workspace, "quick")
+    start = free_port_block(BLOCK)
+    result = run("oc", *oc_args(workspace, start), str(slow), str(quick))
+    assert result.returncode == 0, result.stdout + result.stderr
+    slow_pid, quick_pid = recorded_pids(slow)["leader"][0], recorded_pids(quick)["leader"][0]
+    assert result.stdout.splitlines() == [
+        f"started {slow} on :{start} (pid {slow_pid})",
+        f"started {quick} on :{start + 1} (pid {quick_pid})",
+    ]
