@@ -19,6 +19,11 @@ from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
+
+
+def code_under_test() -> Path:
+    """The checkout whose ``opencoderouter`` is benchmarked: this one, or ``run.py --code PATH``."""
+    return Path(os.environ.get("OCR_BENCH_CODE") or REPO)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -27,7 +32,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child that imports this checkout's code (and its twistd plugin)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code_under_test()), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
 

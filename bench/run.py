@@ -30,11 +30,12 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    BENCH, REPO, Backend, Child, Router, child_env, cpu_seconds, free_block, http_get, measure_cpu,
+    BENCH, REPO, Backend, Router, child_env, code_under_test, cpu_seconds, free_block, http_get, measure_cpu,
     percentile, pinned, rss_kib, summary, wait_until,
 )
 
-SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan")
+SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "profile")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # the profile runs with --profile or --only profile
 CONNECTIONS = (1, 16, 64)
 
 
@@ -75,8 +76,10 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
 
 
-def run_wrk(url: str, connections: int, seconds: float, host: str | None, cpus: str | None) -> dict[str, Any]:
-    """One wrk run (one thread, keep-alive): req/s, p50/p99 in ms, errors."""
+def run_wrk(url: str, connections: int, seconds: float, host: str | None, cpus: str | None,
+            watch: dict[str, int] | None = None) -> dict[str, Any]:
+    """One wrk run (one thread, keep-alive): req/s, p50/p99 in ms, errors; CPU µs per request of ``watch`` pids."""
+    before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
     if host:
         command += ["-H", f"Host: {host}"]
@@ -93,6 +96,11 @@ def run_wrk(url: str, connections: int, seconds: float, host: str | None, cpus: 
         result["errors"] += int(match.group(1))
     if match := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         result["errors"] += sum(int(g) for g in match.groups())
+    if match := re.search(r"(\d+) requests in", out):
+        result["requests"] = int(match.group(1))
+        for name, pid in (watch or {}).items():
+            # CPU per request does not depend on how busy the rest of the machine is.
+            result[f"{name}_cpu_us_per_req"] = 1e6 * (cpu_seconds(pid) - before[name]) / max(1, result["requests"])
     if result["rps"] != result["rps"]:
         result["raw"] = out[-2000:]
     return result
@@ -135,7 +143,8 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
     children: list[Any] = [fake]
     result: dict[str, Any] = {"pinning": {"router": s.router_cpus, "backend": s.backend_cpus, "wrk": s.client_cpus}}
     try:
-        backends["fake"] = {"port": block, "small": "/global/health", "large": "/bench/1mb", "large_bytes": 1 << 20}
+        backends["fake"] = {"port": block, "small": "/global/health", "large": "/bench/1mb", "large_bytes": 1 << 20,
+                            "pid": fake.pid}
         if s.real:
             try:
                 from real_opencode import RealOpenCode
@@ -145,7 +154,8 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
                 wait_until(lambda: http_get(f"http://127.0.0.1:{block + 1}/global/health")[0] == 200, 15, 0.1,
                            "real opencode health")
                 large, size = _large_path_of_real(block + 1)
-                backends["real"] = {"port": block + 1, "small": "/global/health", "large": large, "large_bytes": size}
+                backends["real"] = {"port": block + 1, "small": "/global/health", "large": large, "large_bytes": size,
+                                    "pid": real.process.pid}
             except Exception as error:  # report and carry on with the fake backend
                 result["real_error"] = f"{type(error).__name__}: {error}"
         router = Router(work, (block, block + 3), cpus=s.router_cpus, preload=s.preload)
@@ -182,15 +192,14 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
                     for connections in CONNECTIONS:
                         cell = {"run": run, "backend": name, "size": size, "connections": connections}
                         for mode, (url, host) in urls(info, info[size]).items():
-                            cell[mode] = run_wrk(url, connections, seconds, host, s.client_cpus)
+                            watch = {"backend": info["pid"]} if mode == "direct" else {"router": router.pid}
+                            cell[mode] = run_wrk(url, connections, seconds, host, s.client_cpus, watch)
                         runs.append(cell)
                         print(f"  proxy run {run} {name:4} {size:5} c={connections:<2} "
                               + "  ".join(f"{m} {cell[m]['rps']:8.0f}/s p50 {cell[m]['p50_ms']:.3f}ms"
                                           for m in ("direct", "path", "host")), flush=True)
         result["runs"] = runs
         result["cells"] = _proxy_cells(runs)
-        if s.profile:
-            result["profile"] = profile_router(router, urls(backends["fake"], "/global/health")["path"][0], work, s)
     finally:
         for child in reversed(children):
             child.stop()
@@ -213,40 +222,77 @@ def _proxy_cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for mode in ("path", "host"):
             cell[f"{mode}_ratio"] = summary(r[mode]["rps"] / r["direct"]["rps"] for r in group)
             cell[f"{mode}_added_p50_ms"] = summary(r[mode]["p50_ms"] - r["direct"]["p50_ms"] for r in group)
+            cell[f"{mode}_router_cpu_us"] = summary(r[mode].get("router_cpu_us_per_req", float("nan")) for r in group)
+        cell["direct_backend_cpu_us"] = summary(r["direct"].get("backend_cpu_us_per_req", float("nan"))
+                                                for r in group)
         cells.append(cell)
     return cells
 
 
-def profile_router(router: Router, url: str, work: Path, s: Settings) -> dict[str, Any]:
-    """py-spy the router during 10 s of wrk (16 connections, path mode); top functions by own time."""
+def bench_profile(s: Settings, work: Path) -> dict[str, Any]:
+    """py-spy the router while wrk drives the fake backend's health through the path route."""
+    block = free_block(2)
+    backend = Backend(work, [block], cpus=s.backend_cpus, name="benchprof")
+    router = None
+    try:
+        router = Router(work, (block, block + 1), cpus=s.router_cpus, preload=s.preload)
+        slug = router.wait_backends([block])[block]["slug"]
+        run_wrk(f"{router.url}/{slug}/global/health", 16, 1, None, s.client_cpus)  # warm-up
+        return profile_router(router, f"{router.url}/{slug}/global/health", s)
+    finally:
+        if router:
+            router.stop()
+        backend.stop()
+
+
+def profile_router(router: Router, url: str, s: Settings) -> dict[str, Any]:
+    """py-spy the router during 10 s of wrk (16 connections); top functions by own and inclusive time."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return {"error": "py-spy is not installed (pip install py-spy)"}
-    raw = work / "profile.txt"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    (BENCH / "results").mkdir(exist_ok=True)
+    raw = BENCH / "results" / f"profile-{stamp}.txt"
     svg = BENCH / "results" / f"profile-{stamp}.svg"
     recorders = [subprocess.Popen([spy, "record", "--pid", str(router.pid), "--duration", "8", "--rate", "200",
                                    "--format", fmt, "--output", str(out), "--nonblocking"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for fmt, out in (("raw", raw), ("flamegraph", svg))]
     time.sleep(0.5)
-    run_wrk(url, 16, 10, None, s.client_cpus)
+    load = run_wrk(url, 16, 10, None, s.client_cpus, {"router": router.pid})
     for recorder in recorders:
         recorder.wait(30)
     if not raw.exists():
         return {"error": "py-spy wrote no profile (ptrace not permitted?)"}
+    return {"flamegraph": str(svg.relative_to(REPO)), "raw": str(raw.relative_to(REPO)), "load": load,
+            **summarise_profile(raw.read_text())}
+
+
+def summarise_profile(raw: str, top: int = 15) -> dict[str, Any]:
+    """Own and inclusive time per function (line numbers dropped) from py-spy's raw stacks."""
     own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
             continue
-        leaf = stack.split(";")[-1]
-        own[leaf] = own.get(leaf, 0) + int(count)
-        total += int(count)
-    top = sorted(own.items(), key=lambda item: -item[1])[:15]
-    return {"flamegraph": str(svg.relative_to(REPO)), "samples": total,
-            "top_own": [{"frame": frame, "percent": round(100 * n / total, 1)} for frame, n in top]}
+        count = int(count_text)
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(table: dict[str, int], keep: Callable[[str], bool] = lambda f: True) -> list[dict[str, Any]]:
+        items = sorted(((f, n) for f, n in table.items() if keep(f)), key=lambda item: -item[1])[:top]
+        return [{"frame": f, "percent": round(100 * n / max(1, total), 1)} for f, n in items]
+
+    return {"samples": total, "top_own": ranked(own),
+            "top_inclusive_router_code": ranked(inclusive, lambda f: "opencoderouter/" in f)}
 
 
 class SSEClient:
@@ -476,7 +522,7 @@ def report(results: dict[str, Any]) -> str:
                      "median [min-max] over runs)")
         lines.append(f"{'backend':7} {'size':5} {'conns':>5} {'direct req/s':>14} {'path ratio':>17} "
                      f"{'host ratio':>17} {'p50 direct':>10} {'+p50 path':>10} {'+p50 host':>10} "
-                     f"{'p99 dir/path/host ms':>22}")
+                     f"{'p99 dir/path/host ms':>22} {'CPU us/req backend/router':>26}")
         for c in proxy["cells"]:
             lines.append(
                 f"{c['backend']:7} {c['size']:5} {c['connections']:>5} {_fmt(c['direct_rps'], 0):>14} "
@@ -484,13 +530,17 @@ def report(results: dict[str, Any]) -> str:
                 f"{_fmt(c['direct_p50_ms'], 3):>10} {_fmt(c['path_added_p50_ms'], 3):>10} "
                 f"{_fmt(c['host_added_p50_ms'], 3):>10} "
                 f"{_fmt(c['direct_p99_ms']['median'])}/{_fmt(c['path_p99_ms']['median'])}/"
-                f"{_fmt(c['host_p99_ms']['median']):>6}" + (f"  ERRORS {c['errors']}" if c["errors"] else ""))
-        lines.append("  (+p50 = added median latency in ms; large = fake 1 MiB, real: its "
-                     f"{proxy['backends'].get('real', {}).get('large_bytes', 0) / 1e6:.1f} MB web UI bundle)")
+                f"{_fmt(c['host_p99_ms']['median']):>6} "
+                f"{_fmt(c['direct_backend_cpu_us']['median'], 0):>10}/{_fmt(c['path_router_cpu_us']['median'], 0)}/"
+                f"{_fmt(c['host_router_cpu_us']['median'], 0)}"
+                + (f"  ERRORS {c['errors']}" if c["errors"] else ""))
+        real_large = proxy["backends"].get("real", {}).get("large_bytes")
+        lines.append("  (CPU us/req: backend's CPU per request direct / router's CPU per request in path / host mode,"
+                     " from /proc: independent of how busy the machine is)")
+        lines.append("  (+p50 = added median latency in ms; large = fake: 1 MiB"
+                     + (f", real: its {real_large / 1e6:.1f} MB web UI script bundle)" if real_large else ")"))
         if proxy.get("real_error"):
             lines.append(f"  real opencode not measured: {proxy['real_error']}")
-        if proxy.get("profile"):
-            lines.append(f"  router profile: {json.dumps(proxy['profile'])[:1500]}")
     sse = results.get("sse")
     if sse:
         lines.append("")
@@ -530,6 +580,18 @@ def report(results: dict[str, Any]) -> str:
                                  f"{m['cpu_s'] * 1000:7.1f} ms CPU, found {m['found']}")
                 else:
                     lines.append(f"  {count:>3} listening, {mode:16}: {m.get('error', d.get('error', 'n/a'))}")
+    prof = results.get("profile")
+    if prof:
+        lines.append("")
+        if "error" in prof:
+            lines.append(f"Router profile: {prof['error']}")
+        else:
+            lines.append(f"Router profile (py-spy, wrk c=16 path mode, {prof['load']['rps']:.0f} req/s, "
+                         f"{prof['load'].get('router_cpu_us_per_req', float('nan')):.0f} us router CPU per request; "
+                         f"{prof['flamegraph']})")
+            lines.append("  own time:  " + ", ".join(f"{f['frame']} {f['percent']}%" for f in prof["top_own"][:8]))
+            lines.append("  inclusive: " + ", ".join(f"{f['frame']} {f['percent']}%"
+                                                     for f in prof["top_inclusive_router_code"][:8]))
     start = results.get("startup")
     if start:
         lines.append("")
@@ -548,15 +610,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen sections, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description="OpenCodeRouter benchmarks")
     parser.add_argument("--quick", action="store_true", help="shorter windows, fewer runs (~4 min)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--no-real", action="store_true", help="skip the real opencode serve")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
     parser.add_argument("--profile", action="store_true", help="py-spy the router during an extra proxy run")
     parser.add_argument("--runs", type=int, help="proxy runs per figure (default 3, quick 1)")
     parser.add_argument("--stock-proxy", action="store_true",
                         help="baseline: routers forward with Twisted's stock ReverseProxyResource (bench/stock_proxy.py)")
+    parser.add_argument("--code", type=Path,
+                        help="benchmark the opencoderouter of another checkout (default: this one)")
     args = parser.parse_args(argv)
+    if args.code:
+        if not (args.code / "opencoderouter" / "tap.py").exists():
+            parser.error(f"--code: {args.code} has no opencoderouter/tap.py")
+        os.environ["OCR_BENCH_CODE"] = str(args.code.resolve())
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    if args.profile and "profile" not in chosen:
+        chosen.append("profile")
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
@@ -573,13 +643,14 @@ def main(argv: list[str] | None = None) -> int:
         "pinned": pin,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(),
                     "kernel": platform.release()},
-        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        "code": str(code_under_test()),
+        "commit": subprocess.run(["git", "-C", str(code_under_test()), "rev-parse", "--short", "HEAD"],
                                  capture_output=True, text=True).stdout.strip(),
         "errors": {},
     }
     sections: dict[str, Callable[[Settings, Path], dict[str, Any]]] = {
         "startup": bench_startup, "proxy": bench_proxy, "sse": bench_sse,
-        "discovery": bench_discovery, "idle": bench_idle, "scan": bench_scan,
+        "discovery": bench_discovery, "idle": bench_idle, "scan": bench_scan, "profile": bench_profile,
     }
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
@@ -597,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
         results["duration_s"] = time.monotonic() - began
+        results["machine"]["load_at_end"] = os.getloadavg()
         out_dir = BENCH / "results"
         out_dir.mkdir(exist_ok=True)
         out = out_dir / (f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"
