@@ -448,6 +448,11 @@ def bench_scan(s: Settings, work: Path) -> dict[str, Any]:
                                  env=child_env(), timeout=120)
             lines = out.stdout.strip().splitlines()
             result[str(count)] = json.loads(lines[-1]) if lines else {"error": out.stderr[-2000:]}
+            listing = subprocess.run(
+                pinned([sys.executable, str(BENCH / "listeners_cost.py"), "--start", str(block),
+                        "--end", str(block + 1000)], s.router_cpus),
+                capture_output=True, text=True, env=child_env(), timeout=60).stdout.strip().splitlines()
+            result[str(count)]["listing"] = json.loads(listing[-1]) if listing else {}
             print(f"  scan with {count} listening: {result[str(count)]}", flush=True)
         finally:
             if backend:
@@ -580,6 +585,12 @@ def report(results: dict[str, Any]) -> str:
                                  f"{m['cpu_s'] * 1000:7.1f} ms CPU, found {m['found']}")
                 else:
                     lines.append(f"  {count:>3} listening, {mode:16}: {m.get('error', d.get('error', 'n/a'))}")
+            listing = d.get("listing", {})
+            if "proc_parse_cpu_ms" in listing and "sock_diag_cpu_ms" in listing:
+                lines.append(f"  {count:>3} listening, one look at the listening sockets (quick check, every 0.5 s): "
+                             f"/proc/net/tcp parse {listing['proc_parse_cpu_ms']:.2f} ms CPU vs netlink sock_diag "
+                             f"{listing['sock_diag_cpu_ms']:.3f} ms, with {listing['tcp_sockets_on_machine']} TCP "
+                             "sockets on the machine")
     prof = results.get("profile")
     if prof:
         lines.append("")
