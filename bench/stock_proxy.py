@@ -25,7 +25,8 @@ class _Forward(ReverseProxyResource):
 class StockProxyFactory:
     """Same call signature as the router's proxy factory."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, **_options: Any) -> None:
+        # Options of the router's own factory (e.g. backend_timeout) do not apply to the stock proxy.
         self.reactor = reactor
 
     def __call__(self, backend: Any, path: bytes, prefix: bytes, mode: str) -> Any:
