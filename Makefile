@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --port 8080
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test deps system-deps opencode bench clean
 
@@ -31,8 +32,9 @@ opencode:
 test: deps system-deps opencode
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
 
+## Benchmarks against the targets of issue 9 (table + bench/results/*.json): make bench BENCH_ARGS=--quick
 bench: deps system-deps opencode
-	PYTHONPATH=$(CURDIR) $(PY) bench/run.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
