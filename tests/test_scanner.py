@@ -17,7 +17,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.scanner import Listener, Prober, Scanner, list_listeners, loopback_agent
+from opencoderouter.scanner import (
+    Listener,
+    Prober,
+    Scanner,
+    list_listeners,
+    loopback_agent,
+    netlink_listeners,
+    proc_listeners,
+)
 from opencoderouter.tap import quiet_pool
 
 from .support import FakeOpenCodeProcess, free_port_block
@@ -47,6 +55,32 @@ def test_listeners_come_from_the_kernel_socket_table(tmp_path: Path):
         30001: Listener(30001, 0, 112),
         30004: Listener(30004, 1001, 116),
     }
+
+
+def test_netlink_and_the_proc_tables_agree_on_what_is_reachable():
+    """The fast kernel query must see exactly what the /proc parse sees (loopback and any-address)."""
+    base = free_port_block(5)
+    binds = [(socket.AF_INET, "127.0.0.1", base), (socket.AF_INET, "0.0.0.0", base + 1),
+             (socket.AF_INET6, "::", base + 2), (socket.AF_INET6, "::1", base + 3)]
+    sockets = []
+    try:
+        for family, address, port in binds:
+            sock = socket.socket(family)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen()
+            sockets.append(sock)
+        fast = netlink_listeners(base, base + 4)
+        slow = proc_listeners(base, base + 4)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert fast is not None, "sock_diag is available on Linux"
+    # ::1 alone is not reachable on 127.0.0.1; the others are, with our uid.
+    assert sorted(fast) == sorted(slow) == [base, base + 1, base + 2]
+    assert fast == slow
+    assert {listener.uid for listener in fast.values()} == {__import__("os").getuid()}
 
 
 def test_no_socket_table_means_unknown(tmp_path: Path):
