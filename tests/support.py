@@ -87,13 +87,18 @@ class FakeOpenCodeProcess:
     """``python -m opencoderouter.fake_opencode serve`` in a directory, as a child process."""
 
     def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None,
-                 module: str = "opencoderouter.fake_opencode"):
+                 module: str = "opencoderouter.fake_opencode", as_user: str | None = None,
+                 extra: tuple[str, ...] = ()):
         self.directory = str(directory)
         Path(directory).mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", module, "serve", "--port", str(port),
-                   "--heartbeat", str(heartbeat)]
+        command = [sys.executable, "-m", module, "serve", "--port", str(port), "--directory", self.directory,
+                   "--heartbeat", str(heartbeat), *extra]
+        if as_user is not None:
+            # Another uid's server (as root): the socket table then records that owner.
+            command = ["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups", *command]
         self.process = subprocess.Popen(
-            command, cwd=self.directory, env=subprocess_env(**(env or {})),
+            command, cwd="/" if as_user else self.directory,
+            env=subprocess_env(**({"HOME": "/tmp"} if as_user else {}), **(env or {})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.port = self._wait_listening()

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,45 +20,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from .support import LISTENING, free_port, free_port_block, http_json, subprocess_env, wait_for
+from .support import LISTENING, FakeOpenCodeProcess, free_port, free_port_block, http_json, wait_for
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class Fake:
+class Fake(FakeOpenCodeProcess):
     """A fake OpenCode subprocess on a chosen port (optionally as another user, with a password)."""
 
-    def __init__(self, directory: Path, port: int, env: dict[str, str] | None = None,
-                 as_user: str | None = None, extra: tuple[str, ...] = (), heartbeat: float = 10.0) -> None:
+    def __init__(self, directory: Path, port: int, **kwargs: Any) -> None:
+        super().__init__(directory, port, **kwargs)
         self.directory = directory
-        command = [sys.executable, "-m", "opencoderouter.fake_opencode", "serve", "--port", str(port),
-                   "--directory", str(directory), "--heartbeat", str(heartbeat), *extra]
-        if as_user is not None:
-            command = ["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups", *command]
-        self.process = subprocess.Popen(
-            command, cwd="/", env=subprocess_env(HOME="/tmp", **(env or {})),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"fake opencode exited with {self.process.wait()}")
-            if LISTENING.search(line):
-                break
-        self.port = port
-
-    def stop(self) -> None:
-        """Terminate and reap."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
 
 
 @pytest.fixture
