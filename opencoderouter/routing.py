@@ -31,16 +31,26 @@ _STRICT_HOST = re.compile(
 )
 
 
+def split_host(header: str) -> tuple[str, str | None]:
+    """``Host``/authority text → (lower-case name or address without brackets, port or None)."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+        return address, port
+    name, colon, port = text.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        return name.rstrip("."), port
+    return text.rstrip("."), None
+
+
 def host_name(request: IRequest) -> str | None:
     """The Host header's name, lower-cased, without port or trailing dot; None for IPv6 literals."""
     header = request.getHeader(b"host")
-    if not header:
+    if not header or header.strip().startswith(b"["):
         return None
-    text = header.decode("latin-1").strip().lower()
-    if text.startswith("["):
-        return None
-    name, _, _port = text.partition(":")
-    return name.rstrip(".") or None
+    name, _port = split_host(header.decode("latin-1"))
+    return name or None
 
 
 def split_first_segment(uri: bytes) -> tuple[bytes, bytes, bytes]:

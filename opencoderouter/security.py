@@ -39,6 +39,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from .routing import _HOST_SUFFIXES, split_host
+
 log = Logger()
 
 COOKIE_NAME = b"ocr_session"
@@ -177,19 +179,6 @@ def machine_addresses(proc_net: str = "/proc/net") -> set[str]:
     except (OSError, ValueError):
         pass
     return addresses
-
-
-def split_host(header: str) -> tuple[str, str | None]:
-    """``Host``/authority text → (lower-case name or address without brackets, port or None)."""
-    text = header.strip().lower()
-    if text.startswith("["):
-        address, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-        return address, port
-    name, colon, port = text.rpartition(":")
-    if colon and port.isdigit() and ":" not in name:
-        return name.rstrip("."), port
-    return text.rstrip("."), None
 
 
 _HOST_NAME = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|[0-9a-f:.]{2,45})$")
@@ -1147,8 +1136,6 @@ def log_startup_warnings(listen: str, authenticator: Authenticator, backend_cred
 
 def goes_to_backend_for(router: Any) -> Callable[[bytes | None, bytes], bool]:
     """For a RouterResource: does (Host, path) reach a backend rather than the router's own pages?"""
-    from .routing import _HOST_SUFFIXES
-
     def goes(host: bytes | None, path: bytes) -> bool:
         if host:
             name, _ = split_host(host.decode("latin-1"))
