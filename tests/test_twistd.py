@@ -119,6 +119,7 @@ def test_pip_install_puts_the_dropin_where_twistd_finds_it(tmp_path):
                     str(REPO)], check=True, env=env, cwd=tmp_path, timeout=300)
     assert Path(purelib, "twisted/plugins/opencoderouter_plugin.py").exists()
     assert not Path(purelib, "twisted/__init__.py").exists()
+    assert Path(purelib, "opencoderouter/static/index.html").exists()  # the dashboard ships with it
     help_text = subprocess.run([str(venv / "bin/python"), "-c", "from twisted.scripts.twistd import run; run()",
                                 "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60).stdout
     assert "opencoderouter" in help_text
