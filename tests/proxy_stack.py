@@ -6,9 +6,10 @@ import http.client
 import json
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .support import FakeOpenCodeProcess, RouterProcess, free_port_block, http_json, wait_for
 
@@ -77,6 +78,19 @@ def make_stack(root: Path, *router_args: str) -> Stack:
         *router_args,
     )
     return Stack(root=root, block=block, router=router)
+
+
+@contextmanager
+def running_stack(root: Path, *router_args: str, backends: tuple[str, ...] = ("alpha",),
+                  heartbeat: float = 1.0) -> Iterator[Stack]:
+    """A router with these backends started and routed; everything stopped afterwards."""
+    stack = make_stack(root, *router_args)
+    try:
+        for name in backends:
+            stack.start_backend(name, heartbeat=heartbeat)
+        yield stack
+    finally:
+        stack.close()
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:

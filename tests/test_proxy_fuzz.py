@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .proxy_stack import USERNAME, make_stack, raw_exchange
+from .proxy_stack import USERNAME, raw_exchange, running_stack
 
 STATUS_LINE = re.compile(rb"\AHTTP/1\.[01] (\d{3}) [^\r\n]*\r\n")
 
@@ -17,12 +17,8 @@ STATUS_LINE = re.compile(rb"\AHTTP/1\.[01] (\d{3}) [^\r\n]*\r\n")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha``."""
-    stack = make_stack(tmp_path_factory.mktemp("fuzz"), "--backend-timeout", "2s")
-    try:
-        stack.start_backend("alpha")
+    with running_stack(tmp_path_factory.mktemp("fuzz"), "--backend-timeout", "2s") as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def ask(stack, path: bytes, host: bytes | None) -> int:

@@ -9,18 +9,14 @@ from urllib.parse import quote
 import pytest
 
 from .proxy_backend import GZIP_BODY
-from .proxy_stack import USERNAME, make_stack, raw_exchange
+from .proxy_stack import USERNAME, raw_exchange, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha``."""
-    stack = make_stack(tmp_path_factory.mktemp("headers"))
-    try:
-        stack.start_backend("alpha")
+    with running_stack(tmp_path_factory.mktemp("headers")) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def raw_request(stack, lines: list[str]) -> tuple[bytes, bytes]:

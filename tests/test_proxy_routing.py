@@ -7,19 +7,15 @@ import time
 
 import pytest
 
-from .proxy_stack import USERNAME, make_stack, raw_exchange
+from .proxy_stack import USERNAME, raw_exchange, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router (``--backend-timeout 1s``) with backends ``alpha`` and ``beta``."""
-    stack = make_stack(tmp_path_factory.mktemp("routing"), "--backend-timeout", "1s")
-    try:
-        stack.start_backend("alpha")
-        stack.start_backend("beta")
+    with running_stack(tmp_path_factory.mktemp("routing"), "--backend-timeout", "1s",
+                       backends=("alpha", "beta")) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def echo(stack, path: str, **kwargs) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .proxy_backend import pattern
-from .proxy_stack import SSEReader, make_stack, rss_kib, server_connections
+from .proxy_stack import SSEReader, rss_kib, running_stack, server_connections
 from .support import wait_for
 
 MB = 1024 * 1024
@@ -21,12 +21,8 @@ MB = 1024 * 1024
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha`` (1 s heartbeats)."""
-    stack = make_stack(tmp_path_factory.mktemp("streaming"))
-    try:
-        stack.start_backend("alpha", heartbeat=1.0)
+    with running_stack(tmp_path_factory.mktemp("streaming")) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def open_stream(port: int, path: str, timeout: float = 5.0) -> socket.socket:

@@ -8,19 +8,15 @@ import time
 import pytest
 import websocket
 
-from .proxy_stack import USERNAME, make_stack, server_connections
+from .proxy_stack import USERNAME, running_stack, server_connections
 from .support import http_get, wait_for
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha``."""
-    stack = make_stack(tmp_path_factory.mktemp("websocket"), "--backend-timeout", "2s")
-    try:
-        stack.start_backend("alpha")
+    with running_stack(tmp_path_factory.mktemp("websocket"), "--backend-timeout", "2s") as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def new_pty(stack) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -26,7 +25,7 @@ from .real_opencode import (
     BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_SLOW, REPLY_TEXT, FakeModelServer, OpenCodeInstance, git_init, opencode_binary, opencode_env,
     seed_home,
 )
-from .support import REPO, RouterProcess, free_port_block, http_get, http_json, subprocess_env, wait_for
+from .support import REPO, RouterProcess, free_port_block, http_json, subprocess_env, wait_for
 
 pytestmark = [
     pytest.mark.real_opencode,

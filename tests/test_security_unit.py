@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
