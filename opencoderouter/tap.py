@@ -125,6 +125,7 @@ def makeService(options: Options) -> MultiService:
     )
     security.log_startup_warnings(options["listen"], authenticator, backend_credentials)
 
+    port_range = (options["scan-start"], options["scan-end"])
     probe_pool = quiet_pool(reactor, persistent=False)
     prober = Prober(
         loopback_agent(reactor, probe_pool, options["probe-timeout"]),
@@ -138,7 +139,7 @@ def makeService(options: Options) -> MultiService:
         registry,
         prober,
         reactor,
-        port_range=(options["scan-start"], options["scan-end"]),
+        port_range=port_range,
         interval=options["scan-interval"],
         concurrency=options["scan-concurrency"],
         admit_owner=owner_filter.admits,
@@ -147,7 +148,6 @@ def makeService(options: Options) -> MultiService:
     scanner.setName("scanner")
     scanner.setServiceParent(top)
 
-    port_range = (options["scan-start"], options["scan-end"])
     launcher = Launcher(
         options["projects"],
         LauncherSettings(
@@ -175,12 +175,12 @@ def makeService(options: Options) -> MultiService:
             interfaces=options["mdns-interface"],
             refresh_interval=options["scan-interval"],
         )
-    web_holder: list[WebService] = []
     events = EventStream(
         registry,
         naming,
         reactor,
-        router_info=lambda: _router_info(options, web_holder[0] if web_holder else None),
+        # Called only for dashboard clients, so after ``web`` below exists.
+        router_info=lambda: _router_info(options, web),
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
         backend_extras=_mdns_name_of(advertiser),
@@ -245,7 +245,6 @@ def makeService(options: Options) -> MultiService:
     )
     web.setName("web")
     web.setServiceParent(top)
-    web_holder.append(web)
     if advertiser is not None:
         advertiser.setName("mdns")
         advertiser.setServiceParent(top)
