@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from .support import FakeOpenCodeProcess, RouterProcess
+from .support import FakeOpenCodeProcess, RouterProcess, checkout_reachable_by_other_users
 
 
 @pytest.fixture
@@ -39,3 +39,10 @@ def router_factory() -> Iterator:
     yield start
     for router in started:
         router.stop()
+
+
+@pytest.fixture(scope="session")
+def other_users_reach_checkout() -> Iterator[None]:
+    """For tests that run a server as another uid: the checkout must be reachable by it."""
+    with checkout_reachable_by_other_users():
+        yield

@@ -6,17 +6,40 @@ import json
 import os
 import re
 import signal
+import stat
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"opencode server listening on http://([^:\s]+):(\d+)")
+
+
+@contextmanager
+def checkout_reachable_by_other_users() -> Iterator[None]:
+    """Let processes of another uid traverse to this checkout while the block runs.
+
+    Tests that start a server as ``nobody`` need to read this checkout and its virtualenv; a
+    clone in a ``mktemp -d`` folder (mode 0700) would hide them. Only search permission (o+x) is
+    added, to the folders on the way that lack it, and the old modes are put back afterwards.
+    """
+    changed: list[tuple[Path, int]] = []
+    for folder in [REPO, *REPO.parents]:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if not mode & stat.S_IXOTH and os.getuid() == 0:
+            folder.chmod(mode | stat.S_IXOTH)
+            changed.append((folder, mode))
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(changed):
+            folder.chmod(mode)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -83,7 +83,8 @@ def avahi_browse_once(lan: Lan) -> list[list[str]]:
     return [line.split(";") for line in result.stdout.splitlines() if line]
 
 
-def test_laptop_discovers_resolves_and_reaches_each_own_project_but_not_another_users(lan, browser):
+def test_laptop_discovers_resolves_and_reaches_each_own_project_but_not_another_users(lan, browser,
+                                                                                    other_users_reach_checkout):
     mine, theirs = unique("mine"), unique("theirs")
     # --owners: the router serves the other user's backend too (only its own by default).
     router = start_router(lan, *router_args("--hostname", "0.0.0.0", "--owners", "self,nobody"))

@@ -141,7 +141,7 @@ def public_root() -> Iterator[Path]:
 
 
 @pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
-def test_oc_kill_never_touches_another_users_server(public_root: Path) -> None:
+def test_oc_kill_never_touches_another_users_server(public_root: Path, other_users_reach_checkout: None) -> None:
     fake = install_fake_opencode(public_root / "bin")
     (public_root / "bin").chmod(0o755)
     theirs = project(public_root, "theirs")

@@ -109,7 +109,8 @@ needs_root = pytest.mark.skipif(
 
 
 @needs_root
-def test_owners_self_hides_another_users_instance_and_all_shows_it(tmp_path, fakes, router_factory):
+def test_owners_self_hides_another_users_instance_and_all_shows_it(tmp_path, fakes, router_factory,
+                                                                   other_users_reach_checkout):
     port = free_port_block(2)
     fakes(tmp_path / "mine", port)
     theirs = fakes(Path("/tmp") / f"ocr-sec-{os.getpid()}-theirs", port + 1, as_user="nobody")
