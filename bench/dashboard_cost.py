@@ -51,7 +51,7 @@ def _runs(measure: object, repeat: int = 7) -> str:
 def fan_out(streams: int, events: int = 200) -> float:
     """CPU seconds to send one change to ``streams`` dashboards."""
     clock, registry = _registry(10)
-    stream = EventStream(registry, Naming("alice", "alice"), clock)
+    stream = EventStream(registry, clock)
     for _ in range(streams):
         request = _StreamRequest([b""])
         request.requestHeaders.setRawHeaders(b"host", [b"localhost:8080"])
@@ -65,7 +65,7 @@ def fan_out(streams: int, events: int = 200) -> float:
 def snapshot(backends: int) -> float:
     """CPU seconds to open one stream (its snapshot) with ``backends`` backends."""
     clock, registry = _registry(backends)
-    stream = EventStream(registry, Naming("alice", "alice"), clock, max_streams=10_000)
+    stream = EventStream(registry, clock, max_streams=10_000)
     began = time.process_time()
     for _ in range(20):
         stream.render(_StreamRequest([b""]))

@@ -13,7 +13,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .registry import Backend, Naming, Registry
+from .registry import Backend, Registry
 from .security import may_change_instances
 
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
@@ -39,9 +39,7 @@ def request_authority(request: IRequest) -> str:
     return f"{host}:{port}" if port else host
 
 
-def backend_json(
-    backend: Backend, naming: Naming, authority: str, mdns_names: dict[str, str] | None = None
-) -> dict[str, Any]:
+def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[str, Any]:
     """The spec's backend object, plus ``owner``; with mDNS on, ``mdns_name`` (advertised name or null)."""
     body = {
         "slug": backend.slug,
@@ -49,15 +47,15 @@ def backend_json(
         "project_path": backend.project_path,
         "port": backend.port,
         "version": backend.version,
-        "domain": naming.domain(backend),
+        "domain": backend.domain,
         "path_prefix": f"/{backend.slug}/",
         "url": f"http://{authority}/{backend.slug}/",
         "last_seen": rfc3339(backend.last_seen),
-        "owner": naming.owner_name(backend) if backend.owner is None else backend.owner,
+        "owner": backend.owner_name if backend.owner is None else backend.owner,
         "locked": backend.locked,
     }
-    if mdns_names is not None:
-        body["mdns_name"] = mdns_names.get(backend.slug)
+    if mdns:
+        body["mdns_name"] = backend.mdns_name
     return body
 
 
@@ -76,18 +74,16 @@ class RouterAPI:
     def __init__(
         self,
         registry: Registry,
-        naming: Naming,
         extra_health: Callable[[], dict[str, Any]] | None = None,
         launcher: Any | None = None,
-        mdns_names: Callable[[], dict[str, str]] | None = None,
+        mdns: bool = False,
         events: Any = None,
     ) -> None:
         self.registry = registry
-        self.naming = naming
         self._extra_health = extra_health or dict
         self.launcher = launcher
-        #: ``{slug: advertised mDNS name}`` from the advertiser, when mDNS is on.
-        self._mdns_names = mdns_names
+        #: With mDNS on, every backend object carries ``mdns_name``.
+        self.mdns = mdns
         #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
         self._events = events
 
@@ -100,7 +96,7 @@ class RouterAPI:
         """Router health and backend count."""
         body = {
             "healthy": True,
-            "username": self.naming.username,
+            "username": self.registry.naming.username,
             "backends": len(self.registry),
             "version": __version__,
         }
@@ -111,8 +107,7 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        names = self._mdns_names() if self._mdns_names else None
-        return _json(request, [backend_json(b, self.naming, authority, names) for b in self.registry.backends()])
+        return _json(request, [backend_json(b, authority, self.mdns) for b in self.registry.backends()])
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -142,8 +137,7 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return _json(request, {"error": "not_found", "query": query}, 404)
-        names = self._mdns_names() if self._mdns_names else None
-        return _json(request, backend_json(backend, self.naming, request_authority(request), names))
+        return _json(request, backend_json(backend, request_authority(request), self.mdns))
 
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Any) -> dict[str, Any]:

@@ -24,26 +24,19 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .api import backend_json, request_authority
-from .registry import Backend, Naming, Registry
+from .registry import Backend, Registry
 
 #: More simultaneous dashboards than this get 503: each stream holds a connection and a buffer.
 MAX_STREAMS = 256
 
 
-def dashboard_backend_json(
-    backend: Backend,
-    naming: Naming,
-    authority: str,
-    extras: Callable[[Backend], dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+def dashboard_backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[str, Any]:
     """The API's backend object plus what the dashboard shows: liveness, host label, times as numbers."""
-    body = backend_json(backend, naming, authority)
-    if extras is not None:
-        body.update(extras(backend))
+    body = backend_json(backend, authority, mdns)
     body.update(
         {
             "up": backend.up,
-            "host_label": naming.host_label(backend),
+            "host_label": backend.host_label,
             "first_seen_unix": backend.first_seen,
             "last_seen_unix": backend.last_seen,
         }
@@ -91,7 +84,6 @@ class EventStream(Resource):
     def __init__(
         self,
         registry: Registry,
-        naming: Naming,
         clock: IReactorTime,
         router_info: Callable[[], dict[str, Any]] = dict,
         heartbeat: float = 15.0,
@@ -100,11 +92,10 @@ class EventStream(Resource):
         max_streams: int = MAX_STREAMS,
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
-        backend_extras: Callable[[Backend], dict[str, Any]] | None = None,
+        mdns: bool = False,
     ) -> None:
         super().__init__()
         self.registry = registry
-        self.naming = naming
         self.clock = clock
         self.router_info = router_info
         self.heartbeat = heartbeat
@@ -113,8 +104,8 @@ class EventStream(Resource):
         self.max_streams = max_streams
         self._on_open = on_open
         self._on_close = on_close
-        #: More fields per backend from other parts (e.g. ``{"mdns_name": ...}`` from the advertiser).
-        self.backend_extras = backend_extras
+        #: With mDNS on, backend objects carry ``mdns_name`` (as in ``/api/backends``).
+        self.mdns = mdns
         self.clients: list[_Client] = []
         self._loop: LoopingCall | None = None
         self._subscribed = False
@@ -189,7 +180,7 @@ class EventStream(Resource):
             self._write(client, sse_event(event, data))
 
     def _backend_json(self, backend: Backend, client: _Client) -> dict[str, Any]:
-        return dashboard_backend_json(backend, self.naming, client.authority, self.backend_extras)
+        return dashboard_backend_json(backend, client.authority, self.mdns)
 
     def publish(self, event: str, data: Any) -> None:
         """Send any other event to every stream (e.g. the launcher's ``instances``)."""

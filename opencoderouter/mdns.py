@@ -17,11 +17,12 @@ under a millisecond).
 
 Names
 -----
-The instance and host label is the backend's ``Naming.host_label`` (``{slug}-{user}``), the host is
-``Naming.domain(backend) + "."``. When another host on the link already owns the instance name (found by
-zeroconf's probe) or the host name (found by asking for its addresses first), the next free name is
-taken deterministically: ``{label}-2``, ``{label}-3``, ... and the choice is logged. ``advertised_names``
-and ``host_aliases`` expose the names actually in use to the API and to host-based routing.
+The Registry owns names. The advertiser asks it which names to try for a backend
+(:meth:`Registry.mdns_candidates`: the host label ``{slug}-{user}``, then ``{label}-2``, ``-3``, ...);
+when another host on the link already owns the instance name (found by zeroconf's probe) or the host
+name (found by asking for its addresses first), the next one is tried and the choice is logged. The
+name finally advertised is recorded back with :meth:`Registry.set_mdns_name`, so routing, the API and
+the event stream read it from the registry like every other name.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .registry import Backend, Naming, Registry
+from .registry import Backend, Registry
 
 log = Logger()
 
@@ -155,21 +156,21 @@ class Advert:
     txt: tuple[tuple[str, str], ...]
 
 
-def txt_records(backend: Backend, naming: Naming) -> tuple[tuple[str, str], ...]:
+def txt_records(backend: Backend) -> tuple[tuple[str, str], ...]:
     """The TXT keys: project, path, backend, owner, version, path_prefix."""
     return (
         ("project", backend.project_name),
         ("path", backend.project_path),
         ("backend", f"127.0.0.1:{backend.port}"),
-        ("owner", naming.owner_name(backend)),
+        ("owner", backend.owner_name),
         ("version", backend.version),
         ("path_prefix", f"/{backend.slug}/"),
     )
 
 
-def make_advert(backend: Backend, naming: Naming, port: int, addresses: tuple[str, ...]) -> Advert:
+def make_advert(backend: Backend, port: int, addresses: tuple[str, ...]) -> Advert:
     """The advertisement for ``backend`` reached through the router's ``port`` on ``addresses``."""
-    return Advert(backend.slug, naming.host_label(backend), port, addresses, txt_records(backend, naming))
+    return Advert(backend.slug, backend.host_label, port, addresses, txt_records(backend))
 
 
 def _txt_value(key: str, value: str) -> bytes:
@@ -190,16 +191,6 @@ def service_info(advert: Advert, name: str) -> Any:
         server=f"{name}.local.",
         parsed_addresses=list(advert.addresses),
     )
-
-
-def candidate_names(label: str) -> list[str]:
-    """The names tried in order when ``label`` is taken: ``label``, ``label-2``, ..."""
-    return [label] + [f"{label}-{n}" for n in range(2, MAX_NAME_ATTEMPTS + 1)]
-
-
-def is_own(backend: Backend, naming: Naming) -> bool:
-    """True for a backend of the router's own user (unknown ownership counts as own)."""
-    return backend.owner is None or backend.owner == naming.os_user
 
 
 # -- the zeroconf side -----------------------------------------------------------------------------------
@@ -339,7 +330,6 @@ class MdnsAdvertiser(Service):
     def __init__(
         self,
         registry: Registry,
-        naming: Naming,
         reactor: Any,
         listening: Callable[[], Deferred[Any]],
         interfaces: Sequence[str] = (),
@@ -348,7 +338,6 @@ class MdnsAdvertiser(Service):
         responder_factory: Callable[[Any, Sequence[str | int]], Deferred[Responder]] | None = None,
     ) -> None:
         self.registry = registry
-        self.naming = naming
         self._reactor = reactor
         self._listening = listening
         self._selectors = list(interfaces)
@@ -369,15 +358,6 @@ class MdnsAdvertiser(Service):
         self._stopping = False
         self._last_reason = ""
         self._last_socket_error = ""
-
-    # -- what the rest of the router reads --------------------------------------------------------------
-    def advertised_names(self) -> dict[str, str]:
-        """``{slug: instance name}`` of every backend advertised now (for ``mdns_name`` in the API)."""
-        return {slug: reg.name for slug, reg in self._current.items()}
-
-    def host_aliases(self) -> dict[str, str]:
-        """``{host label: slug}`` of the advertised names, so ``{name}.local`` routes to its backend."""
-        return {reg.name: slug for slug, reg in self._current.items()}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def startService(self) -> None:
@@ -447,7 +427,7 @@ class MdnsAdvertiser(Service):
         self._kick(backend.slug)
 
     def _track(self, backend: Backend) -> None:
-        if is_own(backend, self.naming):
+        if self.registry.naming.is_own(backend.owner):
             self._backends[backend.slug] = backend
         else:
             self._backends.pop(backend.slug, None)
@@ -508,7 +488,7 @@ class MdnsAdvertiser(Service):
         backend = self._backends.get(slug)
         if backend is None or self._stopping or self._bind is None or not self._plan.addresses:
             return None
-        return make_advert(backend, self.naming, self._bind[1], self._plan.addresses)
+        return make_advert(backend, self._bind[1], self._plan.addresses)
 
     def _kick(self, slug: str) -> None:
         """Start bringing ``slug`` to its wanted state, unless that is already under way."""
@@ -534,6 +514,7 @@ class MdnsAdvertiser(Service):
             if have is not None and (want is None or want.label != have.advert.label):
                 await _bounded(responder.unregister(have.info), self._reactor)
                 del self._current[slug]
+                self.registry.set_mdns_name(slug, None)
                 log.info("mDNS: withdrew {name}", name=have.name)
             elif have is not None and want is not None:
                 info = service_info(want, have.name)
@@ -546,9 +527,9 @@ class MdnsAdvertiser(Service):
     async def _register(self, slug: str, want: Advert, responder: Responder) -> None:
         if len(want.label.encode("utf-8")) > MAX_LABEL:
             raise ValueError(f"the name {want.label!r} is longer than the {MAX_LABEL} bytes a DNS label allows")
+        # Registrations still under way for other backends are not in the registry yet.
         in_use = {reg.name for s, reg in self._current.items() if s != slug}
-        in_use |= {self.naming.host_label(b) for s, b in self._backends.items() if s != slug}
-        for name in candidate_names(want.label):
+        for name in self.registry.mdns_candidates(slug, MAX_NAME_ATTEMPTS):
             if name in in_use or len(name.encode("utf-8")) > MAX_LABEL:
                 continue
             if await _bounded(responder.host_taken(f"{name}.local.", self._own_addresses), self._reactor):
@@ -562,6 +543,7 @@ class MdnsAdvertiser(Service):
                 log.warn("mDNS: another machine already advertises {name}; trying the next name", name=name)
                 continue
             self._current[slug] = _Registration(want, name, info)
+            self.registry.set_mdns_name(slug, name)
             if name != want.label:
                 log.warn("mDNS: {label} was taken on the network; advertising {slug} as {name} "
                          "(http://{name}.local:{port}/)", label=want.label, slug=slug, name=name, port=want.port)

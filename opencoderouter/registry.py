@@ -42,9 +42,9 @@ class Sighting:
     router_credentials: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backend:
-    """A discovered OpenCode server, as the router routes to it."""
+    """A discovered OpenCode server, as the router routes to it (immutable: the registry replaces it)."""
 
     slug: str
     project_path: str
@@ -56,15 +56,44 @@ class Backend:
     up: bool = True
     locked: bool = False
     router_credentials: bool = False
+    #: The user name its host names carry (``--username`` for the router's own user).
+    owner_name: str = ""
+    #: ``{slug}-{owner_name}``: the first label of its host names.
+    host_label: str = ""
+    #: The name it is advertised under over mDNS (None when it is not advertised).
+    mdns_name: str | None = None
 
     @property
     def project_name(self) -> str:
         """The project's folder name."""
         return posixpath.basename(self.project_path.rstrip("/")) or self.project_path
 
-    def snapshot(self) -> "Backend":
-        """An independent copy, safe to hand to observers."""
-        return dataclasses.replace(self)
+    @property
+    def domain(self) -> str:
+        """Its mDNS host name, ``{slug}-{owner}.local``."""
+        return f"{self.host_label}.local"
+
+
+class Naming:
+    """The rule for host names: ``{slug}-{name}``, name being ``--username`` for the router's own user."""
+
+    def __init__(self, username: str, os_user: str) -> None:
+        self.username = username
+        self.os_user = os_user
+
+    def owner_name(self, owner: str | None) -> str:
+        """The user name a backend owned by ``owner`` carries in its host names."""
+        if owner is None or owner == self.os_user:
+            return self.username
+        return owner
+
+    def is_own(self, owner: str | None) -> bool:
+        """True for the router's own user (an owner that could not be known counts as own)."""
+        return owner is None or owner == self.os_user
+
+    def host_label(self, slug: str, owner: str | None) -> str:
+        """``{slug}-{name}``."""
+        return f"{slug}-{slugify(self.owner_name(owner))}"
 
 
 class RegistryObserver(Protocol):
@@ -81,16 +110,34 @@ class RegistryObserver(Protocol):
 
 
 class Registry:
-    """Backends keyed by slug; one entry per project path; the single source of truth."""
+    """Backends keyed by slug; one entry per project path; the single source of truth for names.
+
+    It owns slugs, host labels and advertised mDNS names: the launcher asks it which slug a
+    directory has, the mDNS advertiser asks it for names to try and records the one it got, and
+    everyone else (routing, the guard, the API, the event stream) only reads ``Backend`` values.
+    """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, stale_after: float, reserved: Iterable[str] = RESERVED_SLUGS) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        stale_after: float,
+        reserved: Iterable[str] = RESERVED_SLUGS,
+        naming: Naming | None = None,
+    ) -> None:
         self._clock = clock
         self._stale_after = stale_after
         self._reserved = frozenset(reserved)
+        if naming is None:
+            from .config import default_username
+
+            naming = Naming(username=default_username(), os_user=default_username())
+        self.naming = naming
         self._by_slug: dict[str, Backend] = {}
         self._observers: list[RegistryObserver] = []
+        #: host label or mDNS name → slug; rebuilt after a change, not per lookup.
+        self._labels: dict[str, str] | None = None
 
     # -- observers -------------------------------------------------------
     def subscribe(self, observer: RegistryObserver) -> None:
@@ -103,9 +150,10 @@ class Registry:
             self._observers.remove(observer)
 
     def _notify(self, event: str, backend: Backend) -> None:
+        self._labels = None
         for observer in list(self._observers):
             try:
-                getattr(observer, event)(backend.snapshot())
+                getattr(observer, event)(backend)
             except Exception:
                 self.log.failure("registry observer {observer!r} failed on {event}", observer=observer, event=event)
 
@@ -130,39 +178,43 @@ class Registry:
         if complete:
             for backend in list(self._by_slug.values()):
                 if backend.slug not in seen_slugs and backend.up:
-                    backend.up = False
+                    down = self._by_slug[backend.slug] = dataclasses.replace(backend, up=False)
                     self.log.info(
                         "backend {slug} on port {port} stopped answering",
-                        slug=backend.slug,
-                        port=backend.port,
+                        slug=down.slug,
+                        port=down.port,
                         event="backend_down",
                     )
-                    self._notify("updated", backend)
+                    self._notify("updated", down)
 
     def record(self, sighting: Sighting) -> Backend:
         """Apply a single sighting (e.g. from a quick check between full scans)."""
-        return self._record(sighting, self._clock.seconds()).snapshot()
+        return self._record(sighting, self._clock.seconds())
 
     def _record(self, sighting: Sighting, now: float) -> Backend:
         # A port now serving a different project replaces the old entry.
         previous_on_port = self.by_port(sighting.port)
         if previous_on_port is not None and previous_on_port.project_path != sighting.project_path:
             self._remove(previous_on_port, "its port now serves another project")
-        backend = self._by_path_entry(sighting.project_path)
-        if backend is None:
-            slug = self._free_slug(sighting.project_path)
-            backend = Backend(
-                slug=slug,
-                project_path=sighting.project_path,
-                port=sighting.port,
-                version=sighting.version,
-                owner=sighting.owner,
-                first_seen=now,
-                last_seen=now,
-                locked=sighting.locked,
-                router_credentials=sighting.router_credentials,
-            )
-            self._by_slug[slug] = backend
+        existing = self.by_path(sighting.project_path)
+        slug = existing.slug if existing is not None else self._free_slug(sighting.project_path)
+        backend = Backend(
+            slug=slug,
+            project_path=sighting.project_path,
+            port=sighting.port,
+            version=sighting.version,
+            owner=sighting.owner,
+            first_seen=existing.first_seen if existing is not None else now,
+            last_seen=now,
+            locked=sighting.locked,
+            router_credentials=sighting.router_credentials,
+            owner_name=self.naming.owner_name(sighting.owner),
+            host_label=self.naming.host_label(slug, sighting.owner),
+            # A new owner is a new host name: the advertiser asks for a name again.
+            mdns_name=existing.mdns_name if existing is not None and existing.owner == sighting.owner else None,
+        )
+        self._by_slug[slug] = backend
+        if existing is None:
             self.log.info(
                 "backend {slug} appeared on port {port} for {path}",
                 slug=slug,
@@ -171,21 +223,7 @@ class Registry:
                 event="backend_added",
             )
             self._notify("added", backend)
-            return backend
-        changed = (backend.port, backend.version, backend.owner, backend.up, backend.locked,
-                   backend.router_credentials) != (
-            sighting.port,
-            sighting.version,
-            sighting.owner,
-            True,
-            sighting.locked,
-            sighting.router_credentials,
-        )
-        backend.port, backend.version, backend.owner = sighting.port, sighting.version, sighting.owner
-        backend.locked, backend.router_credentials = sighting.locked, sighting.router_credentials
-        backend.up = True
-        backend.last_seen = now
-        if changed:
+        elif _routing_fields(existing) != _routing_fields(backend):
             self._notify("updated", backend)
         return backend
 
@@ -195,7 +233,7 @@ class Registry:
         stale = [b for b in self._by_slug.values() if b.last_seen < deadline]
         for backend in stale:
             self._remove(backend, f"not seen for {self._stale_after:g}s")
-        return [b.snapshot() for b in stale]
+        return stale
 
     def _remove(self, backend: Backend, reason: str) -> None:
         del self._by_slug[backend.slug]
@@ -222,36 +260,72 @@ class Registry:
             counter += 1
         return f"{base}-{digest}-{counter}"
 
+    # -- names -----------------------------------------------------------
+    def slug_for_path(self, project_path: str) -> str:
+        """The slug of the project at ``project_path``: its own when registered, else the one it would get now."""
+        existing = self.by_path(project_path)
+        return existing.slug if existing is not None else self._free_slug(project_path)
+
+    def mdns_candidates(self, slug: str, attempts: int) -> list[str]:
+        """Names to try, in order, for advertising ``slug``: its host label, then ``-2``, ``-3``, ...
+
+        Names another backend uses (its host label or advertised name) are left out.
+        """
+        backend = self._by_slug.get(slug)
+        if backend is None:
+            return []
+        taken = {b.host_label for b in self._by_slug.values() if b.slug != slug}
+        taken |= {b.mdns_name for b in self._by_slug.values() if b.slug != slug and b.mdns_name}
+        names = [backend.host_label] + [f"{backend.host_label}-{n}" for n in range(2, attempts + 1)]
+        return [name for name in names if name not in taken]
+
+    def set_mdns_name(self, slug: str, name: str | None) -> None:
+        """Record the name ``slug`` is advertised under (None: withdrawn); observers see an update."""
+        backend = self._by_slug.get(slug)
+        if backend is None or backend.mdns_name == name:
+            return
+        changed = self._by_slug[slug] = dataclasses.replace(backend, mdns_name=name)
+        self._notify("updated", changed)
+
     # -- lookups ---------------------------------------------------------
     def backends(self) -> list[Backend]:
         """Every backend, sorted by slug."""
-        return [self._by_slug[slug].snapshot() for slug in sorted(self._by_slug)]
+        return [self._by_slug[slug] for slug in sorted(self._by_slug)]
 
     def __len__(self) -> int:
         return len(self._by_slug)
 
     def by_slug(self, slug: str) -> Backend | None:
         """The backend with this slug."""
-        backend = self._by_slug.get(slug)
-        return backend.snapshot() if backend else None
+        return self._by_slug.get(slug)
+
+    def by_host_label(self, label: str) -> Backend | None:
+        """The backend whose host label (``{slug}-{user}``) or advertised mDNS name is ``label``."""
+        labels = self._labels
+        if labels is None:
+            labels = {}
+            for backend in self._by_slug.values():
+                if backend.mdns_name:
+                    labels[backend.mdns_name] = backend.slug
+            # Host labels win over a conflicting advertised name (they are what the API reports as domain).
+            labels.update({backend.host_label: backend.slug for backend in self._by_slug.values()})
+            self._labels = labels
+        slug = labels.get(label)
+        return self._by_slug.get(slug) if slug is not None else None
 
     def by_port(self, port: int) -> Backend | None:
         """The backend listening on this port."""
         for backend in self._by_slug.values():
             if backend.port == port:
-                return backend.snapshot()
-        return None
-
-    def _by_path_entry(self, project_path: str) -> Backend | None:
-        for backend in self._by_slug.values():
-            if backend.project_path == project_path:
                 return backend
         return None
 
     def by_path(self, project_path: str) -> Backend | None:
         """The backend serving exactly this project path."""
-        backend = self._by_path_entry(project_path)
-        return backend.snapshot() if backend else None
+        for backend in self._by_slug.values():
+            if backend.project_path == project_path:
+                return backend
+        return None
 
     def resolve_path(self, query: str) -> Backend | None:
         """Exact normalised path, else a trailing-segments match, else the basename's slug."""
@@ -286,23 +360,8 @@ class Registry:
         return self.by_slug(slugify(wanted))
 
 
-class Naming:
-    """Host names of backends: ``{slug}-{name}``, name being ``--username`` for the router's own user."""
+def _routing_fields(backend: Backend) -> tuple[object, ...]:
+    """What observers hear about when it changes (``last_seen`` alone is not a change)."""
+    return (backend.port, backend.version, backend.owner, backend.up, backend.locked, backend.router_credentials,
+            backend.mdns_name)
 
-    def __init__(self, username: str, os_user: str) -> None:
-        self.username = username
-        self.os_user = os_user
-
-    def owner_name(self, backend: Backend) -> str:
-        """The user name a backend's host name carries."""
-        if backend.owner is None or backend.owner == self.os_user:
-            return self.username
-        return backend.owner
-
-    def host_label(self, backend: Backend) -> str:
-        """``{slug}-{name}``: the first label of the backend's host names."""
-        return f"{backend.slug}-{slugify(self.owner_name(backend))}"
-
-    def domain(self, backend: Backend) -> str:
-        """The backend's mDNS host name, ``{slug}-{name}.local``."""
-        return f"{self.host_label(backend)}.local"

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from .registry import Backend, Naming, Registry
+from .registry import Backend, Registry
 
 _HOST_SUFFIXES = (".local", ".localhost")
 
@@ -133,31 +133,18 @@ class RouterResource(Resource):
     def __init__(
         self,
         registry: Registry,
-        naming: Naming,
         proxy_factory: ProxyFactory,
         own_routes: dict[bytes, IResource],
         dashboard: IResource,
-        host_aliases: Callable[[], dict[str, str]] | None = None,
         own_host_names: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.registry = registry
-        self.naming = naming
         self.proxy_factory = proxy_factory
         self.own_routes = own_routes
         self.dashboard = dashboard
-        self._host_aliases = host_aliases or dict
         #: Names of the router's own machine (``devbox.local``): they reach the router, not a backend.
         self.own_host_names = own_host_names
-        # Host label → slug, rebuilt after any registry change (not per request: that copied every backend).
-        self._labels: dict[str, str] | None = None
-        registry.subscribe(self)
-
-    def added(self, backend: Backend) -> None:
-        """Registry changes invalidate the host-label table."""
-        self._labels = None
-
-    updated = removed = added
 
     def backend_for_host(self, name: str) -> Backend | None:
         """The backend whose ``.local``/``.localhost`` name (or advertised alias) is ``name``."""
@@ -167,11 +154,7 @@ class RouterResource(Resource):
                 break
         else:
             return None
-        labels = self._labels
-        if labels is None:
-            labels = self._labels = {self.naming.host_label(b): b.slug for b in self.registry.backends()}
-        slug = labels.get(label) or self._host_aliases().get(label)
-        return self.registry.by_slug(slug) if slug else None
+        return self.registry.by_host_label(label)
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         """Pick the resource for this request (``name`` is the first path segment)."""

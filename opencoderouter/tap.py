@@ -112,8 +112,8 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     top = MultiService()
-    registry = Registry(reactor, stale_after=options["stale-after"])
-    naming = Naming(username=options["username"], os_user=default_username())
+    registry = Registry(reactor, stale_after=options["stale-after"],
+                        naming=Naming(username=options["username"], os_user=default_username()))
     metrics = RouterMetrics(registry)
 
     owner_filter = options["owner-filter"]
@@ -169,7 +169,6 @@ def makeService(options: Options) -> MultiService:
     if options["mdns"]:
         advertiser = MdnsAdvertiser(
             registry,
-            naming,
             reactor,
             listening=lambda: web.when_listening(),
             interfaces=options["mdns-interface"],
@@ -177,20 +176,18 @@ def makeService(options: Options) -> MultiService:
         )
     events = EventStream(
         registry,
-        naming,
         reactor,
         # Called only for dashboard clients, so after ``web`` below exists.
         router_info=lambda: _router_info(options, web),
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
-        backend_extras=_mdns_name_of(advertiser),
+        mdns=options["mdns"],
     )
     api = RouterAPI(
         registry,
-        naming,
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
         launcher=launcher,
-        mdns_names=advertiser.advertised_names if advertiser else None,
+        mdns=options["mdns"],
         events=events,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
@@ -205,12 +202,10 @@ def makeService(options: Options) -> MultiService:
     }
     root = RouterResource(
         registry,
-        naming,
         security.with_backend_credentials(proxy_factory, backend_credentials),
         own_routes=own_routes,
         dashboard=Dashboard(assets),
         own_host_names=_own_host_names(),
-        host_aliases=advertiser.host_aliases if advertiser else None,
     )
     guard = security.Guard(
         clock=reactor,
@@ -251,13 +246,6 @@ def makeService(options: Options) -> MultiService:
     top.addService(_ClosePoolOnStop(proxy_factory))
     top.addService(_CloseEventStreamsOnStop(events))
     return top
-
-
-def _mdns_name_of(advertiser: MdnsAdvertiser | None) -> Any:
-    """The dashboard stream's ``mdns_name`` field, as ``/api/backends`` has it."""
-    if advertiser is None:
-        return None
-    return lambda backend: {"mdns_name": advertiser.advertised_names().get(backend.slug)}
 
 
 def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:

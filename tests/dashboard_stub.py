@@ -65,9 +65,10 @@ class Instances(Resource):
 
 def main(port: int) -> None:
     """Serve until killed."""
-    registry = Registry(reactor, stale_after=3600)
+    registry = Registry(reactor, stale_after=3600, naming=Naming(username="alice", os_user="alice"))
     registry.record_scan([Sighting(30001, "/home/alice/alpha", "1.18.33", "alice")])
-    naming = Naming(username="alice", os_user="alice")
+    # As the mDNS advertiser records it after a name conflict.
+    registry.set_mdns_name("alpha", "alpha-alice-2")
     info = {"version": "0.1.0", "username": "alice", "listen": f"127.0.0.1:{port}", "listen_port": port,
             "scan_start": 30000, "scan_end": 30010, "scan_interval": 5.0, "stale_after": 30.0,
             "mdns": True, "launcher": True}
@@ -76,9 +77,7 @@ def main(port: int) -> None:
     root.putChild(b"", Dashboard(assets))
     root.putChild(b"_router", DashboardAssets(assets))
     api = Resource()
-    # As the mDNS advertiser reports after a name conflict.
-    mdns = lambda backend: {"mdns_name": f"{naming.host_label(backend)}-2.local"}
-    api.putChild(b"events", EventStream(registry, naming, reactor, router_info=lambda: info, backend_extras=mdns))
+    api.putChild(b"events", EventStream(registry, reactor, router_info=lambda: info, mdns=True))
     api.putChild(b"instances", Instances())
     root.putChild(b"api", api)
     reactor.listenTCP(port, Site(root), interface="127.0.0.1")

@@ -31,14 +31,13 @@ class Forwarded(Resource):
 def router(tmp_path):
     clock = Clock()
     clock.advance(1_772_302_200)  # 2026-02-28T18:10:00Z
-    registry = Registry(clock, stale_after=30)
+    registry = Registry(clock, stale_after=30, naming=Naming(username="al", os_user="alice"))
     project = tmp_path / "Archer"
     project.mkdir()
     registry.record_scan([Sighting(30000, str(project), "1.18.33", owner="alice"),
                           Sighting(30001, "/srv/other/api", "1.18.33", owner="bob")])
-    naming = Naming(username="al", os_user="alice")
-    api = RouterAPI(registry, naming)
-    root = RouterResource(registry, naming, Forwarded, own_routes={b"api": api.resource()}, dashboard=Resource())
+    api = RouterAPI(registry)
+    root = RouterResource(registry, Forwarded, own_routes={b"api": api.resource()}, dashboard=Resource())
     return StubTreq(root), project
 
 

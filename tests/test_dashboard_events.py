@@ -35,10 +35,9 @@ def parse_sse(chunks: list[bytes]) -> list[tuple[str, Any]]:
 
 
 def make_stream(clock: Clock, **kwargs: Any) -> tuple[Registry, EventStream]:
-    registry = Registry(clock, stale_after=30)
-    naming = Naming(username="alice", os_user="alice")
+    registry = Registry(clock, stale_after=30, naming=Naming(username="alice", os_user="alice"))
     info = {"version": "9.9", "username": "alice", "scan_start": 30000, "scan_end": 30010}
-    return registry, EventStream(registry, naming, clock, router_info=lambda: info, **kwargs)
+    return registry, EventStream(registry, clock, router_info=lambda: info, **kwargs)
 
 
 class StreamRequest(DummyRequest):
@@ -221,15 +220,18 @@ def test_hostile_project_path_is_carried_as_data_not_markup():
     assert b"\n<script" not in raw and raw.count(b"\ndata: ") == 2
 
 
-def test_other_parts_add_fields_to_each_backend():
+def test_advertised_mdns_names_are_on_each_backend_and_their_changes_are_sent():
     clock = Clock()
-    registry, stream = make_stream(clock, backend_extras=lambda b: {"mdns_name": f"{b.slug}-alice-2.local"})
+    registry, stream = make_stream(clock, mdns=True)
     registry.record_scan([Sighting(30001, "/p/alpha", "1", None)])
+    registry.set_mdns_name("alpha", "alpha-alice-2")
     request = open_stream(stream)
-    registry.record_scan([Sighting(30002, "/p/beta", "1", None)])
+    registry.record(Sighting(30002, "/p/beta", "1", None))
+    registry.set_mdns_name("beta", "beta-alice-2")
     events = parse_sse(request.written)
-    assert events[1][1]["backends"][0]["mdns_name"] == "alpha-alice-2.local"
-    assert events[2] == ("added", events[2][1]) and events[2][1]["backend"]["mdns_name"] == "beta-alice-2.local"
+    assert events[1][1]["backends"][0]["mdns_name"] == "alpha-alice-2"
+    assert events[2] == ("added", events[2][1]) and events[2][1]["backend"]["mdns_name"] is None
+    assert events[3] == ("updated", events[3][1]) and events[3][1]["backend"]["mdns_name"] == "beta-alice-2"
 
 
 def test_a_client_that_stops_reading_is_dropped_not_buffered():

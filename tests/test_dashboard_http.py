@@ -16,7 +16,7 @@ from twisted.web.server import Site
 
 from opencoderouter.dashboard import load_assets
 from opencoderouter.events import EventStream
-from opencoderouter.registry import Naming, Registry
+from opencoderouter.registry import Registry
 
 from .support import free_port_block, http_get
 
@@ -161,7 +161,7 @@ def test_assets_hold_every_file_the_page_names():
 async def test_a_client_that_stops_reading_is_dropped_over_a_real_socket():
     """A stalled tab must not make the router buffer events without bound."""
     clock_registry = Registry(reactor, stale_after=30)
-    stream = EventStream(clock_registry, Naming("alice", "alice"), reactor, tick=0)
+    stream = EventStream(clock_registry, reactor, tick=0)
     site = Site(stream)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     stalled = socket.socket()

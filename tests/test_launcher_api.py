@@ -34,8 +34,8 @@ class FromAddress(Resource):
 
 def make_api(tmp_path: Path, names: tuple[str, ...] = ("alpha",)) -> tuple[Any, Any, Any, Registry]:
     launcher, reactor, directories = make_launcher(tmp_path, names=names)
-    registry = Registry(reactor, stale_after=30)
-    api = RouterAPI(registry, Naming("alice", "alice"), launcher=launcher)
+    registry = Registry(reactor, stale_after=30, naming=Naming("alice", "alice"))
+    api = RouterAPI(registry, launcher=launcher)
     launcher.startService()
     return api, launcher, reactor, registry
 

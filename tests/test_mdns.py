@@ -100,8 +100,7 @@ class Harness:
     def __init__(self, bind: Any = IPv4Address("TCP", "0.0.0.0", 8080), entries: list[InterfaceAddress] | None = None,
                  selectors: Sequence[str] = (), immediate: bool = True) -> None:
         self.clock = Clock()
-        self.registry = Registry(self.clock, stale_after=30)
-        self.naming = Naming(username="alice", os_user="alice")
+        self.registry = Registry(self.clock, stale_after=30, naming=Naming(username="alice", os_user="alice"))
         self.entries = list(ETH if entries is None else entries)
         self.responders: list[FakeResponder] = []
         self.listening: Deferred[Any] = Deferred()
@@ -114,7 +113,7 @@ class Harness:
             return defer.succeed(responder)
 
         self.advertiser = MdnsAdvertiser(
-            self.registry, self.naming, self.clock, listening=lambda: self.listening, interfaces=selectors,
+            self.registry, self.clock, listening=lambda: self.listening, interfaces=selectors,
             refresh_interval=5.0, addresses=lambda: list(self.entries), responder_factory=factory,
         )
 
@@ -189,14 +188,13 @@ def test_specific_hostname_outside_mdns_interface_is_not_advertised():
 
 def test_service_info_carries_name_host_port_addresses_and_every_txt_key():
     clock = Clock()
-    registry = Registry(clock, stale_after=30)
-    naming = Naming(username="alice", os_user="alice")
+    registry = Registry(clock, stale_after=30, naming=Naming(username="alice", os_user="alice"))
     backend = registry.record(Sighting(port=30001, project_path="/home/alice/My App", version="1.2.3"))
-    advert = make_advert(backend, naming, 8080, ("192.168.1.20",))
+    advert = make_advert(backend, 8080, ("192.168.1.20",))
     info = service_info(advert, advert.label)
     assert info.type == SERVICE_TYPE
     assert info.name == "my-app-alice._opencode._tcp.local."
-    assert info.server == naming.domain(backend) + "." == "my-app-alice.local."
+    assert info.server == backend.domain + "." == "my-app-alice.local."
     assert info.port == 8080
     assert info.parsed_addresses() == ["192.168.1.20"]
     assert txt(info) == {
@@ -211,10 +209,9 @@ def test_service_info_carries_name_host_port_addresses_and_every_txt_key():
 
 def test_overlong_txt_value_is_cut_to_fit_one_txt_string():
     clock = Clock()
-    registry = Registry(clock, stale_after=30)
-    naming = Naming(username="alice", os_user="alice")
+    registry = Registry(clock, stale_after=30, naming=Naming(username="alice", os_user="alice"))
     backend = registry.record(Sighting(port=30001, project_path="/p/" + "é" * 300, version="1"))
-    info = service_info(make_advert(backend, naming, 8080, ("10.0.0.1",)), "x-alice")
+    info = service_info(make_advert(backend, 8080, ("10.0.0.1",)), "x-alice")
     assert len(b"path=" + info.properties[b"path"]) <= 255
     info.properties[b"path"].decode("utf-8")  # cut on a character boundary
 
@@ -240,7 +237,7 @@ def test_own_backends_are_registered_with_the_listening_port_and_addresses():
     infos = h.responder.registered
     assert sorted(infos) == ["alpha-alice._opencode._tcp.local.", "beta-alice._opencode._tcp.local."]
     assert all(i.port == 31999 and i.parsed_addresses() == ["192.168.1.20"] for i in infos.values())
-    assert h.advertiser.advertised_names() == {"alpha": "alpha-alice", "beta": "beta-alice"}
+    assert advertised_names(h.registry) == {"alpha": "alpha-alice", "beta": "beta-alice"}
 
 
 def test_backends_found_before_start_are_registered_at_start():
@@ -255,7 +252,7 @@ def test_another_users_backend_is_not_advertised():
     h.start()
     h.see("/src/theirs", 30003, owner="bob")
     assert h.responder.registered == {}
-    assert h.advertiser.advertised_names() == {}
+    assert advertised_names(h.registry) == {}
 
 
 def test_backend_changing_owner_to_another_user_is_withdrawn():
@@ -303,7 +300,7 @@ def test_pruned_backend_is_unregistered():
     h.registry.prune_stale()
     assert h.responder.registered == {}
     assert h.responder.calls[-1] == ("unregister", "alpha-alice._opencode._tcp.local.")
-    assert h.advertiser.advertised_names() == {}
+    assert advertised_names(h.registry) == {}
 
 
 def test_changes_during_a_registration_are_applied_after_it():
@@ -329,8 +326,8 @@ def test_name_taken_on_the_network_moves_to_the_next_free_name_deterministically
     assert list(h.responder.registered) == ["alpha-alice-3._opencode._tcp.local."]
     info = h.responder.registered["alpha-alice-3._opencode._tcp.local."]
     assert info.server == "alpha-alice-3.local."
-    assert h.advertiser.advertised_names() == {"alpha": "alpha-alice-3"}
-    assert h.advertiser.host_aliases() == {"alpha-alice-3": "alpha"}
+    assert advertised_names(h.registry) == {"alpha": "alpha-alice-3"}
+    assert h.registry.by_host_label("alpha-alice-3").slug == "alpha"
 
 
 def test_advertised_name_is_in_api_backends_and_routes_by_host():
@@ -339,13 +336,12 @@ def test_advertised_name_is_in_api_backends_and_routes_by_host():
     h.responder.taken_names.add("alpha-alice._opencode._tcp.local.")
     h.see("/src/alpha", 30001)
     h.see("/src/theirs", 30002, owner="bob")
-    api = RouterAPI(h.registry, h.naming, mdns_names=h.advertiser.advertised_names)
+    api = RouterAPI(h.registry, mdns=True)
     stub = StubTreq(api.resource())
     response = pytest_twisted_result(stub.get("http://router/backends"))
     body = json.loads(pytest_twisted_result(response.content()))
     assert {b["slug"]: b["mdns_name"] for b in body} == {"alpha": "alpha-alice-2", "theirs": None}
-    root = RouterResource(h.registry, h.naming, lambda *a: None, {}, dashboard=None,  # type: ignore[arg-type]
-                          host_aliases=h.advertiser.host_aliases)
+    root = RouterResource(h.registry, lambda *a: None, {}, dashboard=None)  # type: ignore[arg-type]
     assert root.backend_for_host("alpha-alice-2.local").slug == "alpha"
     assert root.backend_for_host("alpha-alice.local").slug == "alpha"
 
@@ -353,9 +349,14 @@ def test_advertised_name_is_in_api_backends_and_routes_by_host():
 def test_api_has_no_mdns_name_when_mdns_is_off():
     h = Harness()
     h.see("/src/alpha", 30001)
-    stub = StubTreq(RouterAPI(h.registry, h.naming).resource())
+    stub = StubTreq(RouterAPI(h.registry).resource())
     body = json.loads(pytest_twisted_result(pytest_twisted_result(stub.get("http://router/backends")).content()))
     assert "mdns_name" not in body[0]
+
+
+def advertised_names(registry: Registry) -> dict[str, str]:
+    """``{slug: advertised name}`` as the registry records them."""
+    return {b.slug: b.mdns_name for b in registry.backends() if b.mdns_name}
 
 
 def pytest_twisted_result(d: Deferred[Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -141,10 +142,11 @@ def test_a_failing_observer_does_not_stop_the_others():
     assert recorder.events == [("added", "one", 30001, True)]
 
 
-def test_snapshots_are_independent_copies():
+def test_backends_handed_out_cannot_change_the_registry():
     registry, _ = make_registry()
     registry.record_scan([Sighting(30001, "/p/one", "1")])
-    registry.by_slug("one").port = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        registry.by_slug("one").port = 1  # type: ignore[misc]
     assert registry.by_slug("one").port == 30001
 
 
@@ -204,8 +206,49 @@ def test_resolve_unknown(resolving):
 def test_domains_use_username_for_own_backends_and_the_owner_for_others():
     registry, _ = make_registry()
     me = os.environ.get("USER", "root")
-    naming = Naming(username="alice", os_user=me)
+    registry = Registry(Clock(), stale_after=30.0, naming=Naming(username="alice", os_user=me))
     registry.record_scan([Sighting(30001, "/p/one", "1", owner=me), Sighting(30002, "/p/two", "1", owner="bob"),
                           Sighting(30003, "/p/three", "1", owner=None)])
-    domains = {b.slug: naming.domain(b) for b in registry.backends()}
+    domains = {b.slug: b.domain for b in registry.backends()}
     assert domains == {"one": "one-alice.local", "two": "two-bob.local", "three": "three-alice.local"}
+
+
+def test_registry_names_backends_host_labels_and_advertised_names():
+    registry = Registry(Clock(), stale_after=30.0, naming=Naming(username="alice", os_user="alice"))
+    registry.record_scan([Sighting(30001, "/p/alpha", "1", owner="alice"), Sighting(30002, "/p/beta", "1", owner="bob")])
+    alpha = registry.by_slug("alpha")
+    assert (alpha.owner_name, alpha.host_label, alpha.domain, alpha.mdns_name) == (
+        "alice", "alpha-alice", "alpha-alice.local", None)
+    assert registry.by_host_label("beta-bob").slug == "beta"
+    assert registry.by_host_label("alpha-alice-2") is None
+    registry.set_mdns_name("alpha", "alpha-alice-2")
+    assert registry.by_slug("alpha").mdns_name == "alpha-alice-2"
+    assert registry.by_host_label("alpha-alice-2").slug == "alpha"
+    assert registry.by_host_label("alpha-alice").slug == "alpha"
+
+
+def test_mdns_candidates_skip_names_other_backends_use():
+    registry = Registry(Clock(), stale_after=30.0, naming=Naming(username="alice", os_user="alice"))
+    registry.record_scan([Sighting(30001, "/p/alpha", "1"), Sighting(30002, "/q/alpha", "1")])
+    registry.set_mdns_name("alpha-q", "alpha-alice-2")
+    assert registry.mdns_candidates("alpha", 4) == ["alpha-alice", "alpha-alice-3", "alpha-alice-4"]
+    assert registry.mdns_candidates("nope", 4) == []
+
+
+def test_setting_an_mdns_name_is_an_update_observers_see_once():
+    registry, _ = make_registry()
+    recorder = Recorder()
+    registry.record_scan([Sighting(30001, "/p/one", "1")])
+    registry.subscribe(recorder)
+    registry.set_mdns_name("one", "one-x")
+    registry.set_mdns_name("one", "one-x")
+    registry.set_mdns_name("gone", "gone-x")
+    assert recorder.events == [("updated", "one", 30001, True)]
+
+
+def test_slug_for_path_is_the_registered_slug_or_the_one_it_would_get():
+    registry, _ = make_registry()
+    registry.record_scan([Sighting(30001, "/w/api2", "1")])
+    assert registry.slug_for_path("/w/api2") == "api2"
+    assert registry.slug_for_path("/x/api2") == "api2-x"
+    assert registry.slug_for_path("/x/api") == "api-x"

@@ -416,7 +416,7 @@ async def test_the_api_keeps_answering_quickly_while_1001_ports_are_probed(crowd
     from twisted.web.server import Site
 
     from opencoderouter.api import RouterAPI
-    from opencoderouter.registry import Naming
+
 
     start, _, servers = crowded_range
     pool = quiet_pool(reactor, persistent=False)
@@ -424,7 +424,7 @@ async def test_the_api_keeps_answering_quickly_while_1001_ports_are_probed(crowd
     prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
     scanner = Scanner(registry, prober, reactor, (start, start + 1000), interval=60, concurrency=20,
                       quick_interval=0, list_listeners=lambda s, e: None)
-    api = RouterAPI(registry, Naming("u", "u"))
+    api = RouterAPI(registry)
     listening = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
     url = f"http://127.0.0.1:{listening.getHost().port}/health"
     scans = 0
