@@ -1,7 +1,7 @@
-"""CPU cost per request of the security layer (GuardedSite/GuardedChannel), in process, no sockets.
+"""CPU cost per request of the guard (RouterSite, RouterChannel, GuardedRoot), in process, no sockets.
 
-Feeds keep-alive requests for a tiny resource through a plain twisted.web Site, a GuardedSite
-(host allow-list, origin check, head limits and deadline) and a GuardedSite with token auth, and
+Feeds keep-alive requests for a tiny resource through a plain twisted.web Site, a RouterSite with the
+guard (route decision, host allow-list, origin check, head limits and deadline) and the same with token auth, and
 prints the CPU time per request (min and median of 7 runs). Run: python bench/security_overhead.py
 """
 
@@ -15,7 +15,12 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from opencoderouter.security import Authenticator, Guard, GuardedSite, HostPolicy
+from opencoderouter.auth import Authentication, Authenticator
+from opencoderouter.channel import RouterSite
+from opencoderouter.guard import Guard, GuardedRoot
+from opencoderouter.hosts import HostPolicy
+from opencoderouter.registry import Registry
+from opencoderouter.routing import Router, RouterResource
 
 TOKEN = b"t" * 32
 
@@ -49,14 +54,18 @@ def per_request(site: Site, count: int, extra_headers: bytes = b"") -> float:
 def main() -> None:
     """Print the figures."""
     hosts = HostPolicy(lambda name: None, clock=reactor)
+    router = Router(Registry(reactor, 30), hosts)
+
+    def guarded(authenticator: Authenticator) -> RouterSite:
+        root = RouterResource(router, lambda route: Hello(), own_routes={b"api": Hello()}, dashboard=Hello())
+        guard = Guard(hosts, Authentication(reactor, authenticator))
+        return RouterSite(GuardedRoot(root, guard), router=router, reactor=reactor)
+
     sites = {
         "plain Site": (Site(Hello(), reactor=reactor), b""),
-        "GuardedSite, auth off": (GuardedSite(Hello(), guard=Guard(clock=reactor, hosts=hosts), reactor=reactor), b""),
-        "GuardedSite, Bearer token": (
-            GuardedSite(Hello(), guard=Guard(clock=reactor, hosts=hosts, authenticator=Authenticator(TOKEN)),
-                        reactor=reactor),
-            b"Authorization: Bearer " + TOKEN + b"\r\n",
-        ),
+        "RouterSite, auth off": (guarded(Authenticator()), b""),
+        "RouterSite, Bearer token": (guarded(Authenticator(TOKEN, clock=reactor)),
+                                     b"Authorization: Bearer " + TOKEN + b"\r\n"),
     }
     results: dict[str, list[float]] = {name: [] for name in sites}
     for _ in range(7):

@@ -25,13 +25,13 @@ class _Forward(ReverseProxyResource):
 class StockProxyFactory:
     """Same call signature as the router's proxy factory."""
 
-    def __init__(self, reactor: Any, **_options: Any) -> None:
-        # Options of the router's own factory (e.g. backend_timeout) do not apply to the stock proxy.
-        self.reactor = reactor
+    def __init__(self, forwarder: Any) -> None:
+        # The router's forwarder (pool, timeouts, credentials) does not apply to the stock proxy.
+        self.reactor = forwarder.reactor
 
-    def __call__(self, backend: Any, path: bytes, prefix: bytes, mode: str) -> Any:
-        """A stock reverse proxy to ``backend`` for ``path`` (query dropped: render re-adds it)."""
-        return _Forward("127.0.0.1", backend.port, path.partition(b"?")[0], self.reactor)
+    def __call__(self, route: Any) -> Any:
+        """A stock reverse proxy to the route's backend (query dropped: render re-adds it)."""
+        return _Forward("127.0.0.1", route.backend.port, route.target.partition(b"?")[0], self.reactor)
 
     def close(self) -> Any:
         """Nothing is cached."""

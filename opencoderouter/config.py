@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 from twisted.python import usage
 
+from .exposure import check_endpoint, listen_endpoint
+
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _TRUE_WORDS = {"true", "yes", "1", "on"}
@@ -137,7 +139,7 @@ class Options(usage.Options):
         ["backend-timeout", None, 30.0, "Answer 504 when a backend sends no response headers within this long.",
          _flag_coercer("backend-timeout", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
-        # -- security (see opencoderouter/security.py) --
+        # -- security (see guard.py, auth.py, hosts.py, owners.py, channel.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
         ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],
         ["basic-auth-file", None, None, "File of 'user:bcrypt-hash' lines for HTTP Basic authentication."],
@@ -230,19 +232,18 @@ class Options(usage.Options):
 
     def _load_security(self) -> None:
         """Read the credential files and check --owners now, so that a mistake stops start-up."""
-        from . import security
+        from .auth import load_basic_users, load_password, load_token
+        from .owners import OwnerFilter
 
         try:
-            self["owner-filter"] = security.OwnerFilter(self["owners"], default_username())
+            self["owner-filter"] = OwnerFilter(self["owners"], default_username())
         except ValueError as error:
             raise usage.UsageError(f"--owners: {error}") from None
         try:
-            self["auth-token"] = security.load_token(self["auth-token-file"]) if self["auth-token-file"] else None
-            self["basic-users"] = (
-                security.load_basic_users(self["basic-auth-file"]) if self["basic-auth-file"] else {}
-            )
+            self["auth-token"] = load_token(self["auth-token-file"]) if self["auth-token-file"] else None
+            self["basic-users"] = load_basic_users(self["basic-auth-file"]) if self["basic-auth-file"] else {}
             self["opencode-password"] = (
-                security.load_password(self["opencode-password-file"]) if self["opencode-password-file"] else None
+                load_password(self["opencode-password-file"]) if self["opencode-password-file"] else None
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
@@ -259,20 +260,9 @@ def _find_opencode(name: str, required: bool) -> str | None:
     return os.path.abspath(found) if found else None
 
 
-def _escape_endpoint(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-
-
-def listen_endpoint(port: int, hostname: str) -> str:
-    """The endpoint description for ``--port``/``--hostname``."""
-    return f"tcp:{port}:interface={_escape_endpoint(hostname)}"
-
-
 def _check_endpoint(description: str) -> None:
     """Check the syntax and the endpoint type, without listening or touching inherited sockets."""
-    from twisted.internet.endpoints import _parseServer
-
     try:
-        _parseServer(description, None)
-    except (ValueError, TypeError, KeyError) as error:
+        check_endpoint(description)
+    except ValueError as error:
         raise usage.UsageError(f"--listen: {description!r} is not an endpoint ({error})") from None

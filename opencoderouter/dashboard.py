@@ -13,8 +13,6 @@ from importlib import resources
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-#: URL prefix of the router's own files; must match the paths in ``static/index.html``.
-ASSETS_SEGMENT = b"_router"
 
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",

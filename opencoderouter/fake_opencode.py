@@ -201,10 +201,8 @@ class FakeOpenCode(Resource):
         if not key or upgrade != b"websocket":
             return self._json(request, {"name": "BadRequest", "data": {"message": "expected a WebSocket upgrade"}}, 400)
         accept = base64.b64encode(hashlib.sha1(key.strip() + _WS_GUID).digest())
-        from .proxy import take_over_transport
-
         echo = _PtyEcho(self.ptys[pty_id])
-        transport = take_over_transport(request, echo)
+        transport = _take_over_transport(request, echo)
         transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
@@ -262,6 +260,27 @@ class FakeOpenCode(Resource):
 
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _take_over_transport(request: IRequest, protocol: Any) -> Any:
+    """Detach the client's connection from twisted.web and give it to ``protocol`` (after a 101)."""
+    channel = request.channel
+    transport = channel.transport
+    channel.setTimeout(None)
+    transport.unregisterProducer()
+    original_lost = channel.connectionLost
+
+    def connection_lost(reason: Failure) -> None:
+        try:
+            protocol.connectionLost(reason)
+        finally:
+            original_lost(reason)
+
+    channel.dataReceived = protocol.dataReceived
+    channel.connectionLost = connection_lost
+    protocol.makeConnection(transport)
+    transport.resumeProducing()
+    return transport
 
 
 def ws_frame(opcode: int, payload: bytes) -> bytes:

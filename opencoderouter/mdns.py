@@ -32,7 +32,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
-import ifaddr
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -41,6 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .interfaces import InterfaceAddress, system_addresses
 from .registry import Backend, Registry
 
 log = Logger()
@@ -57,30 +57,6 @@ HOST_CHECK_MS = 200
 
 
 # -- addresses -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InterfaceAddress:
-    """One address of one network interface."""
-
-    interface: str
-    index: int | None
-    address: str
-
-    @property
-    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        """The address as an ``ipaddress`` object."""
-        return ipaddress.ip_address(self.address)
-
-
-def system_addresses() -> list[InterfaceAddress]:
-    """Every address of every interface on this machine (``getifaddrs`` through ifaddr)."""
-    found = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            address = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
-            found.append(InterfaceAddress(adapter.name, adapter.index, address))
-    return found
 
 
 def _selected(entry: InterfaceAddress, selectors: Sequence[str]) -> bool:

@@ -19,7 +19,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from . import __version__
-from .registry import Backend, Registry
+from .registry import Registry
+from .routing import Route
 
 #: Distinct slugs that get their own series; later ones are counted under ``OTHER_SLUG``.
 MAX_SLUG_LABELS = 200
@@ -263,9 +264,10 @@ class MeteredProxyFactory:
         self.metrics = metrics
         self.clock = clock
 
-    def __call__(self, backend: Backend, path: bytes, prefix: bytes, mode: str) -> IResource:
+    def __call__(self, route: Route) -> IResource:
         """The inner proxy's resource for this request, metered."""
-        return _Metered(self.inner(backend, path, prefix, mode), self, backend.slug, mode)
+        assert route.backend is not None and route.mode is not None
+        return _Metered(self.inner(route), self, route.backend.slug, route.mode.value)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (close(), pool, ...) is the inner factory's.

@@ -1,56 +1,93 @@
-"""The root resource: host-based routing, the router's own routes, path-based routing, 404s."""
+"""Where a request goes, decided once: :func:`Router.classify` → :class:`Route`, and the root resource.
+
+The decision reads the ``Host`` header, the request target and the registry, in this order:
+
+1. a Host that is not visible ASCII (raw UTF-8, control bytes) → ``BAD_HOST`` (400);
+2. a Host the router does not serve (DNS rebinding) → ``FOREIGN_HOST`` (421);
+3. ``/_router/login`` when the router has a sign-in form → ``LOGIN``;
+4. ``{slug}-{user}.local`` / ``.localhost`` → that backend, path untouched (``HOST`` mode), or
+   ``UNKNOWN_PROJECT`` (404) when no backend has that name;
+5. the router's own routes: ``/`` (dashboard), ``/api/...``, ``/metrics``, ``/_router/...``;
+6. ``/{slug}/rest?query`` → that backend with the prefix stripped (``PATH`` mode); ``/{slug}`` →
+   ``SLASH_REDIRECT`` (308 to ``/{slug}/``); an unknown slug → ``UNKNOWN_PROJECT``.
+
+The channel computes the Route when a request head is complete (the body limit depends on it),
+and the guard and the root resource read that same value.
+"""
 
 from __future__ import annotations
 
+import enum
 import html
-import json
-import re
-from typing import Callable, Protocol
-from urllib.parse import quote
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote, unquote_to_bytes
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from .registry import Backend, Registry
+from .hosts import HOST_SUFFIXES, HostPolicy, host_name, is_authority, is_visible_ascii
+from .registry import RESERVED_SLUGS, Backend, Registry
+from .responses import JSONAnswer, error_body, json_response
 
-_HOST_SUFFIXES = (".local", ".localhost")
-
-
-class ProxyFactory(Protocol):
-    """Builds the resource that forwards one request to a backend."""
-
-    def __call__(self, backend: Backend, path: bytes, prefix: bytes, mode: str) -> IResource:
-        """Forward to ``backend`` the raw ``path`` (with query); ``prefix`` was stripped (path mode)."""
+#: The sign-in form's path (on every host name, so a cookie can be set for each).
+LOGIN_PATH = b"/_router/login"
+#: The router's own files; ``_`` never appears in a slug, so no project can shadow them.
+ASSETS_SEGMENT = b"_router"
 
 
-_VALID_HOST = re.compile(rb"\A[\x21-\x7e]*\Z")
-_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-#: A host name (labels of at most 63 characters) or an IP literal, with an optional port.
-_STRICT_HOST = re.compile(
-    rb"\A(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{0,5})?\Z"
-)
+class Mode(enum.Enum):
+    """How a request names its backend."""
+
+    HOST = "host"
+    PATH = "path"
 
 
-def split_host(header: str) -> tuple[str, str | None]:
-    """``Host``/authority text → (lower-case name or address without brackets, port or None)."""
-    text = header.strip().lower()
-    if text.startswith("["):
-        address, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-        return address, port
-    name, colon, port = text.rpartition(":")
-    if colon and port.isdigit() and ":" not in name:
-        return name.rstrip("."), port
-    return text.rstrip("."), None
+class RouteKind(enum.Enum):
+    """What answers a request."""
+
+    FOREIGN_HOST = "foreign_host"
+    LOGIN = "login"
+    BAD_HOST = "bad_host"
+    DASHBOARD = "dashboard"
+    ROUTER_ASSET = "router_asset"
+    API = "api"
+    METRICS = "metrics"
+    BACKEND = "backend"
+    SLASH_REDIRECT = "slash_redirect"
+    UNKNOWN_PROJECT = "unknown_project"
 
 
-def host_name(request: IRequest) -> str | None:
-    """The Host header's name, lower-cased, without port or trailing dot; None for IPv6 literals."""
-    header = request.getHeader(b"host")
-    if not header or header.strip().startswith(b"["):
-        return None
-    name, _port = split_host(header.decode("latin-1"))
-    return name or None
+#: First path segments the router serves itself, and what they are.
+OWN_SEGMENTS = {b"api": RouteKind.API, b"metrics": RouteKind.METRICS, ASSETS_SEGMENT: RouteKind.ROUTER_ASSET}
+assert {s.decode() for s in OWN_SEGMENTS if not s.startswith(b"_")} <= RESERVED_SLUGS, "slugs must not shadow routes"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The routing decision for one request."""
+
+    kind: RouteKind
+    backend: Backend | None = None
+    mode: Mode | None = None
+    #: BACKEND: the path and query to send; SLASH_REDIRECT: the Location.
+    target: bytes = b""
+    #: PATH mode: the prefix that was stripped (``/{slug}``).
+    prefix: bytes = b""
+    #: UNKNOWN_PROJECT: the slug or host label asked for.
+    name: str = ""
+
+    @property
+    def to_backend(self) -> bool:
+        """True when the request is forwarded to a backend (rather than answered by the router)."""
+        return self.kind is RouteKind.BACKEND
+
+
+_FOREIGN = Route(RouteKind.FOREIGN_HOST)
+_LOGIN = Route(RouteKind.LOGIN)
+_BAD_HOST = Route(RouteKind.BAD_HOST)
+_DASHBOARD = Route(RouteKind.DASHBOARD)
+_OWN = {segment: Route(kind) for segment, kind in OWN_SEGMENTS.items()}
 
 
 def split_first_segment(uri: bytes) -> tuple[bytes, bytes, bytes]:
@@ -59,6 +96,63 @@ def split_first_segment(uri: bytes) -> tuple[bytes, bytes, bytes]:
     without_slash = path[1:] if path.startswith(b"/") else path
     first, slash, rest = without_slash.partition(b"/")
     return first, slash + rest, question + query
+
+
+class Router:
+    """Decides where each request goes, from its Host, its target and the registry."""
+
+    def __init__(self, registry: Registry, hosts: HostPolicy, login_enabled: bool = False) -> None:
+        self.registry = registry
+        self.hosts = hosts
+        #: The router has a sign-in form (a token is configured).
+        self.login_enabled = login_enabled
+
+    def backend_for_host(self, name: str) -> Backend | None:
+        """The backend whose ``.local``/``.localhost`` name (host label or advertised name) is ``name``."""
+        for suffix in HOST_SUFFIXES:
+            if name.endswith(suffix):
+                return self.registry.by_host_label(name[: -len(suffix)])
+        return None
+
+    def classify(self, host: bytes | None, uri: bytes, local_host: str | None = None) -> Route:
+        """The Route for a request with this Host header and raw target (``local_host``: where it arrived)."""
+        if host and not is_visible_ascii(host):
+            return _BAD_HOST
+        if host is not None and not self.hosts.allows_header(host, local_host):
+            return _FOREIGN
+        path = uri.split(b"?", 1)[0]
+        if self.login_enabled and path == LOGIN_PATH:
+            return _LOGIN
+        name = host_name(host)
+        if name is not None and name.endswith(HOST_SUFFIXES) and not self.hosts.is_machine_name(name):
+            backend = self.backend_for_host(name)
+            if backend is None:
+                return Route(RouteKind.UNKNOWN_PROJECT, name=name.rsplit(".", 1)[0])
+            return Route(RouteKind.BACKEND, backend, Mode.HOST, target=uri)
+        # The first segment as Twisted's resource traversal sees it (after the first byte, percent-decoded).
+        first = unquote_to_bytes(path[1:].split(b"/", 1)[0])
+        if first == b"":
+            return _DASHBOARD
+        own = _OWN.get(first)
+        if own is not None:
+            # Klein (werkzeug) answers 500 to a Host it cannot IDNA-encode (a 64-character label).
+            if host and not is_authority(host.strip().decode("ascii")):
+                return _BAD_HOST
+            return own
+        slug = first.decode("utf-8", "replace")
+        backend = self.registry.by_slug(slug)
+        if backend is None:
+            return Route(RouteKind.UNKNOWN_PROJECT, name=slug)
+        raw_first, rest, query = split_first_segment(uri)
+        prefix = b"/" + raw_first
+        if not rest:
+            return Route(RouteKind.SLASH_REDIRECT, backend, target=prefix + b"/" + query)
+        return Route(RouteKind.BACKEND, backend, Mode.PATH, target=rest + query, prefix=prefix)
+
+    def classify_request(self, request: IRequest) -> Route:
+        """:meth:`classify` for a complete request."""
+        local = getattr(request.getHost(), "host", None)
+        return self.classify(request.getHeader(b"host"), request.uri, local)
 
 
 def wants_html(request: IRequest) -> bool:
@@ -79,9 +173,9 @@ class NotFound(Resource):
 
     def render(self, request: IRequest) -> bytes:
         """Answer 404 in the representation the client accepts."""
-        request.setResponseCode(404)
-        request.setHeader(b"cache-control", b"no-store")
         if wants_html(request):
+            request.setResponseCode(404)
+            request.setHeader(b"cache-control", b"no-store")
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             items = "".join(
                 f'<li><a href="/{quote(slug)}/">{html.escape(slug)}</a></li>' for slug in self.known
@@ -92,8 +186,7 @@ class NotFound(Resource):
                 f"<p>Known projects:</p><ul>{items}</ul><p><a href=\"/\">Dashboard</a></p>"
             )
             return page.encode("utf-8")
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"error": "not_found", "slug": self.slug, "known": self.known}).encode("utf-8") + b"\n"
+        return json_response(request, error_body("not_found", slug=self.slug, known=self.known), 404)
 
 
 class BadHost(Resource):
@@ -103,11 +196,9 @@ class BadHost(Resource):
 
     def render(self, request: IRequest) -> bytes:
         """Say which header was wrong."""
-        request.setResponseCode(400)
-        request.setHeader(b"content-type", b"application/json")
         host = (request.getHeader(b"host") or b"").decode("latin-1")[:200]
         message = f"Host header {host!r} is not a host name (use ASCII; IDNs in punycode)"
-        return json.dumps({"error": "bad_request", "message": message}).encode("utf-8") + b"\n"
+        return json_response(request, error_body("bad_request", message), 400)
 
 
 class RedirectToSlash(Resource):
@@ -127,61 +218,68 @@ class RedirectToSlash(Resource):
         return b"Moved to " + self.location + b"\n"
 
 
+MISDIRECTED = JSONAnswer(
+    421,
+    error_body("misdirected_request", "this router does not serve that host name; "
+               "add it with --allowed-host if it is really this machine"),
+)
+
+
+class ProxyFactory(Protocol):
+    """Builds (or looks up) the resource that forwards requests on a Route to its backend."""
+
+    def __call__(self, route: Route) -> IResource:
+        """The forwarding resource for ``route`` (its backend, mode, target and prefix)."""
+
+
+def route_of(request: IRequest, router: Router) -> Route:
+    """The request's Route: the one its channel decided, or decided now for requests made elsewhere."""
+    from .channel import RouterRequest
+
+    if isinstance(request, RouterRequest):
+        if request.route is None:
+            request.route = router.classify_request(request)
+        return request.route
+    return router.classify_request(request)
+
+
 class RouterResource(Resource):
-    """The twisted.web root: host-based, then the router's own routes, then path-based."""
+    """The twisted.web root: answers each request the way its Route says."""
 
     def __init__(
         self,
-        registry: Registry,
+        router: Router,
         proxy_factory: ProxyFactory,
         own_routes: dict[bytes, IResource],
         dashboard: IResource,
-        own_host_names: frozenset[str] = frozenset(),
+        login: IResource | None = None,
     ) -> None:
         super().__init__()
-        self.registry = registry
+        self.router = router
+        self.registry = router.registry
         self.proxy_factory = proxy_factory
         self.own_routes = own_routes
         self.dashboard = dashboard
-        #: Names of the router's own machine (``devbox.local``): they reach the router, not a backend.
-        self.own_host_names = own_host_names
-
-    def backend_for_host(self, name: str) -> Backend | None:
-        """The backend whose ``.local``/``.localhost`` name (or advertised alias) is ``name``."""
-        for suffix in _HOST_SUFFIXES:
-            if name.endswith(suffix):
-                label = name[: -len(suffix)]
-                break
-        else:
-            return None
-        return self.registry.by_host_label(label)
+        self.login = login
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
-        """Pick the resource for this request (``name`` is the first path segment)."""
-        raw_host = request.getHeader(b"host")
-        if raw_host and not _VALID_HOST.match(raw_host.strip()):
-            return BadHost()
-        host = host_name(request)
-        if host is not None and host.endswith(_HOST_SUFFIXES) and host not in self.own_host_names:
-            backend = self.backend_for_host(host)
-            if backend is None:
-                label = host.rsplit(".", 1)[0]
-                return NotFound(label, [b.slug for b in self.registry.backends()])
-            request.postpath.insert(0, request.prepath.pop())
-            return self.proxy_factory(backend, request.uri, b"", "host")
-        if name == b"":
+        """The resource for this request (``name``, its first path segment, is already in the Route)."""
+        route = route_of(request, self.router)
+        kind = route.kind
+        if kind is RouteKind.BACKEND:
+            return self.proxy_factory(route)
+        if kind is RouteKind.DASHBOARD:
             return self.dashboard
-        if name in self.own_routes:
-            # Klein (werkzeug) answers 500 to a Host it cannot IDNA-encode (a 64-character label).
-            if raw_host and (len(raw_host) > 260 or not _STRICT_HOST.match(raw_host.strip())):
-                return BadHost()
-            return self.own_routes[name]
-        slug = name.decode("utf-8", "replace")
-        backend = self.registry.by_slug(slug)
-        if backend is None:
-            return NotFound(slug, [b.slug for b in self.registry.backends()])
-        first, rest, query = split_first_segment(request.uri)
-        prefix = b"/" + first
-        if not rest:
-            return RedirectToSlash(prefix + b"/" + query)
-        return self.proxy_factory(backend, rest + query, prefix, "path")
+        if kind in (RouteKind.API, RouteKind.METRICS, RouteKind.ROUTER_ASSET):
+            own = self.own_routes.get(name)
+            if own is not None:
+                return own
+        if kind is RouteKind.SLASH_REDIRECT:
+            return RedirectToSlash(route.target)
+        if kind is RouteKind.BAD_HOST:
+            return BadHost()
+        if kind is RouteKind.FOREIGN_HOST:
+            return MISDIRECTED
+        if kind is RouteKind.LOGIN and self.login is not None:
+            return self.login
+        return NotFound(route.name or name.decode("utf-8", "replace"), [b.slug for b in self.registry.backends()])

@@ -2,96 +2,37 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
-from . import __version__, security
+from . import __version__
 from .api import RouterAPI
+from .auth import Authentication, Authenticator, LoginForm
+from .channel import Limits, RouterSite
 from .config import Options, default_username
-from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
+from .dashboard import Dashboard, DashboardAssets, load_assets
 from .events import EventStream
+from .exposure import log_startup_warnings, parse_endpoint
+from .forwarding import BackendCredentials, Forwarder
+from .guard import Guard, GuardedRoot
+from .hosts import HostPolicy
 from .launcher import Launcher, LauncherSettings, served_port_finder
 from .mdns import MdnsAdvertiser
 from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
-from .routing import RouterResource
+from .routing import ASSETS_SEGMENT, Router, RouterResource
 from .scanner import Prober, Scanner, list_listeners, loopback_agent
+from .web import WebService
 
 __all__ = ["Options", "makeService"]
 
 log = Logger()
-
-
-class QuietSite(security.GuardedSite):
-    """A guarded Site without a per-request access log line (metrics count requests instead)."""
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        """Do not write an access log line."""
-
-
-class WebService(StreamServerEndpointService):
-    """Listens for the web root; a port in use aborts start-up with one clear sentence."""
-
-    _raiseSynchronously = True
-
-    def __init__(self, description: str, site: Site, banner: dict[str, Any]) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(serverFromString(reactor, description), site)
-        self.description = description
-        self.banner = banner
-        self.listening_port: Any = None
-        self._listening_waiters: list[Deferred[Any]] = []
-
-    def when_listening(self) -> Deferred[Any]:
-        """Fire with the listening port once the router listens (at once if it already does)."""
-        if self.listening_port is not None:
-            return succeed(self.listening_port)
-        waiter: Deferred[Any] = Deferred()
-        self._listening_waiters.append(waiter)
-        return waiter
-
-    def privilegedStartService(self) -> None:
-        """Listen now, so that a port in use stops twistd before it runs."""
-        try:
-            super().privilegedStartService()
-        except CannotListenError as error:
-            reason = error.socketError.strerror if getattr(error.socketError, "strerror", None) else error.socketError
-            raise SystemExit(f"opencoderouter: cannot listen on {self.description}: {reason}") from None
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        self.listening_port = port
-        address = port.getHost()
-        where = f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}"
-        shown_port = getattr(address, "port", "")
-        shown_host = "localhost" if getattr(address, "host", "") in ("0.0.0.0", "::", "127.0.0.1") else address.host
-        log.info(
-            "OpenCodeRouter listening on {where}: dashboard http://{host}:{port}/ , API http://{host}:{port}/api/ , "
-            "projects at http://{{slug}}-{username}.local:{port}/ and http://{host}:{port}/{{slug}}/ ; "
-            "scanning 127.0.0.1 ports {scan_start}-{scan_end} every {interval:g}s",
-            where=where if getattr(address, "port", None) is not None else str(address),
-            host=shown_host,
-            port=shown_port,
-            **self.banner,
-        )
-        waiters, self._listening_waiters = self._listening_waiters, []
-        for waiter in waiters:
-            waiter.callback(port)
-        return port
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -117,13 +58,15 @@ def makeService(options: Options) -> MultiService:
     metrics = RouterMetrics(registry)
 
     owner_filter = options["owner-filter"]
-    authenticator = security.Authenticator(options["auth-token"], options["basic-users"])
-    backend_credentials = security.BackendCredentials(
+    listen = parse_endpoint(options["listen"])
+    authenticator = Authenticator(options["auth-token"], options["basic-users"], clock=reactor, threads=reactor)
+    backend_credentials = BackendCredentials(
         options["opencode-username"],
         options["opencode-password"],
-        may_inject=authenticator.enabled or not security.listens_beyond_loopback(options["listen"]),
+        may_inject=authenticator.enabled or not listen.beyond_loopback,
     )
-    security.log_startup_warnings(options["listen"], authenticator, backend_credentials)
+    log_startup_warnings(options["listen"], authenticator.enabled, backend_credentials.password is not None,
+                         backend_credentials.may_inject)
 
     port_range = (options["scan-start"], options["scan-end"])
     probe_pool = quiet_pool(reactor, persistent=False)
@@ -191,36 +134,27 @@ def makeService(options: Options) -> MultiService:
         events=events,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
-    proxy_factory = MeteredProxyFactory(
-        BackendProxyFactory(reactor, backend_timeout=options["backend-timeout"]), metrics, reactor
+    forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials)
+    proxy_factory = MeteredProxyFactory(BackendProxyFactory(forwarder), metrics, reactor)
+    hosts = HostPolicy(
+        registry.by_host_label,
+        options["allowed-hosts"],
+        listen.interface,
+        clock=reactor,
+        own_label_suffix=f"-{slugify(options['username'])}",
     )
+    router = Router(registry, hosts, login_enabled=authenticator.cookie_flag())
+    authentication = Authentication(reactor, authenticator)
     assets = load_assets()
     own_routes: dict[bytes, IResource] = {
         b"api": api.resource(),
         b"metrics": metrics.resource(),
         ASSETS_SEGMENT: DashboardAssets(assets),
     }
-    root = RouterResource(
-        registry,
-        security.with_backend_credentials(proxy_factory, backend_credentials),
-        own_routes=own_routes,
-        dashboard=Dashboard(assets),
-        own_host_names=_own_host_names(),
-    )
-    guard = security.Guard(
-        clock=reactor,
-        hosts=security.HostPolicy(
-            root.backend_for_host,
-            options["allowed-hosts"],
-            security.listen_interface(options["listen"]),
-            clock=reactor,
-            own_label_suffix=f"-{slugify(options['username'])}",
-        ),
-        authenticator=authenticator,
-        cors_origins=frozenset(options["cors-origins"]),
-        goes_to_backend=security.goes_to_backend_for(root),
-    )
-    limits = security.Limits(
+    root = RouterResource(router, proxy_factory, own_routes=own_routes, dashboard=Dashboard(assets),
+                          login=LoginForm(authentication))
+    guard = Guard(hosts, authentication, cors_origins=options["cors-origins"])
+    limits = Limits(
         max_url=options["max-url-bytes"],
         max_header_bytes=options["max-header-bytes"],
         max_headers=options["max-headers"],
@@ -230,7 +164,7 @@ def makeService(options: Options) -> MultiService:
     web = WebService(
         options["listen"],
         # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
-        QuietSite(root, guard=guard, limits=limits, parsePOSTFormSubmission=False),
+        RouterSite(GuardedRoot(root, guard), router=router, limits=limits, parsePOSTFormSubmission=False),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],
@@ -243,7 +177,7 @@ def makeService(options: Options) -> MultiService:
     if advertiser is not None:
         advertiser.setName("mdns")
         advertiser.setServiceParent(top)
-    top.addService(_ClosePoolOnStop(proxy_factory))
+    top.addService(_ClosePoolOnStop(forwarder))
     top.addService(_CloseEventStreamsOnStop(events))
     return top
 
@@ -272,12 +206,6 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
     }
 
 
-def _own_host_names() -> frozenset[str]:
-    """This machine's names under ``.local``/``.localhost``: they reach the router itself."""
-    short = socket.gethostname().split(".")[0].lower()
-    return frozenset({f"{short}.local", f"{short}.localhost"})
-
-
 class _CloseEventStreamsOnStop(MultiService):
     """Ends open ``/api/events`` streams when the router stops, so dashboards reconnect cleanly."""
 
@@ -295,11 +223,11 @@ class _CloseEventStreamsOnStop(MultiService):
 class _ClosePoolOnStop(MultiService):
     """Closes the proxy's cached backend connections when the router stops."""
 
-    def __init__(self, proxy_factory: BackendProxyFactory) -> None:
+    def __init__(self, forwarder: Forwarder) -> None:
         super().__init__()
-        self.proxy_factory = proxy_factory
+        self.forwarder = forwarder
 
     def stopService(self) -> Deferred[None]:
         """Fire once every cached connection has closed."""
         super().stopService()
-        return self.proxy_factory.close()
+        return self.forwarder.close()

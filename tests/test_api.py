@@ -12,15 +12,16 @@ from twisted.web.resource import Resource
 
 from opencoderouter.api import RouterAPI
 from opencoderouter.registry import Naming, Registry, Sighting
-from opencoderouter.routing import RouterResource
+from opencoderouter.hosts import HostPolicy
+from opencoderouter.routing import Router, RouterResource
 
 
 class Forwarded(Resource):
     isLeaf = True
 
-    def __init__(self, backend, path, prefix, mode):
+    def __init__(self, route):
         super().__init__()
-        self.details = (backend.slug, path, prefix, mode)
+        self.details = (route.backend.slug, route.target, route.prefix, route.mode.value)
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
@@ -37,7 +38,8 @@ def router(tmp_path):
     registry.record_scan([Sighting(30000, str(project), "1.18.33", owner="alice"),
                           Sighting(30001, "/srv/other/api", "1.18.33", owner="bob")])
     api = RouterAPI(registry)
-    root = RouterResource(registry, Forwarded, own_routes={b"api": api.resource()}, dashboard=Resource())
+    hosts = HostPolicy(registry.by_host_label, extra=["devbox"], own_label_suffix="-al")
+    root = RouterResource(Router(registry, hosts), Forwarded, own_routes={b"api": api.resource()}, dashboard=Resource())
     return StubTreq(root), project
 
 

@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from opencoderouter.api import RouterAPI
-from opencoderouter.security import is_loopback_address
+from opencoderouter.guard import is_loopback_address
 from opencoderouter.registry import Naming, Registry, Sighting
 
 from .test_launcher_unit import make_launcher

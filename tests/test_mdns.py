@@ -25,7 +25,8 @@ from opencoderouter.mdns import (
     service_info,
 )
 from opencoderouter.registry import Naming, Registry, Sighting
-from opencoderouter.routing import RouterResource
+from opencoderouter.hosts import HostPolicy
+from opencoderouter.routing import Router
 
 ETH = [
     InterfaceAddress("lo", 1, "127.0.0.1"),
@@ -341,9 +342,9 @@ def test_advertised_name_is_in_api_backends_and_routes_by_host():
     response = pytest_twisted_result(stub.get("http://router/backends"))
     body = json.loads(pytest_twisted_result(response.content()))
     assert {b["slug"]: b["mdns_name"] for b in body} == {"alpha": "alpha-alice-2", "theirs": None}
-    root = RouterResource(h.registry, lambda *a: None, {}, dashboard=None)  # type: ignore[arg-type]
-    assert root.backend_for_host("alpha-alice-2.local").slug == "alpha"
-    assert root.backend_for_host("alpha-alice.local").slug == "alpha"
+    router = Router(h.registry, HostPolicy(lambda name: None, names=set, addresses=set))
+    assert router.backend_for_host("alpha-alice-2.local").slug == "alpha"
+    assert router.backend_for_host("alpha-alice.local").slug == "alpha"
 
 
 def test_api_has_no_mdns_name_when_mdns_is_off():

@@ -22,6 +22,7 @@ from opencoderouter.metrics import (
     status_class,
 )
 from opencoderouter.registry import Registry, Sighting
+from opencoderouter.routing import Mode, Route, RouteKind
 from opencoderouter.scanner import Listener, Prober, Scanner
 
 from .support import http_get, wait_for
@@ -257,7 +258,7 @@ def metered(metrics: RouterMetrics, clock: Clock, **answer: Any) -> Any:
     closed: list[bool] = []
 
     class Inner:
-        def __call__(self, backend, path, prefix, mode):
+        def __call__(self, route):
             return _Answer(**answer)
 
         def close(self):
@@ -267,7 +268,7 @@ def metered(metrics: RouterMetrics, clock: Clock, **answer: Any) -> Any:
     factory.close()  # the router's shutdown reaches the real factory through the wrapper
     assert closed == [True]
     backend = Registry(clock, 30).record(Sighting(30001, "/p/alpha", "1", None))
-    return factory(backend, b"/x", b"/alpha", "path")
+    return factory(Route(RouteKind.BACKEND, backend, Mode.PATH, target=b"/x", prefix=b"/alpha"))
 
 
 def test_metered_proxy_counts_each_forwarded_request():

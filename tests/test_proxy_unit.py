@@ -16,14 +16,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
 from opencoderouter.config import Options
-from opencoderouter.proxy import (
-    BackendResource,
-    _Forwarder,
-    _SpooledBody,
-    backend_pool,
-    forward_request_headers,
-    is_websocket_upgrade,
-)
+from opencoderouter.forwarding import Forwarder, _SpooledBody
+from opencoderouter.headers import forward_request_headers, is_websocket_upgrade
+from opencoderouter.proxy import BackendResource
 
 
 def make_request(method: bytes = b"GET", uri: bytes = b"/x", headers=(), body: bytes = b"") -> server.Request:
@@ -87,7 +82,7 @@ class RecordingAgent:
 
 def forwarding(timeout: float = 5.0):
     clock = Clock()
-    forwarder = _Forwarder(clock, timeout, backend_pool(clock), 1.0)
+    forwarder = Forwarder(clock, backend_timeout=timeout, connect_timeout=1.0)
     agent = RecordingAgent()
     forwarder.agent = agent  # type: ignore[assignment]
     return clock, forwarder, agent
@@ -131,7 +126,7 @@ def test_backend_response_is_relayed_with_status_headers_and_body():
     port, method, target, headers, body, deferred, _ = agent.calls[0]
     assert (port, method, target, body) == (4321, b"GET", b"/rest?q=1", None)
     response = FakeResponse(201, {b"set-cookie": [b"a=1", b"b=2"], b"content-type": [b"text/plain"]}, length=5)
-    deferred.callback(response)
+    deferred.callback((response, Headers()))
     response.protocol.dataReceived(b"hel")
     response.protocol.dataReceived(b"lo")
     response.protocol.connectionLost(Failure(ResponseDone()))
@@ -211,7 +206,7 @@ def test_client_disconnect_while_streaming_stops_the_backend_connection():
     request = make_request()
     render(forwarder, request)
     response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
-    agent.calls[0][5].callback(response)
+    agent.calls[0][5].callback((response, Headers()))
     response.protocol.dataReceived(b"data: {}\n\n")
     request.connectionLost(Failure(ConnectionRefusedError("client went away")))
     assert response.transport.calls == ["stop"]
@@ -222,7 +217,7 @@ def test_backend_dying_mid_body_closes_the_client_connection():
     request = make_request()
     render(forwarder, request)
     response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
-    agent.calls[0][5].callback(response)
+    agent.calls[0][5].callback((response, Headers()))
     response.protocol.dataReceived(b"data: {}\n\n")
     response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionRefusedError())])))
     assert request.test_channel.transport.disconnected

@@ -1,4 +1,7 @@
-"""Unit tests of opencoderouter.security and the scanner's owner/lock handling (no sockets: Clock, StubTreq)."""
+"""Unit tests of the guard's parts (hosts, auth, owners, limits, exposure) and the scanner's owner/lock handling.
+
+No sockets: Clock, StubTreq, StringTransport.
+"""
 
 from __future__ import annotations
 
@@ -14,29 +17,24 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel
 
 from opencoderouter.fake_opencode import FakeOpenCode
 from opencoderouter.registry import Backend, Registry, Sighting
 from opencoderouter.scanner import Listener, Prober, Scanner
-from opencoderouter.security import (
-    Authenticator,
-    BackendCredentials,
-    FailureThrottle,
-    Guard,
-    GuardedSite,
-    HostPolicy,
-    Limits,
-    OwnerFilter,
-    listens_beyond_loopback,
-    log_startup_warnings,
-    may_change_instances,
-)
+from opencoderouter.auth import Authentication, Authenticator, FailureThrottle
+from opencoderouter.channel import Limits, RouterRequest, RouterSite
+from opencoderouter.exposure import log_startup_warnings, parse_endpoint
+from opencoderouter.forwarding import BackendCredentials
+from opencoderouter.guard import Guard, may_change_instances
+from opencoderouter.hosts import HostPolicy
+from opencoderouter.owners import OwnerFilter
+from opencoderouter.routing import Route, RouteKind
 
 
 # -- item 7: launcher endpoints --------------------------------------------------------------------
-def _request(peer: Any, method: bytes = b"POST", headers: dict[bytes, bytes] | None = None) -> DummyRequest:
-    request = DummyRequest([b"api", b"instances"])
+def _request(peer: Any, method: bytes = b"POST", headers: dict[bytes, bytes] | None = None) -> RouterRequest:
+    request = RouterRequest(DummyChannel())
     request.method = method
     request.uri = request.path = b"/api/instances"
     request.client = peer
@@ -47,21 +45,24 @@ def _request(peer: Any, method: bytes = b"POST", headers: dict[bytes, bytes] | N
 
 
 def _guard(token: bytes | None = None) -> Guard:
-    return Guard(clock=Clock(), hosts=HostPolicy(lambda name: None), authenticator=Authenticator(token))
+    clock = Clock()
+    return Guard(HostPolicy(lambda name: None), Authentication(clock, Authenticator(token, clock=clock)))
+
+
+API_ROUTE = Route(RouteKind.API)
 
 
 @pytest.mark.parametrize("peer", [IPv4Address("TCP", "127.0.0.1", 5555), IPv4Address("TCP", "::1", 5555),
                                   UNIXAddress(b"/run/ocr.sock")])
 def test_launcher_endpoints_allow_loopback_peers(peer):
     request = _request(peer)
-    request.site = GuardedSite(Resource(), guard=_guard())
+    assert _guard().check(request, API_ROUTE, Resource) is None
     assert may_change_instances(request)
 
 
 def test_launcher_endpoints_refuse_remote_peers_without_auth():
     request = _request(IPv4Address("TCP", "192.0.2.7", 5555), headers={b"x-forwarded-for": b"127.0.0.1"})
-    request.site = GuardedSite(Resource(), guard=_guard())
-    assert request.site.guard.check(request) is None  # auth is off: the guard lets it through...
+    assert _guard().check(request, API_ROUTE, Resource) is None  # auth is off: the guard lets it through...
     assert not may_change_instances(request)  # ...but the launcher refuses a remote peer
 
 
@@ -69,8 +70,7 @@ def test_launcher_endpoints_allow_remote_peers_that_authenticated():
     token = b"t" * 24
     guard = _guard(token)
     request = _request(IPv4Address("TCP", "192.0.2.7", 5555), headers={b"authorization": b"Bearer " + token})
-    request.site = GuardedSite(Resource(), guard=guard)
-    assert guard.check(request) is None
+    assert guard.check(request, API_ROUTE, Resource) is None
     assert may_change_instances(request)
     assert request.requestHeaders.getRawHeaders(b"authorization") is None  # never forwarded to a backend
 
@@ -91,7 +91,7 @@ def test_launcher_endpoints_allow_remote_peers_that_authenticated():
     ],
 )
 def test_listens_beyond_loopback(listen, beyond):
-    assert listens_beyond_loopback(listen) is beyond
+    assert parse_endpoint(listen).beyond_loopback is beyond
 
 
 def _captured(action: Any) -> list[str]:
@@ -107,11 +107,11 @@ def _captured(action: Any) -> list[str]:
 
 
 def test_startup_warns_when_exposed_without_auth():
-    lines = _captured(lambda: log_startup_warnings("tcp:8080:interface=0.0.0.0", Authenticator(), BackendCredentials()))
+    lines = _captured(lambda: log_startup_warnings("tcp:8080:interface=0.0.0.0", False, False, False))
     assert any("SECURITY WARNING" in line and "--auth-token-file" in line for line in lines)
-    quiet = _captured(lambda: log_startup_warnings("tcp:8080:interface=127.0.0.1", Authenticator(), BackendCredentials()))
+    quiet = _captured(lambda: log_startup_warnings("tcp:8080:interface=127.0.0.1", False, False, False))
     assert not any("SECURITY WARNING" in line for line in quiet)
-    with_auth = _captured(lambda: log_startup_warnings("tcp:8080", Authenticator(b"t" * 20), BackendCredentials()))
+    with_auth = _captured(lambda: log_startup_warnings("tcp:8080", Authenticator(b"t" * 20).enabled, False, False))
     assert not any("SECURITY WARNING" in line for line in with_auth)
 
 
@@ -146,7 +146,7 @@ def test_cookie_is_bound_to_the_credentials_and_expires():
 
 # -- item 2: hosts ---------------------------------------------------------------------------------
 def test_host_policy_names():
-    backends = {"proj-alice.local"}
+    backends = {"proj-alice"}
     policy = HostPolicy(lambda name: object() if name in backends else None, extra=["router.example.org", "*.corp.example"],
                         names=lambda: {"localhost", "devbox", "devbox.local"}, addresses=lambda: {"127.0.0.1", "10.1.2.3"})
     for good in ("localhost", "devbox", "devbox.local", "10.1.2.3", "127.0.0.1",
@@ -257,7 +257,7 @@ class _Stream(Resource):
 
 def _channel(limits: Limits) -> tuple[Any, StringTransport, Clock]:
     clock = Clock()
-    site = GuardedSite(_Stream(), limits=limits, reactor=clock)
+    site = RouterSite(_Stream(), limits=limits, reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 2))
     channel.makeConnection(transport)
@@ -309,7 +309,7 @@ class _Upgrade(Resource):
 
 def test_an_upgraded_connection_is_never_cut_by_head_or_idle_timeouts():
     clock = Clock()
-    site = GuardedSite(_Upgrade(), limits=Limits(header_timeout=10), reactor=clock)
+    site = RouterSite(_Upgrade(), limits=Limits(header_timeout=10), reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 2))
     channel.makeConnection(transport)

@@ -276,7 +276,9 @@
     }
     if (router.stale_after !== undefined) fact("forget after", `${str(router.stale_after)} s unseen`);
     if (router.mdns !== undefined) {
-      const names = [...state.backends.values()].map((b) => str(b.mdns_name)).filter(Boolean);
+      // Advertised names as host names people type: {name}.local.
+      const names = [...state.backends.values()].map((b) => str(b.mdns_name).replace(/\.$/, "").replace(/\.local$/i, ""))
+        .filter(Boolean).map((name) => `${name}.local`);
       fact("mDNS", router.mdns ? (names.length ? `on: ${names.join(", ")}` : "on") : "off");
     }
     const all = [...state.backends.values()];

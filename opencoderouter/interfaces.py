@@ -1,0 +1,38 @@
+"""This machine's network interfaces and addresses (``getifaddrs`` through ifaddr), read on demand."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import ifaddr
+
+
+@dataclass(frozen=True)
+class InterfaceAddress:
+    """One address of one network interface."""
+
+    interface: str
+    index: int | None
+    address: str
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address as an ``ipaddress`` object."""
+        return ipaddress.ip_address(self.address)
+
+
+def system_addresses() -> list[InterfaceAddress]:
+    """Every address of every interface on this machine."""
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            # ifaddr gives IPv6 addresses as (address, flowinfo, scope id) tuples.
+            address = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            found.append(InterfaceAddress(adapter.name, adapter.index, address))
+    return found
+
+
+def machine_addresses() -> set[str]:
+    """Every address configured on this machine, the loopback ones always included."""
+    return {"127.0.0.1", "::1"} | {entry.address.split("%", 1)[0] for entry in system_addresses()}
