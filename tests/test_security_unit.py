@@ -16,7 +16,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from opencoderouter.fake_opencode import FakeOpenCode
 from opencoderouter.registry import Backend, Registry, Sighting
 from opencoderouter.scanner import Listener, Prober, Scanner
 from opencoderouter.security import (
@@ -32,6 +31,7 @@ from opencoderouter.security import (
     log_startup_warnings,
     may_change_instances,
 )
+from opencoderouter.testing import FakeOpenCode
 
 
 # -- item 7: launcher endpoints --------------------------------------------------------------------
