@@ -20,9 +20,10 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.web.iweb import IRequest
 
-from opencoderouter.fake_opencode import FakeOpenCode
+from opencoderouter.testing import FakeOpenCode
 
 ONE_MIB = b"x" * (1 << 20)
 
@@ -30,17 +31,19 @@ ONE_MIB = b"x" * (1 << 20)
 class BenchOpenCode(FakeOpenCode):
     """FakeOpenCode with the benchmark's extra endpoints."""
 
-    def render(self, request: IRequest) -> Any:
-        """Serve ``/bench/*`` here and everything else as the fake OpenCode does."""
-        path = request.path
-        if path == b"/bench/1mb" and request.method == b"GET":
-            request.setHeader(b"content-type", b"application/octet-stream")
-            return ONE_MIB
-        if path == b"/bench/emit" and request.method == b"POST":
-            self.emit_stamp()
-            request.setResponseCode(204)
-            return b""
-        return super().render(request)
+    def __init__(self, directory: str, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.route("GET", "/bench/1mb", self._one_mib)
+        self.route("POST", "/bench/emit", self._emit)
+
+    def _one_mib(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        return ONE_MIB
+
+    def _emit(self, request: IRequest) -> bytes:
+        self.emit_stamp()
+        request.setResponseCode(204)
+        return b""
 
     def emit_stamp(self) -> None:
         """One event to every stream, each stamped with the monotonic clock just before its write."""
@@ -67,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name if len(ports) == 1 else f"{args.name}{index:02d}"
         directory = os.path.realpath(os.path.join(args.root, name))
         os.makedirs(directory, exist_ok=True)
-        listening = BenchOpenCode(directory, heartbeat=args.heartbeat).listen(reactor, port, "127.0.0.1")
-        print(f"opencode server listening on http://127.0.0.1:{listening.getHost().port}", flush=True)
+        address = BenchOpenCode(directory, heartbeat=args.heartbeat).listen(reactor, port, "127.0.0.1").getHost()
+        assert isinstance(address, IPv4Address)
+        print(f"opencode server listening on http://127.0.0.1:{address.port}", flush=True)
     print(f"READY {time.monotonic_ns()}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ServerFactory
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from opencoderouter.fake_opencode import FakeOpenCode
+from opencoderouter.testing import FakeOpenCode, opencode_json
 
 
 class ScriptedOpenCode(FakeOpenCode):
@@ -41,38 +42,48 @@ class ScriptedOpenCode(FakeOpenCode):
         #: While set, ``GET /event`` answers 503 (the backend is "away").
         self.refuse_events = False
 
-    def render(self, request: IRequest) -> Any:
-        """Add messages, agents, permission replies and abort bookkeeping to the fake."""
-        path = request.path.decode()
-        parts = path.strip("/").split("/")
-        if request.method == b"GET" and path == "/event" and self.refuse_events:
-            return self._json(request, {"name": "Unavailable"}, 503)
-        if request.method == b"GET" and path == "/agent":
-            return self._json(request, [{"name": "build", "mode": "primary"}, {"name": "plan", "mode": "primary"},
-                                        {"name": "general", "mode": "subagent"}])
-        if request.method == b"GET" and path == "/config":
-            return self._json(request, {})
-        if request.method == b"GET" and len(parts) == 3 and parts[0] == "session" and parts[2] == "message":
-            return self._json(request, self.messages.get(parts[1], []))
-        if request.method == b"POST" and len(parts) == 3 and parts[0] == "permission" and parts[2] == "reply":
-            body = json.loads(request.content.read() or b"{}")
-            self.permission_replies.append((parts[1], body.get("reply")))
-            self.clock.callLater(0, self._finish_turn, self._waiting_permission)
-            return self._json(request, True)
-        if request.method == b"POST" and len(parts) == 3 and parts[0] == "session" and parts[2] == "abort":
-            self.aborted.append(parts[1])
-            if self.on_abort is not None:
-                self.on_abort(parts[1])
-            if parts[1] in self.busy:
-                # Like the real server: the aborted turn reports an error, then idle, before the answer.
-                self.emit("session.error", {"sessionID": parts[1], "error": {
-                    "name": "MessageAbortedError", "data": {"message": "Aborted"}}})
-                self.busy.discard(parts[1])
-                self.emit("session.idle", {"sessionID": parts[1]})
-                # The answer comes later than the events, so a client must not take them as the outcome.
-                self.clock.callLater(0.2, self._answer_later, request, b"true")
-                return NOT_DONE_YET
-        return super().render(request)
+        self.route("GET", "/event", self._event_unless_away)
+        self.route("GET", "/agent", lambda request: opencode_json(request, [
+            {"name": "build", "mode": "primary"}, {"name": "plan", "mode": "primary"},
+            {"name": "general", "mode": "subagent"}]))
+        self.route("GET", "/config", lambda request: opencode_json(request, {}))
+        self.route("GET", "/session/{session_id}/message",
+                   lambda request, session_id: opencode_json(request, self.messages.get(session_id, [])))
+        self.route("POST", "/permission/{permission_id}/reply", self._permission_reply)
+        self.route("POST", "/session/{session_id}/abort", self._abort)
+        self.route("POST", "/session/{session_id}/prompt_async", self._prompt_route)
+
+    def _event_unless_away(self, request: Request) -> bytes | int:
+        if self.refuse_events:
+            return opencode_json(request, {"name": "Unavailable"}, 503)
+        return self.event_stream(request, wrapped=False)
+
+    def _permission_reply(self, request: IRequest, permission_id: str) -> bytes:
+        body = json.loads(request.content.read() or b"{}")
+        self.permission_replies.append((permission_id, body.get("reply")))
+        self.clock.callLater(0, self._finish_turn, self._waiting_permission)
+        return opencode_json(request, True)
+
+    def _abort(self, request: IRequest, session_id: str) -> bytes | int:
+        self.aborted.append(session_id)
+        if self.on_abort is not None:
+            self.on_abort(session_id)
+        if session_id in self.busy:
+            # Like the real server: the aborted turn reports an error, then idle, before the answer.
+            self.emit("session.error", {"sessionID": session_id, "error": {
+                "name": "MessageAbortedError", "data": {"message": "Aborted"}}})
+            self.busy.discard(session_id)
+            self.emit("session.idle", {"sessionID": session_id})
+            # The answer comes later than the events, so a client must not take them as the outcome.
+            self.clock.callLater(0.2, self._answer_later, request, b"true")
+            return NOT_DONE_YET
+        return self.abort(request, session_id)
+
+    def _prompt_route(self, request: IRequest, session_id: str) -> bytes:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return self.prompt_async(request, session_id)  # the fake's 404
+        return self._prompt_async(request, session)
 
     def _answer_later(self, request: IRequest, body: bytes) -> None:
         request.setHeader(b"content-type", b"application/json")
@@ -80,16 +91,18 @@ class ScriptedOpenCode(FakeOpenCode):
         request.finish()
 
     def _prompt_async(self, request: IRequest, session: dict[str, Any]) -> bytes:
+        """Record the prompt, then answer as the fake does (a test wraps this to see the moment of the prompt)."""
         self.prompts.append(json.loads(request.content.getvalue() or b"{}"))
-        return super()._prompt_async(request, session)
+        return self.prompt_async(request, session["id"])
 
-    def _run_turn(self, session_id: str) -> None:
+    def run_turn(self, session_id: str) -> None:
+        """The turn ``behaviour`` asks for."""
         if self.behaviour == "reply":
             # Another session's turn in the same directory must not leak into this dispatch.
             self.emit("message.part.delta", {"sessionID": "ses_other", "messageID": "m", "partID": "p",
                                              "field": "text", "delta": "NOT MINE"})
             self.emit("session.idle", {"sessionID": "ses_other"})
-            super()._run_turn(session_id)
+            super().run_turn(session_id)
         elif self.behaviour == "reasoning":
             self.emit("session.status", {"sessionID": session_id, "status": {"type": "busy"}})
             self.emit("message.part.updated", {"sessionID": session_id, "part": {
@@ -195,14 +208,17 @@ def main() -> None:
 
     opencode = ScriptedOpenCode(args.directory, behaviour=args.behaviour)
     opencode.on_abort = lambda sid: print(f"abort {sid}", flush=True)
-    backend = opencode.listen(reactor, 0)
-    stub = StubRouter("project", args.directory, f"http://127.0.0.1:{backend.getHost().port}/")
+    backend = opencode.listen(reactor, 0).getHost()
+    assert isinstance(backend, IPv4Address)
+    stub = StubRouter("project", args.directory, f"http://127.0.0.1:{backend.port}/")
     site = Site(stub)
     site.noisy = False
-    router = reactor.listenTCP(0, site, interface="127.0.0.1")
-    print(f"router http://127.0.0.1:{router.getHost().port}", flush=True)
+    # A Site is a ServerFactory; Twisted's generic parameters for the two do not line up.
+    router = reactor.listenTCP(0, cast(ServerFactory, site), interface="127.0.0.1").getHost()
+    assert isinstance(router, IPv4Address)
+    print(f"router http://127.0.0.1:{router.port}", flush=True)
     reactor.run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

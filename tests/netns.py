@@ -327,7 +327,7 @@ def start_backend(lan: Lan, directory: Path, port: int, user: str | None = None,
 
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
-    command = [sys.executable, "-m", "opencoderouter.fake_opencode", "serve", "--port", str(port),
+    command = [sys.executable, "-m", "opencoderouter.testing", "serve", "--port", str(port),
                "--directory", str(directory)]
     if version:
         command += ["--version-string", version]

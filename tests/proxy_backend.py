@@ -2,7 +2,7 @@
 
     python -m tests.proxy_backend serve --port N [--heartbeat S]
 
-Besides everything ``FakeOpenCode`` answers:
+Besides everything ``FakeOpenCode`` answers (added with its ``route``, so matched first):
 - ``/echo...`` (any method): JSON with the method, raw URI, raw headers in order and the body's size and
   SHA-256; ``?set=Name:Value`` (repeatable) adds response headers, ``?status=N`` sets the status.
 - ``/cookies``: two ``Set-Cookie`` headers. ``/gzip``: a fixed gzip body when the client accepts gzip.
@@ -24,10 +24,10 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from opencoderouter.fake_opencode import FakeOpenCode, main
+from opencoderouter.testing import FakeOpenCode, main, opencode_json
 
 GZIP_PLAIN = json.dumps({"items": [{"id": i, "text": "lorem ipsum " * 8} for i in range(200)]}).encode()
 GZIP_BODY = gzip.compress(GZIP_PLAIN, mtime=0)
@@ -48,7 +48,7 @@ def pattern(offset: int, size: int) -> bytes:
 class _Download:
     """Writes ``size`` bytes in 64 kB pieces, pausing whenever the connection's buffer is full."""
 
-    def __init__(self, request: IRequest, size: int) -> None:
+    def __init__(self, request: Request, size: int) -> None:
         self.request = request
         self.remaining = size
         self.sent = 0
@@ -81,49 +81,53 @@ class _Download:
 
 
 class ProxyTestBackend(FakeOpenCode):
-    """FakeOpenCode plus the endpoints above."""
+    """FakeOpenCode plus the endpoints above (every method, matched before the fake's own)."""
 
-    def render(self, request: IRequest) -> Any:
-        path = request.path.decode("latin-1")
-        if path.startswith("/echo"):
-            return self._echo(request)
-        if path == "/cookies":
-            request.responseHeaders.addRawHeader(b"set-cookie", b"a=1; Path=/")
-            request.responseHeaders.addRawHeader(b"set-cookie", b"b=2; Path=/; HttpOnly")
-            request.setHeader(b"content-type", b"text/plain")
-            return b"two cookies\n"
-        if path == "/gzip":
-            request.setHeader(b"content-type", b"application/json")
-            if b"gzip" in (request.getHeader(b"accept-encoding") or b""):
-                request.setHeader(b"content-encoding", b"gzip")
-                return GZIP_BODY
-            return GZIP_PLAIN
-        if path == "/download":
-            size = int((request.args.get(b"size") or [b"0"])[0])
-            request.setHeader(b"content-type", b"application/octet-stream")
-            if not request.args.get(b"chunked"):
-                request.setHeader(b"content-length", b"%d" % size)
-            _Download(request, size).start()
-            return NOT_DONE_YET
-        if path == "/upload":
-            digest = hashlib.sha256()
-            size = 0
-            while True:
-                piece = request.content.read(65536)
-                if not piece:
-                    break
-                size += len(piece)
-                digest.update(piece)
-            return self._json(request, {"size": size, "sha256": digest.hexdigest()})
-        if path == "/hang":
-            return NOT_DONE_YET
-        if path == "/ticks":
-            return self._ticks(request)
-        if path == "/__stats":
-            return self._json(
-                request, {"streams": len(self.streams), "ptys": sum(len(c) for c in self.ptys.values())}
-            )
-        return super().render(request)
+    def __init__(self, directory: str, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.route(None, "/echo*", self._echo)
+        self.route(None, "/cookies", self._cookies)
+        self.route(None, "/gzip", self._gzip)
+        self.route(None, "/download", self._download)
+        self.route(None, "/upload", self._upload)
+        self.route(None, "/hang", lambda request: NOT_DONE_YET)
+        self.route(None, "/ticks", self._ticks)
+        self.route(None, "/__stats", self._stats)
+
+    def _cookies(self, request: IRequest) -> bytes:
+        request.responseHeaders.addRawHeader(b"set-cookie", b"a=1; Path=/")
+        request.responseHeaders.addRawHeader(b"set-cookie", b"b=2; Path=/; HttpOnly")
+        request.setHeader(b"content-type", b"text/plain")
+        return b"two cookies\n"
+
+    def _gzip(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if b"gzip" in (request.getHeader(b"accept-encoding") or b""):
+            request.setHeader(b"content-encoding", b"gzip")
+            return GZIP_BODY
+        return GZIP_PLAIN
+
+    def _download(self, request: Request) -> int:
+        size = int((request.args.get(b"size") or [b"0"])[0])
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if not request.args.get(b"chunked"):
+            request.setHeader(b"content-length", b"%d" % size)
+        _Download(request, size).start()
+        return NOT_DONE_YET
+
+    def _upload(self, request: IRequest) -> bytes:
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            piece = request.content.read(65536)
+            if not piece:
+                break
+            size += len(piece)
+            digest.update(piece)
+        return opencode_json(request, {"size": size, "sha256": digest.hexdigest()})
+
+    def _stats(self, request: IRequest) -> bytes:
+        return opencode_json(request, {"streams": len(self.streams), "ptys": sum(len(c) for c in self.ptys.values())})
 
     def _echo(self, request: IRequest) -> bytes:
         body = request.content.read()
@@ -144,7 +148,7 @@ class ProxyTestBackend(FakeOpenCode):
         }
         return json.dumps(payload).encode()
 
-    def _ticks(self, request: IRequest) -> Any:
+    def _ticks(self, request: Request) -> int:
         interval = float((request.args.get(b"interval") or [b"0.1"])[0])
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")

@@ -107,10 +107,10 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
 
 
 class FakeOpenCodeProcess:
-    """``python -m opencoderouter.fake_opencode serve`` in a directory, as a child process."""
+    """``python -m opencoderouter.testing serve`` in a directory, as a child process."""
 
     def __init__(self, directory: str | Path, port: int = 0, heartbeat: float = 10.0, env: dict[str, str] | None = None,
-                 module: str = "opencoderouter.fake_opencode", as_user: str | None = None,
+                 module: str = "opencoderouter.testing", as_user: str | None = None,
                  extra: tuple[str, ...] = ()):
         self.directory = str(directory)
         Path(directory).mkdir(parents=True, exist_ok=True)

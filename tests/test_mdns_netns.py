@@ -256,7 +256,7 @@ print(json.dumps({"latencies": latencies, "moments": moments, "advertised": sum(
 _MANY_BACKENDS = """
 import os, sys
 from twisted.internet import reactor, task
-from opencoderouter.fake_opencode import FakeOpenCode
+from opencoderouter.testing import FakeOpenCode
 root, first, count, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 servers = []
 for n in range(count):

@@ -13,7 +13,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from opencoderouter.fake_opencode import FakeOpenCode
 from opencoderouter.metrics import (
     MAX_SLUG_LABELS,
     OTHER_SLUG,
@@ -24,6 +23,7 @@ from opencoderouter.metrics import (
 from opencoderouter.registry import Registry, Sighting
 from opencoderouter.routing import Mode, Route, RouteKind
 from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.testing import FakeOpenCode
 
 from .support import http_get, wait_for
 

@@ -50,7 +50,7 @@ def test_opencode_serve_command_lines_are_recognised() -> None:
     assert is_opencode_serve(["/usr/bin/python3", "/t/bin/opencode", "serve", "--port", "2"])
     assert not is_opencode_serve(["opencode", "run", "hello"])
     assert not is_opencode_serve(["opencode"])
-    assert not is_opencode_serve(["python", "-m", "opencoderouter.fake_opencode", "serve"])
+    assert not is_opencode_serve(["python", "-m", "opencoderouter.testing", "serve"])
     assert not is_opencode_serve(["vim", "notes/opencode", "serve"][:1])
 
 

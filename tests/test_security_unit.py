@@ -19,9 +19,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyChannel
 
-from opencoderouter.fake_opencode import FakeOpenCode
-from opencoderouter.registry import Backend, Registry, Sighting
-from opencoderouter.scanner import Listener, Prober, Scanner
 from opencoderouter.auth import Authentication, Authenticator, FailureThrottle
 from opencoderouter.channel import Limits, RouterRequest, RouterSite
 from opencoderouter.exposure import log_startup_warnings, parse_endpoint
@@ -29,7 +26,10 @@ from opencoderouter.forwarding import BackendCredentials
 from opencoderouter.guard import Guard, may_change_instances
 from opencoderouter.hosts import HostPolicy
 from opencoderouter.owners import OwnerFilter
+from opencoderouter.registry import Backend, Registry, Sighting
 from opencoderouter.routing import Route, RouteKind
+from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.testing import FakeOpenCode
 
 
 # -- item 7: launcher endpoints --------------------------------------------------------------------
