@@ -21,8 +21,9 @@ from twisted.internet import defer, task
 
 
 async def _scan_times(reactor: Any, start: int, end: int, repeat: int, probe_all: bool) -> dict[str, Any]:
+    from opencoderouter.listeners import list_listeners
     from opencoderouter.registry import Registry
-    from opencoderouter.scanner import Prober, Scanner, list_listeners, loopback_agent
+    from opencoderouter.scanner import Prober, Scanner, loopback_agent
     from opencoderouter.tap import quiet_pool
 
     registry = Registry(reactor, stale_after=30.0)

@@ -21,12 +21,13 @@ from .config import Options, default_username
 from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
 from .launcher import Launcher, LauncherSettings, served_port_finder
+from .listeners import list_listeners
 from .mdns import MdnsAdvertiser
 from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import RouterResource
-from .scanner import Prober, Scanner, list_listeners, loopback_agent
+from .scanner import Prober, Scanner, loopback_agent
 
 __all__ = ["Options", "makeService"]
 

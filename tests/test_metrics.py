@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from opencoderouter.fake_opencode import FakeOpenCode
+from opencoderouter.listeners import Listener
 from opencoderouter.metrics import (
     MAX_SLUG_LABELS,
     OTHER_SLUG,
@@ -22,7 +23,7 @@ from opencoderouter.metrics import (
     status_class,
 )
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.scanner import Prober, Scanner
 
 from .support import http_get, wait_for
 

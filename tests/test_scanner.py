@@ -16,16 +16,9 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from opencoderouter.listeners import Listener, list_listeners, netlink_listeners, proc_listeners
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.scanner import (
-    Listener,
-    Prober,
-    Scanner,
-    list_listeners,
-    loopback_agent,
-    netlink_listeners,
-    proc_listeners,
-)
+from opencoderouter.scanner import Prober, Scanner, loopback_agent
 from opencoderouter.tap import quiet_pool
 
 from .support import FakeOpenCodeProcess, free_port_block

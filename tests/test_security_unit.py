@@ -17,8 +17,9 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from opencoderouter.fake_opencode import FakeOpenCode
+from opencoderouter.listeners import Listener
 from opencoderouter.registry import Backend, Registry, Sighting
-from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.scanner import Prober, Scanner
 from opencoderouter.security import (
     Authenticator,
     BackendCredentials,
