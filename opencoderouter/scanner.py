@@ -4,33 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterable, Protocol as TypingProtocol
+from collections.abc import Callable, Iterable
+from typing import Any, TypeGuard
+from typing import Protocol as TypingProtocol
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
 from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from .listeners import Listener, list_listeners, username_for_uid
 from .logs import router_observer
+from .loopback_http import BodyTooLarge, read_body
 from .registry import Registry, Sighting
 
 # Probes log at debug level; router_observer keeps that out of twistd's log unless asked for.
 log = Logger(observer=router_observer)
 
-#: Largest probe answer read; OpenCode's are a few hundred bytes.
-MAX_PROBE_BODY = 64 * 1024
-
 #: How often a quick check probes a new listener before leaving it to the full scans.
 QUICK_CHECK_ATTEMPTS = 3
+
 
 class ScanMetrics(TypingProtocol):
     """What the scanner reports to (``opencoderouter.metrics.RouterMetrics`` implements it)."""
@@ -50,94 +50,20 @@ class Locked(NotOpenCode):
     """The port answered 401 with a Basic challenge: an OpenCode server with a password."""
 
 
-class _LimitedBody(Protocol):
-    """Collect a response body up to a limit; abort the connection past it."""
-
-    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
-        self.finished = finished
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            self.abort()
-            if not self.finished.called:
-                self.finished.errback(NotOpenCode(f"answer larger than {self.limit} bytes"))
-            return
-        self.chunks.append(data)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self.chunks))
-        else:
-            self.finished.errback(reason)
-
-
-def read_body(response: Any, limit: int = MAX_PROBE_BODY) -> Deferred[bytes]:
-    """Read a whole body, at most ``limit`` bytes; cancelling aborts the connection."""
-    if response.length == 0:
-        return defer.succeed(b"")
-    body: _LimitedBody
-
-    def cancel(_: Deferred[bytes]) -> None:
-        body.abort()
-
-    finished: Deferred[bytes] = Deferred(cancel)
-    body = _LimitedBody(finished, limit)
-    response.deliverBody(body)
-    return finished
-
-
-class LoopbackEndpoints:
-    """An Agent endpoint factory: plain TCP to the URL's IP address, no name resolution.
-
-    Agent's default ``HostnameEndpoint`` resolves even an IP literal in a thread and waits
-    0.3 s between attempts, which makes a refused port cost 300 ms instead of microseconds.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-
-    def endpointForURI(self, uri: Any) -> Any:
-        """A TCP endpoint for ``uri``'s host and port."""
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-        host = uri.host.decode("ascii")
-        endpoint = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        return endpoint(self._reactor, host, uri.port, timeout=self._timeout)
-
-
-def loopback_agent(reactor: Any, pool: Any, connect_timeout: float) -> Any:
-    """An Agent for talking to 127.0.0.1 without name resolution."""
-    from twisted.web.client import Agent
-
-    return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor, connect_timeout), pool=pool)
-
-
-_PROBE_HEADERS = Headers({b"Accept-Encoding": [b"identity"], b"Accept": [b"application/json"]})
+_PROBE_HEADERS = Headers({b"Accept": [b"application/json"]})
 
 
 class Prober:
     """Asks one port whether it is an OpenCode server and for which project.
 
-    It takes a bare ``IAgent`` (an ``Agent`` here, ``treq.testing.RequestTraversalAgent`` in
-    tests) rather than treq's ``HTTPClient``, because treq always asks for gzip and inflates
-    the answer: probes ask for ``identity`` so a hostile port cannot send a compression bomb,
-    and the body read is capped at ``MAX_PROBE_BODY`` bytes.
+    It talks through a treq ``HTTPClient``: ``loopback_http.probe_client`` in the router (bodies
+    capped after gzip decoding, bombs inflated a piece at a time), ``treq.testing.StubTreq`` in
+    tests. The whole probe, body reads included, is bounded by ``timeout``.
     """
 
     def __init__(
         self,
-        agent: Any,
+        client: HTTPClient,
         clock: IReactorTime,
         timeout: float,
         host: str = "127.0.0.1",
@@ -145,7 +71,7 @@ class Prober:
         trusts: Callable[[str | None], bool] = lambda owner: True,
         metrics: ScanMetrics | None = None,
     ) -> None:
-        self._agent = agent
+        self._client = client
         self._clock = clock
         self._timeout = timeout
         self._host = host
@@ -178,9 +104,13 @@ class Prober:
         headers = _PROBE_HEADERS.copy()
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
-        url = f"http://{self._host}:{port}{path}".encode("ascii")
-        response = await self._agent.request(b"GET", url, headers)
-        body = await read_body(response)
+        url = f"http://{self._host}:{port}{path}"
+        # A redirect is not OpenCode's answer, and could point the probe anywhere.
+        response = await self._client.get(url, headers=headers, allow_redirects=False, unbuffered=True)
+        try:
+            body = await read_body(response)
+        except BodyTooLarge as error:
+            raise NotOpenCode(str(error)) from None
         challenge = b"".join(response.headers.getRawHeaders(b"www-authenticate", [])).lower()
         if response.code == 401 and challenge.startswith(b"basic"):
             raise Locked(f"{path} asks for a password")
@@ -239,16 +169,18 @@ def _probe_outcome(failure: Failure) -> str:
     if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
         return "timeout"
     # The probe's time limit cancels a request in flight: the Agent reports that wrapped.
-    if failure.check(ResponseFailed) and any(r.check(defer.CancelledError) for r in failure.value.reasons):
+    reasons = failure.value.reasons if isinstance(failure.value, ResponseFailed) else []
+    if any(reason.check(defer.CancelledError) for reason in reasons):
         return "timeout"
     if failure.check(net_error.ConnectionRefusedError):
         return "refused"
     return "error"
 
 
-def _usable_project_path(value: object) -> bool:
+def _usable_project_path(value: object) -> TypeGuard[str]:
     # "/" is what /project/current says for every non-git folder: it identifies nothing.
-    return isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096 and "\x00" not in value
+    return (isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096
+            and "\x00" not in value)
 
 
 class Scanner(Service):

@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -22,12 +21,13 @@ from .dashboard import ASSETS_SEGMENT, Dashboard, DashboardAssets, load_assets
 from .events import EventStream
 from .launcher import Launcher, LauncherSettings, served_port_finder
 from .listeners import list_listeners
+from .loopback_http import loopback_agent, probe_client
 from .mdns import MdnsAdvertiser
 from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import RouterResource
-from .scanner import Prober, Scanner, loopback_agent
+from .scanner import Prober, Scanner
 
 __all__ = ["Options", "makeService"]
 
@@ -95,19 +95,6 @@ class WebService(StreamServerEndpointService):
         return port
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting/Stopping factory" line per backend connection."""
-
-    noisy = False
-
-
-def quiet_pool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
-    """An HTTPConnectionPool that does not log every connection it opens."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietClientFactory
-    return pool
-
-
 def makeService(options: Options) -> MultiService:
     """Build the router: scanner, registry, web root (API, dashboard, proxy)."""
     from twisted.internet import reactor
@@ -127,9 +114,8 @@ def makeService(options: Options) -> MultiService:
     security.log_startup_warnings(options["listen"], authenticator, backend_credentials)
 
     port_range = (options["scan-start"], options["scan-end"])
-    probe_pool = quiet_pool(reactor, persistent=False)
     prober = Prober(
-        loopback_agent(reactor, probe_pool, options["probe-timeout"]),
+        probe_client(loopback_agent(reactor, options["probe-timeout"])),
         reactor,
         timeout=options["probe-timeout"],
         credentials=backend_credentials.probe_header(),

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import socket
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from pytest_twisted import ensureDeferred
-from treq.testing import RequestTraversalAgent
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
 
+from opencoderouter.api import RouterAPI
 from opencoderouter.listeners import Listener, list_listeners, netlink_listeners, proc_listeners
+from opencoderouter.loopback_http import MAX_BODY, loopback_agent, probe_client
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.scanner import Prober, Scanner, loopback_agent
-from opencoderouter.tap import quiet_pool
+from opencoderouter.scanner import Prober, Scanner
 
 from .support import FakeOpenCodeProcess, free_port_block
 
@@ -35,7 +41,7 @@ TCP6_TABLE = """\
   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000000000000:7534 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 116 1 0 100 0 0 10 0
    1: 00000000000000000000000001000000:7535 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 117 1 0 100 0 0 10 0
-"""
+"""  # noqa: E501 - the kernel's own line width
 
 
 def test_listeners_come_from_the_kernel_socket_table(tmp_path: Path):
@@ -73,7 +79,7 @@ def test_netlink_and_the_proc_tables_agree_on_what_is_reachable():
     # ::1 alone is not reachable on 127.0.0.1; the others are, with our uid.
     assert sorted(fast) == sorted(slow) == [base, base + 1, base + 2]
     assert fast == slow
-    assert {listener.uid for listener in fast.values()} == {__import__("os").getuid()}
+    assert {listener.uid for listener in fast.values()} == {os.getuid()}
 
 
 def test_no_socket_table_means_unknown(tmp_path: Path):
@@ -86,7 +92,7 @@ def test_the_real_socket_table_lists_our_own_listener():
         sock.listen()
         port = sock.getsockname()[1]
         found = list_listeners(port, port)
-    assert found is not None and found[port].uid == __import__("os").getuid()
+    assert found is not None and found[port].uid == os.getuid()
 
 
 class JSONLeaf(Resource):
@@ -117,18 +123,71 @@ def opencode_like(directory: str | None = "/home/a/proj", worktree: str = "/home
     )
 
 
-def probe_with(resource: Resource, port: int = 30000):
-    prober = Prober(RequestTraversalAgent(resource), Clock(), timeout=5)
+class RecordingMetrics:
+    """A ScanMetrics that keeps every probe outcome, in order."""
+
+    def __init__(self):
+        self.outcomes: list[str] = []
+
+    def scan_finished(self, kind, duration):
+        pass
+
+    def probe_finished(self, outcome):
+        self.outcomes.append(outcome)
+
+
+def probe_with(resource: Resource, port: int = 30000, client: HTTPClient | None = None, metrics=None):
+    prober = Prober(client or StubTreq(resource), Clock(), timeout=5, metrics=metrics)
     results = []
     prober.probe(port, owner="alice").addBoth(results.append)
     assert len(results) == 1
     return results[0]
 
 
-def test_probe_recognises_opencode_and_asks_for_identity_encoding():
+def test_probe_recognises_opencode_and_asks_for_gzip_at_most():
     resource = opencode_like()
     assert probe_with(resource) == Sighting(30000, "/home/a/proj", "1.18.33", "alice")
-    assert set(resource.seen_accept_encoding) == {b"identity"}
+    # treq asks for gzip (and decodes it); nothing else is accepted.
+    assert set(resource.seen_accept_encoding) == {b"gzip"}
+
+
+def gzipped_opencode() -> JSONLeaf:
+    """OpenCode-like answers, every one gzip-compressed."""
+    routes = opencode_like().routes
+    return JSONLeaf({path: (code, gzip.compress(body)) for path, (code, body) in routes.items()},
+                    headers={b"content-encoding": b"gzip"})
+
+
+def test_probe_decodes_gzipped_answers():
+    assert probe_with(gzipped_opencode()).project_path == "/home/a/proj"
+    client = probe_client(RequestTraversalAgent(gzipped_opencode()))
+    assert probe_with(None, client=client).project_path == "/home/a/proj"
+
+
+#: A few MB of zeros, compressed (~1,000:1): what a hostile neighbour would send as a gzip bomb.
+BOMB_SIZE = 32 << 20
+GZIP_BOMB = gzip.compress(bytes(BOMB_SIZE), compresslevel=9)
+
+
+def peak_memory_of(action):
+    """(result, peak bytes allocated while ``action`` ran)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = action()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gzip_bomb_stops_at_the_decoded_cap_in_memory():
+    bomb = JSONLeaf({"/global/health": (200, GZIP_BOMB)}, headers={b"content-encoding": b"gzip"})
+    metrics = RecordingMetrics()
+    client = probe_client(RequestTraversalAgent(bomb))
+    result, peak = peak_memory_of(lambda: probe_with(None, client=client, metrics=metrics))
+    assert result is None and metrics.outcomes == ["not_opencode"]
+    # The 32 MB were never inflated at once: the probe stopped a piece past the 64 KiB cap.
+    assert peak < 4 << 20, peak
 
 
 def test_probe_falls_back_to_project_current_when_path_fails():
@@ -167,7 +226,7 @@ class Hanging(Resource):
 
 def test_probe_is_bounded_by_the_timeout():
     clock = Clock()
-    prober = Prober(RequestTraversalAgent(Hanging()), clock, timeout=0.8)
+    prober = Prober(StubTreq(Hanging()), clock, timeout=0.8)
     results = []
     prober.probe(30000).addBoth(results.append)
     assert results == []
@@ -333,6 +392,10 @@ class HostileNeighbours:
                     connection.sendall(b"\x00\xff\x13garbage\r\n\r\n\x01")
                 elif kind == "unauthorized":
                     connection.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+                elif kind == "gzip bomb":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                       b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                                       % (len(GZIP_BOMB), GZIP_BOMB))
             except OSError:
                 pass
             finally:
@@ -347,36 +410,49 @@ class HostileNeighbours:
 
 
 @pytest.fixture
+def gzip_bomber():
+    """The port of a neighbour that answers every request with a gzip bomb."""
+    port = free_port_block(1)
+    neighbours = HostileNeighbours({"gzip bomb": port})
+    yield port
+    neighbours.close()
+
+
+@pytest.fixture
 def crowded_range(tmp_path):
-    start = free_port_block(8)
-    neighbours = HostileNeighbours({"html": start + 2, "silent": start + 3, "garbage": start + 4, "unauthorized": start + 5})
+    start = free_port_block(9)
+    neighbours = HostileNeighbours({"html": start + 2, "silent": start + 3, "garbage": start + 4,
+                                    "unauthorized": start + 5, "gzip bomb": start + 6})
     servers = []
     try:
         servers.append(FakeOpenCodeProcess(tmp_path / "one", port=start))
         servers.append(FakeOpenCodeProcess(tmp_path / "two", port=start + 1))
-        yield start, start + 7, servers
+        yield start, start + 8, servers
     finally:
         neighbours.close()
         for server in servers:
             server.stop()
 
 
+def real_prober(timeout: float = 0.8, metrics=None) -> Prober:
+    """The router's own probe wiring, on the real reactor."""
+    return Prober(probe_client(loopback_agent(reactor, timeout)), reactor, timeout=timeout, metrics=metrics)
+
+
 @pytest.fixture(params=["socket table", "every port"])
 def real_scanner(request, crowded_range):
     start, end, servers = crowded_range
-    pool = quiet_pool(reactor, persistent=False)
-
-    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
+    metrics = RecordingMetrics()
     registry = Registry(reactor, stale_after=30)
     kwargs = {} if request.param == "socket table" else {"list_listeners": lambda s, e: None}
-    scanner = Scanner(registry, prober, reactor, (start, end), interval=60, concurrency=20, quick_interval=0, **kwargs)
-    yield scanner, registry, servers
-    pool.closeCachedConnections()
+    scanner = Scanner(registry, real_prober(metrics=metrics), reactor, (start, end), interval=60, concurrency=20,
+                      quick_interval=0, **kwargs)
+    return scanner, registry, servers, metrics, request.param
 
 
 @ensureDeferred
 async def test_scan_finds_fakes_and_never_registers_hostile_neighbours(real_scanner):
-    scanner, registry, servers = real_scanner
+    scanner, registry, servers, metrics, mode = real_scanner
     began = time.monotonic()
     await scanner.scan()
     elapsed = time.monotonic() - began
@@ -384,6 +460,42 @@ async def test_scan_finds_fakes_and_never_registers_hostile_neighbours(real_scan
     assert found == {s.port: s.directory for s in servers}
     # The never-answering neighbour costs one probe timeout, not more.
     assert elapsed < 0.8 + 0.7, elapsed
+
+
+@ensureDeferred
+async def test_a_gzip_bomb_from_a_real_neighbour_stops_at_the_decoded_cap(gzip_bomber):
+    metrics = RecordingMetrics()
+    prober = real_prober(metrics=metrics)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        sighting = await prober.probe(gzip_bomber)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sighting is None and metrics.outcomes == ["not_opencode"]
+    # 32 MB of zeros arrive as ~32 KB: inflated in one go they would need 32 MB; the probe stops
+    # a piece past the 64 KiB cap instead.
+    assert BOMB_SIZE > 100 * MAX_BODY
+    assert peak < 4 << 20, peak
+
+
+@ensureDeferred
+async def test_probe_connections_log_no_factory_lines():
+    opencode = reactor.listenTCP(0, Site(opencode_like()), interface="127.0.0.1")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: the probe is refused
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert (await real_prober().probe(opencode.getHost().port)).project_path == "/home/a/proj"
+        assert await real_prober().probe(closed.getsockname()[1]) is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        closed.close()
+        await opencode.stopListening()
+    lines = [formatEvent(event) for event in events]
+    assert not [line for line in lines if "Starting factory" in line or "Stopping factory" in line], lines
 
 
 MEASURE_API = """
@@ -402,34 +514,26 @@ print(json.dumps(latencies))
 @ensureDeferred
 async def test_the_api_keeps_answering_quickly_while_1001_ports_are_probed(crowded_range):
     """Probing every port (the non-Linux path) must not starve the web server."""
-    import json
     import sys
 
     from twisted.internet.utils import getProcessOutput
-    from twisted.web.server import Site
-
-    from opencoderouter.api import RouterAPI
-
 
     start, _, servers = crowded_range
-    pool = quiet_pool(reactor, persistent=False)
     registry = Registry(reactor, stale_after=30)
-    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
-    scanner = Scanner(registry, prober, reactor, (start, start + 1000), interval=60, concurrency=20,
+    scanner = Scanner(registry, real_prober(), reactor, (start, start + 1000), interval=60, concurrency=20,
                       quick_interval=0, list_listeners=lambda s, e: None)
     api = RouterAPI(registry)
     listening = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
     url = f"http://127.0.0.1:{listening.getHost().port}/health"
     scans = 0
     try:
-        client = getProcessOutput(sys.executable, ["-c", MEASURE_API, url, "3"], env=dict(__import__("os").environ))
+        client = getProcessOutput(sys.executable, ["-c", MEASURE_API, url, "3"], env=dict(os.environ))
         while not client.called:  # keep scanning for as long as the client measures
             await scanner.scan()
             scans += 1
         latencies = sorted(json.loads(await client))
     finally:
         await listening.stopListening()
-        await pool.closeCachedConnections()
     assert len(registry) == 2 and scans >= 2
     assert len(latencies) >= 20
     assert latencies[len(latencies) // 2] < 0.01, latencies[len(latencies) // 2]

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
@@ -180,7 +180,7 @@ def test_backend_credentials_are_added_only_when_safe():
 
 
 def _stub_prober(fake: FakeOpenCode, **kwargs: Any) -> Prober:
-    return Prober(RequestTraversalAgent(fake), Clock(), timeout=5, **kwargs)
+    return Prober(StubTreq(fake), Clock(), timeout=5, **kwargs)
 
 
 def _result(deferred: Any) -> Any:
