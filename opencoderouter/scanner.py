@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeGuard
 from typing import Protocol as TypingProtocol
 
@@ -14,7 +14,6 @@ from twisted.internet import defer
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
@@ -23,6 +22,7 @@ from twisted.web.http_headers import Headers
 from .listeners import Listener, list_listeners, username_for_uid
 from .logs import router_observer
 from .loopback_http import BodyTooLarge, read_body
+from .periodic import PeriodicService, logging_errors
 from .registry import Registry, Sighting
 
 # Probes log at debug level; router_observer keeps that out of twistd's log unless asked for.
@@ -208,8 +208,6 @@ class Scanner(Service):
         self._prober = prober
         self._clock = clock
         self._start, self._end = port_range
-        self._interval = interval
-        self._quick_interval = quick_interval
         self._semaphore = defer.DeferredSemaphore(concurrency)
         self._list_listeners = list_listeners
         self._owner_name = owner_name
@@ -217,8 +215,10 @@ class Scanner(Service):
         self._admit_owner = admit_owner
         #: Port → owner of OpenCode servers left out by --owners (as of the last full scan).
         self._ignored: dict[int, str | None] = {}
-        self._scan_loop: LoopingCall | None = None
-        self._quick_loop: LoopingCall | None = None
+        self._full_scans = PeriodicService(interval, self.scan_safely, "scan", clock, log)
+        self._quick_checks = (PeriodicService(quick_interval, self.quick_check_safely, "quick check", clock, log)
+                              if quick_interval else None)
+        #: The full scan or quick check in progress (its errors already logged): they never overlap.
         self._running_scan: Deferred[None] | None = None
         #: Listening sockets (by inode) already probed, so quick checks only probe new ones.
         self._probed_inodes: set[int] = set()
@@ -228,40 +228,47 @@ class Scanner(Service):
         self._metrics = metrics
 
     def startService(self) -> None:
-        """Start the full-scan loop (first scan at once) and the quick check."""
+        """Start the full scans (the first at once) and, where the socket table is readable, the quick checks."""
         super().startService()
-        self._scan_loop = LoopingCall(self.scan_safely)
-        self._scan_loop.clock = self._clock
-        self._scan_loop.start(self._interval, now=True)
-        if self._quick_interval and self._list_listeners(self._start, self._end) is not None:
-            self._quick_loop = LoopingCall(self.quick_check_safely)
-            self._quick_loop.clock = self._clock
-            self._quick_loop.start(self._quick_interval, now=False)
+        self._full_scans.startService()
+        if self._quick_checks is not None and self._list_listeners(self._start, self._end) is not None:
+            self._quick_checks.startService()
 
     def stopService(self) -> Deferred[None]:
         """Stop both loops; fires once any scan in progress has ended."""
         super().stopService()
-        for loop in (self._scan_loop, self._quick_loop):
-            if loop is not None and loop.running:
-                loop.stop()
+        stopping = [loop.stopService() for loop in (self._full_scans, self._quick_checks)
+                    if loop is not None and loop.running]
+        stopping.append(self._when_idle())
+        return defer.gatherResults(stopping).addCallback(lambda _: None)
+
+    def scan_safely(self) -> Deferred[None]:
+        """One full scan (unless a scan is running: then its end); errors are logged, never raised."""
+        if self._running_scan is None:
+            self._begin(self.scan, "scan")
+        return self._when_idle()
+
+    def _begin(self, work: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Start ``work`` as the scan in progress, its errors logged as ``what`` failed."""
+        self._running_scan = logging_errors(lambda: defer.ensureDeferred(work()), what, log)()
+        self._running_scan.addBoth(self._scan_ended)
+
+    def _scan_ended(self, _: object) -> None:
+        self._running_scan = None
+
+    def _when_idle(self) -> Deferred[None]:
+        """A Deferred of the caller's own that fires once the scan in progress (if any) has ended."""
         running = self._running_scan
         if running is None:
             return defer.succeed(None)
         waiter: Deferred[None] = Deferred()
-        running.addBoth(lambda result: (waiter.callback(None), result)[1])
+
+        def ended(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        running.addBoth(ended)
         return waiter
-
-    def scan_safely(self) -> Deferred[None]:
-        """One full scan; errors are logged so that the loop goes on."""
-        if self._running_scan is not None:
-            return self._running_scan
-        self._running_scan = defer.ensureDeferred(self.scan())
-        self._running_scan.addErrback(lambda failure: log.failure("scan failed", failure))
-        self._running_scan.addBoth(self._scan_ended)
-        return self._running_scan
-
-    def _scan_ended(self, _: object) -> None:
-        self._running_scan = None
 
     async def scan(self) -> None:
         """Probe every candidate port once, record the sightings and prune stale backends."""
@@ -320,13 +327,11 @@ class Scanner(Service):
         return len(self._ignored)
 
     def quick_check_safely(self) -> Deferred[None] | None:
-        """Probe listeners that appeared since the last look; errors are logged."""
+        """Probe listeners that appeared since the last look (not while a scan runs); errors are logged."""
         if self._running_scan is not None:
             return None
-        self._running_scan = defer.ensureDeferred(self.quick_check())
-        self._running_scan.addErrback(lambda failure: log.failure("quick check failed", failure))
-        self._running_scan.addBoth(self._scan_ended)
-        return self._running_scan
+        self._begin(self.quick_check, "quick check")
+        return self._when_idle()
 
     async def quick_check(self) -> None:
         """Probe only listening sockets not probed before (new servers)."""

@@ -254,11 +254,12 @@ class ScriptedProber:
         return defer.succeed(answer)
 
 
-def make_scanner(prober, listeners, clock=None, concurrency=20):
+def make_scanner(prober, listeners, clock=None, concurrency=20, quick_interval=0.5):
     clock = clock or Clock()
     registry = Registry(clock, stale_after=30)
     scanner = Scanner(registry, prober, clock, port_range=(30000, 30010), interval=5, concurrency=concurrency,
-                      list_listeners=lambda start, end: listeners(), owner_name=lambda uid: f"user{uid}")
+                      quick_interval=quick_interval, list_listeners=lambda start, end: listeners(),
+                      owner_name=lambda uid: f"user{uid}")
     return scanner, registry, clock
 
 
@@ -282,8 +283,7 @@ def test_an_exception_in_a_whole_scan_is_logged_and_the_loop_goes_on():
             raise OSError("socket table vanished")
         return {}
 
-    scanner, _, clock = make_scanner(ScriptedProber({}), listeners)
-    scanner._quick_interval = 0
+    scanner, _, clock = make_scanner(ScriptedProber({}), listeners, quick_interval=0)
     scanner.startService()
     assert scanner.scans_completed == 0
     clock.advance(5)
@@ -294,8 +294,7 @@ def test_an_exception_in_a_whole_scan_is_logged_and_the_loop_goes_on():
 def test_scans_never_overlap_and_stop_waits_for_the_running_scan():
     table = {30000: Listener(30000, 1, 1)}
     prober = ScriptedProber({30000: "hang"})
-    scanner, registry, clock = make_scanner(prober, lambda: table)
-    scanner._quick_interval = 0
+    scanner, registry, clock = make_scanner(prober, lambda: table, quick_interval=0)
     scanner.startService()
     clock.advance(5)
     clock.advance(5)
@@ -306,11 +305,26 @@ def test_scans_never_overlap_and_stop_waits_for_the_running_scan():
     assert stopped.called
 
 
+def test_a_quick_check_in_progress_holds_off_the_full_scan_and_the_stop():
+    table = {30000: Listener(30000, 1, 1)}
+    prober = ScriptedProber({30000: None, 30001: "hang"})
+    scanner, _, clock = make_scanner(prober, lambda: table)
+    scanner.startService()
+    table[30001] = Listener(30001, 1, 2)
+    clock.advance(0.5)
+    assert prober.calls == [30000, 30001]
+    clock.advance(4.5)  # the next full scan is due: it waits for the quick check instead of overlapping it
+    assert prober.calls == [30000, 30001]
+    stopped = scanner.stopService()
+    assert not stopped.called
+    prober.pending[30001].callback(None)
+    assert stopped.called
+
+
 def test_concurrency_is_bounded():
     table = {p: Listener(p, 1, p) for p in range(30000, 30010)}
     prober = ScriptedProber({p: "hang" for p in table})
-    scanner, _, _ = make_scanner(prober, lambda: table, concurrency=3)
-    scanner._quick_interval = 0
+    scanner, _, _ = make_scanner(prober, lambda: table, concurrency=3, quick_interval=0)
     scanner.startService()
     assert len(prober.calls) == 3
     prober.pending[30000].callback(None)
