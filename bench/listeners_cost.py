@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def _cpu_ms(call, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -36,7 +37,7 @@ def main() -> int:
     args = parser.parse_args()
     sockets = sum(max(0, len(Path(p).read_text().splitlines()) - 1) for p in ("/proc/net/tcp", "/proc/net/tcp6"))
     result: dict[str, object] = {"tcp_sockets_on_machine": sockets}
-    from opencoderouter.scanner import netlink_listeners, proc_listeners
+    from opencoderouter.listeners import netlink_listeners, proc_listeners
 
     result["proc_parse_cpu_ms"] = _cpu_ms(lambda: proc_listeners(args.start, args.end), args.repeat)
     result["proc_parse_found"] = len(proc_listeners(args.start, args.end) or {})

@@ -21,13 +21,13 @@ from twisted.internet import defer, task
 
 
 async def _scan_times(reactor: Any, start: int, end: int, repeat: int, probe_all: bool) -> dict[str, Any]:
+    from opencoderouter.listeners import list_listeners
+    from opencoderouter.loopback_http import loopback_agent, probe_client
     from opencoderouter.registry import Registry
-    from opencoderouter.scanner import Prober, Scanner, list_listeners, loopback_agent
-    from opencoderouter.tap import quiet_pool
+    from opencoderouter.scanner import Prober, Scanner
 
     registry = Registry(reactor, stale_after=30.0)
-    pool = quiet_pool(reactor, persistent=False)
-    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
+    prober = Prober(probe_client(loopback_agent(reactor, 0.8)), reactor, timeout=0.8)
     listing = (lambda s, e: None) if probe_all else list_listeners
     scanner = Scanner(registry, prober, reactor, port_range=(start, end), interval=5.0, concurrency=20,
                       list_listeners=listing)
@@ -37,7 +37,6 @@ async def _scan_times(reactor: Any, start: int, end: int, repeat: int, probe_all
         await scanner.scan()
         walls.append(time.perf_counter() - wall0)
         cpus.append(time.process_time() - cpu0)
-    await pool.closeCachedConnections()
     return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
             "wall_all": walls, "found": len(registry)}
 

@@ -792,7 +792,7 @@ def served_port_finder(
     Only servers of the router's own user count (as for ``oc``): another user's server in the
     directory runs with that user's rights, so the router starts its user's own.
     """
-    from .scanner import username_for_uid
+    from .listeners import username_for_uid
 
     own_uid = os.getuid() if uid is None else uid
     own_name = username_for_uid(own_uid)

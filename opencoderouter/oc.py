@@ -22,8 +22,8 @@ from typing import Sequence
 
 from .config import parse_duration
 from .launcher import LISTENING_LINE, PORT_TAKEN, port_is_free
+from .listeners import list_listeners
 from .registry import slugify
-from .scanner import list_listeners
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 

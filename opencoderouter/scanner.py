@@ -1,155 +1,35 @@
-"""Find OpenCode servers on localhost: list listening sockets, probe them, feed the registry."""
+"""Find OpenCode servers on localhost: probe the listening sockets, feed the registry."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pwd
-import socket
-import struct
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol as TypingProtocol
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeGuard
+from typing import Protocol as TypingProtocol
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
 from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
+from .listeners import Listener, list_listeners, username_for_uid
 from .logs import router_observer
+from .loopback_http import BodyTooLarge, read_body
+from .periodic import PeriodicService, logging_errors
 from .registry import Registry, Sighting
 
 # Probes log at debug level; router_observer keeps that out of twistd's log unless asked for.
 log = Logger(observer=router_observer)
 
-#: Largest probe answer read; OpenCode's are a few hundred bytes.
-MAX_PROBE_BODY = 64 * 1024
-
 #: How often a quick check probes a new listener before leaving it to the full scans.
 QUICK_CHECK_ATTEMPTS = 3
-
-_TCP_LISTEN = "0A"
-#: Local addresses that a connection to 127.0.0.1 can reach (hex as in /proc/net/tcp*).
-_REACHABLE_V4 = {"0100007F", "00000000"}
-_REACHABLE_V6 = {"00000000000000000000000000000000", "0000000000000000FFFF00000100007F"}
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A listening TCP socket in the scan range, from the kernel's socket table."""
-
-    port: int
-    uid: int
-    inode: int
-
-
-def list_listeners(start: int, end: int, proc_net: str = "/proc/net") -> dict[int, Listener] | None:
-    """Listening sockets on ports ``start..end`` reachable on 127.0.0.1, or None where unknown.
-
-    Asks the kernel for listening sockets only (netlink ``sock_diag``, ~0.1 ms) and falls back to
-    parsing ``/proc/net/tcp*``, which lists every TCP socket of the machine (thousands on a busy
-    box, 10-25 ms of CPU per look: too much for a check that runs twice a second).
-    """
-    if proc_net == "/proc/net":
-        found = netlink_listeners(start, end)
-        if found is not None:
-            return found
-    return proc_listeners(start, end, proc_net)
-
-
-def proc_listeners(start: int, end: int, proc_net: str = "/proc/net") -> dict[int, Listener] | None:
-    """:func:`list_listeners` from the text tables in ``/proc/net``."""
-    listeners: dict[int, Listener] = {}
-    readable = False
-    for name, reachable in (("tcp", _REACHABLE_V4), ("tcp6", _REACHABLE_V6)):
-        try:
-            with open(os.path.join(proc_net, name), encoding="ascii", errors="replace") as table:
-                lines = table.readlines()[1:]
-        except OSError:
-            continue
-        readable = True
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != _TCP_LISTEN:
-                continue
-            address, _, port_hex = fields[1].partition(":")
-            try:
-                port, uid, inode = int(port_hex, 16), int(fields[7]), int(fields[9])
-            except ValueError:
-                continue
-            if start <= port <= end and address in reachable and port not in listeners:
-                listeners[port] = Listener(port, uid, inode)
-    return listeners if readable else None
-
-
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_TCPF_LISTEN = 1 << 10
-_LOOPBACK_OR_ANY = {
-    socket.AF_INET: {bytes(4), bytes([127, 0, 0, 1])},
-    socket.AF_INET6: {bytes(16), bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])},
-}
-
-
-def netlink_listeners(start: int, end: int) -> dict[int, Listener] | None:
-    """:func:`list_listeners` from the kernel's ``sock_diag`` netlink interface (Linux), else None."""
-    if not hasattr(socket, "AF_NETLINK"):
-        return None
-    listeners: dict[int, Listener] = {}
-    try:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for port, address, uid, inode in _sock_diag_dump(family):
-                if start <= port <= end and address in _LOOPBACK_OR_ANY[family] and port not in listeners:
-                    listeners[port] = Listener(port, uid, inode)
-    except (OSError, struct.error):
-        return None
-    return listeners
-
-
-def _sock_diag_dump(family: int) -> Iterable[tuple[int, bytes, int, int]]:
-    """(port, local address, uid, inode) of every listening TCP socket of one address family."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
-        sock.settimeout(1.0)
-        # struct inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid.
-        request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN) + bytes(48)
-        sock.send(struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0) + request)
-        address_size = 4 if family == socket.AF_INET else 16
-        for _ in range(10_000):  # a dump is a few messages; the bound only guards against a broken kernel
-            data = sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind = struct.unpack_from("=IH", data, offset)
-                if kind == _NLMSG_DONE:
-                    return
-                if kind == _NLMSG_ERROR or length < 16:
-                    raise OSError("sock_diag answered an error")
-                # struct inet_diag_msg: 4 bytes, inet_diag_sockid (sport big-endian, dport, src[16], ...),
-                # then expires, rqueue, wqueue, uid, inode.
-                port = struct.unpack_from("!H", data, offset + 20)[0]
-                address = data[offset + 24 : offset + 24 + address_size]
-                uid, inode = struct.unpack_from("=II", data, offset + 80)
-                yield port, address, uid, inode
-                offset += (length + 3) & ~3
-            if not data:
-                return
-
-
-def username_for_uid(uid: int) -> str:
-    """The login name of ``uid``, or the number when it has none."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 class ScanMetrics(TypingProtocol):
@@ -170,94 +50,20 @@ class Locked(NotOpenCode):
     """The port answered 401 with a Basic challenge: an OpenCode server with a password."""
 
 
-class _LimitedBody(Protocol):
-    """Collect a response body up to a limit; abort the connection past it."""
-
-    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
-        self.finished = finished
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            self.abort()
-            if not self.finished.called:
-                self.finished.errback(NotOpenCode(f"answer larger than {self.limit} bytes"))
-            return
-        self.chunks.append(data)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self.chunks))
-        else:
-            self.finished.errback(reason)
-
-
-def read_body(response: Any, limit: int = MAX_PROBE_BODY) -> Deferred[bytes]:
-    """Read a whole body, at most ``limit`` bytes; cancelling aborts the connection."""
-    if response.length == 0:
-        return defer.succeed(b"")
-    body: _LimitedBody
-
-    def cancel(_: Deferred[bytes]) -> None:
-        body.abort()
-
-    finished: Deferred[bytes] = Deferred(cancel)
-    body = _LimitedBody(finished, limit)
-    response.deliverBody(body)
-    return finished
-
-
-class LoopbackEndpoints:
-    """An Agent endpoint factory: plain TCP to the URL's IP address, no name resolution.
-
-    Agent's default ``HostnameEndpoint`` resolves even an IP literal in a thread and waits
-    0.3 s between attempts, which makes a refused port cost 300 ms instead of microseconds.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-
-    def endpointForURI(self, uri: Any) -> Any:
-        """A TCP endpoint for ``uri``'s host and port."""
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-        host = uri.host.decode("ascii")
-        endpoint = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        return endpoint(self._reactor, host, uri.port, timeout=self._timeout)
-
-
-def loopback_agent(reactor: Any, pool: Any, connect_timeout: float) -> Any:
-    """An Agent for talking to 127.0.0.1 without name resolution."""
-    from twisted.web.client import Agent
-
-    return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor, connect_timeout), pool=pool)
-
-
-_PROBE_HEADERS = Headers({b"Accept-Encoding": [b"identity"], b"Accept": [b"application/json"]})
+_PROBE_HEADERS = Headers({b"Accept": [b"application/json"]})
 
 
 class Prober:
     """Asks one port whether it is an OpenCode server and for which project.
 
-    It takes a bare ``IAgent`` (an ``Agent`` here, ``treq.testing.RequestTraversalAgent`` in
-    tests) rather than treq's ``HTTPClient``, because treq always asks for gzip and inflates
-    the answer: probes ask for ``identity`` so a hostile port cannot send a compression bomb,
-    and the body read is capped at ``MAX_PROBE_BODY`` bytes.
+    It talks through a treq ``HTTPClient``: ``loopback_http.probe_client`` in the router (bodies
+    capped after gzip decoding, bombs inflated a piece at a time), ``treq.testing.StubTreq`` in
+    tests. The whole probe, body reads included, is bounded by ``timeout``.
     """
 
     def __init__(
         self,
-        agent: Any,
+        client: HTTPClient,
         clock: IReactorTime,
         timeout: float,
         host: str = "127.0.0.1",
@@ -265,7 +71,7 @@ class Prober:
         trusts: Callable[[str | None], bool] = lambda owner: True,
         metrics: ScanMetrics | None = None,
     ) -> None:
-        self._agent = agent
+        self._client = client
         self._clock = clock
         self._timeout = timeout
         self._host = host
@@ -298,9 +104,13 @@ class Prober:
         headers = _PROBE_HEADERS.copy()
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
-        url = f"http://{self._host}:{port}{path}".encode("ascii")
-        response = await self._agent.request(b"GET", url, headers)
-        body = await read_body(response)
+        url = f"http://{self._host}:{port}{path}"
+        # A redirect is not OpenCode's answer, and could point the probe anywhere.
+        response = await self._client.get(url, headers=headers, allow_redirects=False, unbuffered=True)
+        try:
+            body = await read_body(response)
+        except BodyTooLarge as error:
+            raise NotOpenCode(str(error)) from None
         challenge = b"".join(response.headers.getRawHeaders(b"www-authenticate", [])).lower()
         if response.code == 401 and challenge.startswith(b"basic"):
             raise Locked(f"{path} asks for a password")
@@ -359,16 +169,18 @@ def _probe_outcome(failure: Failure) -> str:
     if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
         return "timeout"
     # The probe's time limit cancels a request in flight: the Agent reports that wrapped.
-    if failure.check(ResponseFailed) and any(r.check(defer.CancelledError) for r in failure.value.reasons):
+    reasons = failure.value.reasons if isinstance(failure.value, ResponseFailed) else []
+    if any(reason.check(defer.CancelledError) for reason in reasons):
         return "timeout"
     if failure.check(net_error.ConnectionRefusedError):
         return "refused"
     return "error"
 
 
-def _usable_project_path(value: object) -> bool:
+def _usable_project_path(value: object) -> TypeGuard[str]:
     # "/" is what /project/current says for every non-git folder: it identifies nothing.
-    return isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096 and "\x00" not in value
+    return (isinstance(value, str) and value.startswith("/") and value != "/" and len(value) < 4096
+            and "\x00" not in value)
 
 
 class Scanner(Service):
@@ -396,8 +208,6 @@ class Scanner(Service):
         self._prober = prober
         self._clock = clock
         self._start, self._end = port_range
-        self._interval = interval
-        self._quick_interval = quick_interval
         self._semaphore = defer.DeferredSemaphore(concurrency)
         self._list_listeners = list_listeners
         self._owner_name = owner_name
@@ -405,8 +215,10 @@ class Scanner(Service):
         self._admit_owner = admit_owner
         #: Port → owner of OpenCode servers left out by --owners (as of the last full scan).
         self._ignored: dict[int, str | None] = {}
-        self._scan_loop: LoopingCall | None = None
-        self._quick_loop: LoopingCall | None = None
+        self._full_scans = PeriodicService(interval, self.scan_safely, "scan", clock, log)
+        self._quick_checks = (PeriodicService(quick_interval, self.quick_check_safely, "quick check", clock, log)
+                              if quick_interval else None)
+        #: The full scan or quick check in progress (its errors already logged): they never overlap.
         self._running_scan: Deferred[None] | None = None
         #: Listening sockets (by inode) already probed, so quick checks only probe new ones.
         self._probed_inodes: set[int] = set()
@@ -416,40 +228,47 @@ class Scanner(Service):
         self._metrics = metrics
 
     def startService(self) -> None:
-        """Start the full-scan loop (first scan at once) and the quick check."""
+        """Start the full scans (the first at once) and, where the socket table is readable, the quick checks."""
         super().startService()
-        self._scan_loop = LoopingCall(self.scan_safely)
-        self._scan_loop.clock = self._clock
-        self._scan_loop.start(self._interval, now=True)
-        if self._quick_interval and self._list_listeners(self._start, self._end) is not None:
-            self._quick_loop = LoopingCall(self.quick_check_safely)
-            self._quick_loop.clock = self._clock
-            self._quick_loop.start(self._quick_interval, now=False)
+        self._full_scans.startService()
+        if self._quick_checks is not None and self._list_listeners(self._start, self._end) is not None:
+            self._quick_checks.startService()
 
     def stopService(self) -> Deferred[None]:
         """Stop both loops; fires once any scan in progress has ended."""
         super().stopService()
-        for loop in (self._scan_loop, self._quick_loop):
-            if loop is not None and loop.running:
-                loop.stop()
+        stopping = [loop.stopService() for loop in (self._full_scans, self._quick_checks)
+                    if loop is not None and loop.running]
+        stopping.append(self._when_idle())
+        return defer.gatherResults(stopping).addCallback(lambda _: None)
+
+    def scan_safely(self) -> Deferred[None]:
+        """One full scan (unless a scan is running: then its end); errors are logged, never raised."""
+        if self._running_scan is None:
+            self._begin(self.scan, "scan")
+        return self._when_idle()
+
+    def _begin(self, work: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Start ``work`` as the scan in progress, its errors logged as ``what`` failed."""
+        self._running_scan = logging_errors(lambda: defer.ensureDeferred(work()), what, log)()
+        self._running_scan.addBoth(self._scan_ended)
+
+    def _scan_ended(self, _: object) -> None:
+        self._running_scan = None
+
+    def _when_idle(self) -> Deferred[None]:
+        """A Deferred of the caller's own that fires once the scan in progress (if any) has ended."""
         running = self._running_scan
         if running is None:
             return defer.succeed(None)
         waiter: Deferred[None] = Deferred()
-        running.addBoth(lambda result: (waiter.callback(None), result)[1])
+
+        def ended(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        running.addBoth(ended)
         return waiter
-
-    def scan_safely(self) -> Deferred[None]:
-        """One full scan; errors are logged so that the loop goes on."""
-        if self._running_scan is not None:
-            return self._running_scan
-        self._running_scan = defer.ensureDeferred(self.scan())
-        self._running_scan.addErrback(lambda failure: log.failure("scan failed", failure))
-        self._running_scan.addBoth(self._scan_ended)
-        return self._running_scan
-
-    def _scan_ended(self, _: object) -> None:
-        self._running_scan = None
 
     async def scan(self) -> None:
         """Probe every candidate port once, record the sightings and prune stale backends."""
@@ -508,13 +327,11 @@ class Scanner(Service):
         return len(self._ignored)
 
     def quick_check_safely(self) -> Deferred[None] | None:
-        """Probe listeners that appeared since the last look; errors are logged."""
+        """Probe listeners that appeared since the last look (not while a scan runs); errors are logged."""
         if self._running_scan is not None:
             return None
-        self._running_scan = defer.ensureDeferred(self.quick_check())
-        self._running_scan.addErrback(lambda failure: log.failure("quick check failed", failure))
-        self._running_scan.addBoth(self._scan_ended)
-        return self._running_scan
+        self._begin(self.quick_check, "quick check")
+        return self._when_idle()
 
     async def quick_check(self) -> None:
         """Probe only listening sockets not probed before (new servers)."""

@@ -7,7 +7,6 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 
 from . import __version__
@@ -22,12 +21,14 @@ from .forwarding import BackendCredentials, Forwarder
 from .guard import Guard, GuardedRoot
 from .hosts import HostPolicy
 from .launcher import Launcher, LauncherSettings, served_port_finder
+from .listeners import list_listeners
+from .loopback_http import loopback_agent, probe_client
 from .mdns import MdnsAdvertiser
 from .metrics import MeteredProxyFactory, RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import ASSETS_SEGMENT, Router, RouterResource
-from .scanner import Prober, Scanner, list_listeners, loopback_agent
+from .scanner import Prober, Scanner
 from .web import WebService
 
 __all__ = ["Options", "makeService"]
@@ -35,17 +36,6 @@ __all__ = ["Options", "makeService"]
 log = Logger()
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting/Stopping factory" line per backend connection."""
-
-    noisy = False
-
-
-def quiet_pool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
-    """An HTTPConnectionPool that does not log every connection it opens."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietClientFactory
-    return pool
 
 
 def makeService(options: Options) -> MultiService:
@@ -69,9 +59,8 @@ def makeService(options: Options) -> MultiService:
                          backend_credentials.may_inject)
 
     port_range = (options["scan-start"], options["scan-end"])
-    probe_pool = quiet_pool(reactor, persistent=False)
     prober = Prober(
-        loopback_agent(reactor, probe_pool, options["probe-timeout"]),
+        probe_client(loopback_agent(reactor, options["probe-timeout"])),
         reactor,
         timeout=options["probe-timeout"],
         credentials=backend_credentials.probe_header(),

@@ -446,8 +446,8 @@ def test_an_adopted_server_that_disappears_is_replaced_by_our_own(tmp_path: Path
 
 def test_only_the_routers_own_users_servers_are_adopted() -> None:
     from opencoderouter.launcher import served_port_finder
+    from opencoderouter.listeners import Listener, username_for_uid
     from opencoderouter.registry import Registry, Sighting
-    from opencoderouter.scanner import Listener, username_for_uid
 
     clock = MemoryReactorClock()
     registry = Registry(clock, stale_after=30)

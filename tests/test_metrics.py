@@ -7,12 +7,13 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from opencoderouter.listeners import Listener
 from opencoderouter.metrics import (
     MAX_SLUG_LABELS,
     OTHER_SLUG,
@@ -22,7 +23,7 @@ from opencoderouter.metrics import (
 )
 from opencoderouter.registry import Registry, Sighting
 from opencoderouter.routing import Mode, Route, RouteKind
-from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.scanner import Prober, Scanner
 from opencoderouter.testing import FakeOpenCode
 
 from .support import http_get, wait_for
@@ -109,20 +110,20 @@ def test_scans_and_probe_outcomes_are_counted(tmp_path):
     clock = Clock()
     registry = Registry(clock, stale_after=30)
     metrics = RouterMetrics(registry)
-    agent = RequestTraversalAgent(_ByPort(30001, 30002, 30003, str(tmp_path)))
-    prober = Prober(agent, clock, timeout=0.8, metrics=metrics)
+    client = StubTreq(_ByPort(30001, 30002, 30003, str(tmp_path)))
+    prober = Prober(client, clock, timeout=0.8, metrics=metrics)
     listeners = {p: Listener(p, 0, p) for p in (30001, 30002, 30003)}
     scanner = Scanner(
         registry, prober, clock, port_range=(30001, 30003), interval=5, concurrency=5,
         list_listeners=lambda start, end: listeners, owner_name=str, metrics=metrics,
     )
     scan = scanner.scan_safely()
-    agent.flush()
+    client.flush()
     clock.advance(0.5)
-    agent.flush()
+    client.flush()
     assert not scan.called  # the silent port holds the scan until its probe times out
     clock.advance(0.5)
-    agent.flush()
+    client.flush()
     assert scan.called
     text = scrape(metrics)
     assert value(text, "opencoderouter_scans_total", kind="full") == 1
@@ -134,7 +135,7 @@ def test_scans_and_probe_outcomes_are_counted(tmp_path):
     assert value(text, "opencoderouter_backends", state="up") == 1
     # A quick check with nothing new to probe is not a scan.
     scanner.quick_check_safely()
-    agent.flush()
+    client.flush()
     assert value(scrape(metrics), "opencoderouter_scans_total", kind="quick") == 0
 
 

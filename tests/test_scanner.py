@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import socket
 import threading
-import time
+import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from pytest_twisted import ensureDeferred
-from treq.testing import RequestTraversalAgent
+from treq import content as treq_content
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
 
+from opencoderouter.api import RouterAPI
+from opencoderouter.listeners import Listener, list_listeners, netlink_listeners, proc_listeners
+from opencoderouter.loopback_http import MAX_BODY, loopback_agent, probe_client
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.scanner import (
-    Listener,
-    Prober,
-    Scanner,
-    list_listeners,
-    loopback_agent,
-    netlink_listeners,
-    proc_listeners,
-)
-from opencoderouter.tap import quiet_pool
+from opencoderouter.scanner import Prober, Scanner
 
 from .support import FakeOpenCodeProcess, free_port_block
 
@@ -42,7 +44,7 @@ TCP6_TABLE = """\
   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000000000000:7534 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 116 1 0 100 0 0 10 0
    1: 00000000000000000000000001000000:7535 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 117 1 0 100 0 0 10 0
-"""
+"""  # noqa: E501 - the kernel's own line width
 
 
 def test_listeners_come_from_the_kernel_socket_table(tmp_path: Path):
@@ -80,7 +82,7 @@ def test_netlink_and_the_proc_tables_agree_on_what_is_reachable():
     # ::1 alone is not reachable on 127.0.0.1; the others are, with our uid.
     assert sorted(fast) == sorted(slow) == [base, base + 1, base + 2]
     assert fast == slow
-    assert {listener.uid for listener in fast.values()} == {__import__("os").getuid()}
+    assert {listener.uid for listener in fast.values()} == {os.getuid()}
 
 
 def test_no_socket_table_means_unknown(tmp_path: Path):
@@ -93,7 +95,7 @@ def test_the_real_socket_table_lists_our_own_listener():
         sock.listen()
         port = sock.getsockname()[1]
         found = list_listeners(port, port)
-    assert found is not None and found[port].uid == __import__("os").getuid()
+    assert found is not None and found[port].uid == os.getuid()
 
 
 class JSONLeaf(Resource):
@@ -124,18 +126,71 @@ def opencode_like(directory: str | None = "/home/a/proj", worktree: str = "/home
     )
 
 
-def probe_with(resource: Resource, port: int = 30000):
-    prober = Prober(RequestTraversalAgent(resource), Clock(), timeout=5)
+class RecordingMetrics:
+    """A ScanMetrics that keeps every probe outcome, in order."""
+
+    def __init__(self):
+        self.outcomes: list[str] = []
+
+    def scan_finished(self, kind, duration):
+        pass
+
+    def probe_finished(self, outcome):
+        self.outcomes.append(outcome)
+
+
+def probe_with(resource: Resource, port: int = 30000, client: HTTPClient | None = None, metrics=None):
+    prober = Prober(client or StubTreq(resource), Clock(), timeout=5, metrics=metrics)
     results = []
     prober.probe(port, owner="alice").addBoth(results.append)
     assert len(results) == 1
     return results[0]
 
 
-def test_probe_recognises_opencode_and_asks_for_identity_encoding():
+def test_probe_recognises_opencode_and_asks_for_gzip_at_most():
     resource = opencode_like()
     assert probe_with(resource) == Sighting(30000, "/home/a/proj", "1.18.33", "alice")
-    assert set(resource.seen_accept_encoding) == {b"identity"}
+    # treq asks for gzip (and decodes it); nothing else is accepted.
+    assert set(resource.seen_accept_encoding) == {b"gzip"}
+
+
+def gzipped_opencode() -> JSONLeaf:
+    """OpenCode-like answers, every one gzip-compressed."""
+    routes = opencode_like().routes
+    return JSONLeaf({path: (code, gzip.compress(body)) for path, (code, body) in routes.items()},
+                    headers={b"content-encoding": b"gzip"})
+
+
+def test_probe_decodes_gzipped_answers():
+    assert probe_with(gzipped_opencode()).project_path == "/home/a/proj"
+    client = probe_client(RequestTraversalAgent(gzipped_opencode()))
+    assert probe_with(None, client=client).project_path == "/home/a/proj"
+
+
+#: A few MB of zeros, compressed (~1,000:1): what a hostile neighbour would send as a gzip bomb.
+BOMB_SIZE = 32 << 20
+GZIP_BOMB = gzip.compress(bytes(BOMB_SIZE), compresslevel=9)
+
+
+def peak_memory_of(action):
+    """(result, peak bytes allocated while ``action`` ran)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = action()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gzip_bomb_stops_at_the_decoded_cap_in_memory():
+    bomb = JSONLeaf({"/global/health": (200, GZIP_BOMB)}, headers={b"content-encoding": b"gzip"})
+    metrics = RecordingMetrics()
+    client = probe_client(RequestTraversalAgent(bomb))
+    result, peak = peak_memory_of(lambda: probe_with(None, client=client, metrics=metrics))
+    assert result is None and metrics.outcomes == ["not_opencode"]
+    # The 32 MB were never inflated at once: the probe stopped a piece past the 64 KiB cap.
+    assert peak < 4 << 20, peak
 
 
 def test_probe_falls_back_to_project_current_when_path_fails():
@@ -174,7 +229,7 @@ class Hanging(Resource):
 
 def test_probe_is_bounded_by_the_timeout():
     clock = Clock()
-    prober = Prober(RequestTraversalAgent(Hanging()), clock, timeout=0.8)
+    prober = Prober(StubTreq(Hanging()), clock, timeout=0.8)
     results = []
     prober.probe(30000).addBoth(results.append)
     assert results == []
@@ -202,11 +257,12 @@ class ScriptedProber:
         return defer.succeed(answer)
 
 
-def make_scanner(prober, listeners, clock=None, concurrency=20):
+def make_scanner(prober, listeners, clock=None, concurrency=20, quick_interval=0.5):
     clock = clock or Clock()
     registry = Registry(clock, stale_after=30)
     scanner = Scanner(registry, prober, clock, port_range=(30000, 30010), interval=5, concurrency=concurrency,
-                      list_listeners=lambda start, end: listeners(), owner_name=lambda uid: f"user{uid}")
+                      quick_interval=quick_interval, list_listeners=lambda start, end: listeners(),
+                      owner_name=lambda uid: f"user{uid}")
     return scanner, registry, clock
 
 
@@ -230,8 +286,7 @@ def test_an_exception_in_a_whole_scan_is_logged_and_the_loop_goes_on():
             raise OSError("socket table vanished")
         return {}
 
-    scanner, _, clock = make_scanner(ScriptedProber({}), listeners)
-    scanner._quick_interval = 0
+    scanner, _, clock = make_scanner(ScriptedProber({}), listeners, quick_interval=0)
     scanner.startService()
     assert scanner.scans_completed == 0
     clock.advance(5)
@@ -242,8 +297,7 @@ def test_an_exception_in_a_whole_scan_is_logged_and_the_loop_goes_on():
 def test_scans_never_overlap_and_stop_waits_for_the_running_scan():
     table = {30000: Listener(30000, 1, 1)}
     prober = ScriptedProber({30000: "hang"})
-    scanner, registry, clock = make_scanner(prober, lambda: table)
-    scanner._quick_interval = 0
+    scanner, registry, clock = make_scanner(prober, lambda: table, quick_interval=0)
     scanner.startService()
     clock.advance(5)
     clock.advance(5)
@@ -254,11 +308,26 @@ def test_scans_never_overlap_and_stop_waits_for_the_running_scan():
     assert stopped.called
 
 
+def test_a_quick_check_in_progress_holds_off_the_full_scan_and_the_stop():
+    table = {30000: Listener(30000, 1, 1)}
+    prober = ScriptedProber({30000: None, 30001: "hang"})
+    scanner, _, clock = make_scanner(prober, lambda: table)
+    scanner.startService()
+    table[30001] = Listener(30001, 1, 2)
+    clock.advance(0.5)
+    assert prober.calls == [30000, 30001]
+    clock.advance(4.5)  # the next full scan is due: it waits for the quick check instead of overlapping it
+    assert prober.calls == [30000, 30001]
+    stopped = scanner.stopService()
+    assert not stopped.called
+    prober.pending[30001].callback(None)
+    assert stopped.called
+
+
 def test_concurrency_is_bounded():
     table = {p: Listener(p, 1, p) for p in range(30000, 30010)}
     prober = ScriptedProber({p: "hang" for p in table})
-    scanner, _, _ = make_scanner(prober, lambda: table, concurrency=3)
-    scanner._quick_interval = 0
+    scanner, _, _ = make_scanner(prober, lambda: table, concurrency=3, quick_interval=0)
     scanner.startService()
     assert len(prober.calls) == 3
     prober.pending[30000].callback(None)
@@ -340,6 +409,10 @@ class HostileNeighbours:
                     connection.sendall(b"\x00\xff\x13garbage\r\n\r\n\x01")
                 elif kind == "unauthorized":
                     connection.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+                elif kind == "gzip bomb":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                       b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                                       % (len(GZIP_BOMB), GZIP_BOMB))
             except OSError:
                 pass
             finally:
@@ -354,91 +427,141 @@ class HostileNeighbours:
 
 
 @pytest.fixture
+def gzip_bomber():
+    """The port of a neighbour that answers every request with a gzip bomb."""
+    port = free_port_block(1)
+    neighbours = HostileNeighbours({"gzip bomb": port})
+    yield port
+    neighbours.close()
+
+
+@pytest.fixture
 def crowded_range(tmp_path):
-    start = free_port_block(8)
-    neighbours = HostileNeighbours({"html": start + 2, "silent": start + 3, "garbage": start + 4, "unauthorized": start + 5})
+    start = free_port_block(9)
+    neighbours = HostileNeighbours({"html": start + 2, "silent": start + 3, "garbage": start + 4,
+                                    "unauthorized": start + 5, "gzip bomb": start + 6})
     servers = []
     try:
         servers.append(FakeOpenCodeProcess(tmp_path / "one", port=start))
         servers.append(FakeOpenCodeProcess(tmp_path / "two", port=start + 1))
-        yield start, start + 7, servers
+        yield start, start + 8, servers
     finally:
         neighbours.close()
         for server in servers:
             server.stop()
 
 
+def real_prober(timeout: float = 0.8, metrics=None) -> Prober:
+    """The router's own probe wiring, on the real reactor."""
+    return Prober(probe_client(loopback_agent(reactor, timeout)), reactor, timeout=timeout, metrics=metrics)
+
+
 @pytest.fixture(params=["socket table", "every port"])
 def real_scanner(request, crowded_range):
     start, end, servers = crowded_range
-    pool = quiet_pool(reactor, persistent=False)
-
-    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
+    metrics = RecordingMetrics()
     registry = Registry(reactor, stale_after=30)
     kwargs = {} if request.param == "socket table" else {"list_listeners": lambda s, e: None}
-    scanner = Scanner(registry, prober, reactor, (start, end), interval=60, concurrency=20, quick_interval=0, **kwargs)
-    yield scanner, registry, servers
-    pool.closeCachedConnections()
+    scanner = Scanner(registry, real_prober(metrics=metrics), reactor, (start, end), interval=60, concurrency=20,
+                      quick_interval=0, **kwargs)
+    return scanner, registry, servers, metrics, request.param
 
 
 @ensureDeferred
 async def test_scan_finds_fakes_and_never_registers_hostile_neighbours(real_scanner):
-    scanner, registry, servers = real_scanner
-    began = time.monotonic()
+    scanner, registry, servers, metrics, mode = real_scanner
     await scanner.scan()
-    elapsed = time.monotonic() - began
     found = {b.port: b.project_path for b in registry.backends()}
     assert found == {s.port: s.directory for s in servers}
-    # The never-answering neighbour costs one probe timeout, not more.
-    assert elapsed < 0.8 + 0.7, elapsed
-
-
-MEASURE_API = """
-import json, sys, time, urllib.request
-url, seconds = sys.argv[1], float(sys.argv[2])
-latencies, deadline = [], time.monotonic() + seconds
-while time.monotonic() < deadline:
-    began = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=5) as response:
-        response.read()
-    latencies.append(time.perf_counter() - began)
-print(json.dumps(latencies))
-"""
+    outcomes = Counter(metrics.outcomes)
+    # Each port is probed once; the never-answering neighbour costs one probe timeout, not more,
+    # and it ends last: the other probes ran meanwhile instead of waiting behind it.
+    assert outcomes["opencode"] == 2 and outcomes["timeout"] == 1
+    assert metrics.outcomes[-1] == "timeout"
+    assert sum(outcomes.values()) == (9 if mode == "every port" else 7)
+    if mode == "every port":
+        assert outcomes["refused"] == 2
 
 
 @ensureDeferred
-async def test_the_api_keeps_answering_quickly_while_1001_ports_are_probed(crowded_range):
-    """Probing every port (the non-Linux path) must not starve the web server."""
-    import json
-    import sys
-
-    from twisted.internet.utils import getProcessOutput
-    from twisted.web.server import Site
-
-    from opencoderouter.api import RouterAPI
-
-
-    start, _, servers = crowded_range
-    pool = quiet_pool(reactor, persistent=False)
-    registry = Registry(reactor, stale_after=30)
-    prober = Prober(loopback_agent(reactor, pool, 0.8), reactor, timeout=0.8)
-    scanner = Scanner(registry, prober, reactor, (start, start + 1000), interval=60, concurrency=20,
-                      quick_interval=0, list_listeners=lambda s, e: None)
-    api = RouterAPI(registry)
-    listening = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
-    url = f"http://127.0.0.1:{listening.getHost().port}/health"
-    scans = 0
+async def test_a_gzip_bomb_from_a_real_neighbour_stops_at_the_decoded_cap(gzip_bomber):
+    metrics = RecordingMetrics()
+    prober = real_prober(metrics=metrics)
+    tracemalloc.start()
     try:
-        client = getProcessOutput(sys.executable, ["-c", MEASURE_API, url, "3"], env=dict(__import__("os").environ))
-        while not client.called:  # keep scanning for as long as the client measures
-            await scanner.scan()
-            scans += 1
-        latencies = sorted(json.loads(await client))
+        tracemalloc.reset_peak()
+        sighting = await prober.probe(gzip_bomber)
+        peak = tracemalloc.get_traced_memory()[1]
     finally:
-        await listening.stopListening()
-        await pool.closeCachedConnections()
-    assert len(registry) == 2 and scans >= 2
-    assert len(latencies) >= 20
-    assert latencies[len(latencies) // 2] < 0.01, latencies[len(latencies) // 2]
-    # p95, not the maximum: on a loaded 2-core machine the scheduler alone adds rare 50 ms stalls.
-    assert latencies[int(len(latencies) * 0.95)] < 0.05, latencies[-5:]
+        tracemalloc.stop()
+    assert sighting is None and metrics.outcomes == ["not_opencode"]
+    # 32 MB of zeros arrive as ~32 KB: inflated in one go they would need 32 MB; the probe stops
+    # a piece past the 64 KiB cap instead.
+    assert BOMB_SIZE > 100 * MAX_BODY
+    assert peak < 4 << 20, peak
+
+
+@ensureDeferred
+async def test_probe_connections_log_no_factory_lines():
+    opencode = reactor.listenTCP(0, Site(opencode_like()), interface="127.0.0.1")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: the probe is refused
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert (await real_prober().probe(opencode.getHost().port)).project_path == "/home/a/proj"
+        assert await real_prober().probe(closed.getsockname()[1]) is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        closed.close()
+        await opencode.stopListening()
+    lines = [formatEvent(event) for event in events]
+    assert not [line for line in lines if "Starting factory" in line or "Stopping factory" in line], lines
+
+
+class _Silent(Protocol):
+    """Accepts and never answers, until the test lets go."""
+
+    def connectionMade(self):
+        self.factory.held.append(self)
+
+
+@ensureDeferred
+async def test_the_api_answers_while_a_1001_port_scan_is_in_progress():
+    """Probing every port (the non-Linux path) never blocks the reactor: the web server answers meanwhile.
+
+    How fast it answers is measured by bench/scan_api_latency.py.
+    """
+    start = free_port_block(1001, start=20000, end=32000)  # below Linux's ephemeral ports
+    opencode = [reactor.listenTCP(port, Site(opencode_like(f"/srv/p{port}", f"/srv/p{port}")), interface="127.0.0.1")
+                for port in (start, start + 500)]
+    silent_factory = Factory.forProtocol(_Silent)
+    silent_factory.held = []
+    silent = reactor.listenTCP(start + 1000, silent_factory, interface="127.0.0.1")
+    registry = Registry(reactor, stale_after=30)
+    metrics = RecordingMetrics()
+    # A probe timeout far beyond the test: only letting go of the silent neighbour ends the scan.
+    scanner = Scanner(registry, real_prober(timeout=60, metrics=metrics), reactor, (start, start + 1000),
+                      interval=60, concurrency=20, quick_interval=0, list_listeners=lambda s, e: None)
+    api = reactor.listenTCP(0, Site(RouterAPI(registry).resource()), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{api.getHost().port}/health".encode()
+    client = Agent(reactor)  # one connection per request, none kept
+    try:
+        scan = defer.ensureDeferred(scanner.scan())
+        answers = []
+        for _ in range(100_000):  # bounded, should the scan never get that far
+            if len(metrics.outcomes) >= 1000 and len(answers) >= 20:  # every other port probed meanwhile
+                break
+            response = await client.request(b"GET", url)
+            await treq_content(response)
+            answers.append((response.code, scan.called))
+        assert len(metrics.outcomes) == 1000
+        assert set(answers) == {(200, False)}
+    finally:
+        for connection in silent_factory.held:
+            connection.transport.loseConnection()
+    await scan
+    assert {b.port for b in registry.backends()} == {start, start + 500}
+    assert len(metrics.outcomes) == 1001
+    for listener in (*opencode, silent, api):
+        await listener.stopListening()

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
@@ -25,10 +25,11 @@ from opencoderouter.exposure import log_startup_warnings, parse_endpoint
 from opencoderouter.forwarding import BackendCredentials
 from opencoderouter.guard import Guard, may_change_instances
 from opencoderouter.hosts import HostPolicy
+from opencoderouter.listeners import Listener
 from opencoderouter.owners import OwnerFilter
 from opencoderouter.registry import Backend, Registry, Sighting
 from opencoderouter.routing import Route, RouteKind
-from opencoderouter.scanner import Listener, Prober, Scanner
+from opencoderouter.scanner import Prober, Scanner
 from opencoderouter.testing import FakeOpenCode
 
 
@@ -179,7 +180,7 @@ def test_backend_credentials_are_added_only_when_safe():
 
 
 def _stub_prober(fake: FakeOpenCode, **kwargs: Any) -> Prober:
-    return Prober(RequestTraversalAgent(fake), Clock(), timeout=5, **kwargs)
+    return Prober(StubTreq(fake), Clock(), timeout=5, **kwargs)
 
 
 def _result(deferred: Any) -> Any:

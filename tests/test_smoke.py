@@ -15,3 +15,5 @@ def test_router_finds_fake_servers(tmp_path, fake_opencode_factory, router_facto
                         and http_json(router.url + "/api/backends"))
     assert [b["slug"] for b in backends] == ["alpha", "beta"]
     assert {b["project_path"] for b in backends} == {str(tmp_path / "alpha"), str(tmp_path / "Beta")}
+    # Probe connections are not news: the log has no line per connection.
+    assert "Starting factory" not in router.log() and "Stopping factory" not in router.log()
