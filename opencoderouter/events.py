@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .api import backend_json, request_authority
+from .periodic import logging_errors
 from .registry import Backend, Registry
 
 #: More simultaneous dashboards than this get 503: each stream holds a connection and a buffer.
@@ -211,7 +212,7 @@ class EventStream(Resource):
             self.registry.subscribe(self)
             self._subscribed = True
         if self._loop is None and self.tick > 0:
-            self._loop = LoopingCall(self._tick)
+            self._loop = LoopingCall(logging_errors(self._tick, "dashboard event tick", self.log))
             self._loop.clock = self.clock
             self._loop.start(self.tick, now=False)
 
@@ -225,20 +226,16 @@ class EventStream(Resource):
 
     def _tick(self) -> None:
         """Send fresh last-seen times, else a heartbeat comment when the line has been quiet."""
-        try:
-            now = self.clock.seconds()
-            seen = {b.slug: b.last_seen for b in self.registry.backends()}
-            fresh = {slug: t for slug, t in seen.items() if self._last_seen_sent.get(slug) != t}
-            if fresh:
-                self._last_seen_sent.update(fresh)
-                self.publish("seen", {"last_seen": fresh, "server_time": now})
-            elif self.heartbeat > 0 and now - self._last_write >= self.heartbeat:
-                chunk = f": heartbeat {now:.0f}\n\n".encode("ascii")
-                for client in list(self.clients):
-                    self._write(client, chunk)
-        except Exception:
-            # A periodic job logs its own errors so that one failure cannot stop the loop.
-            self.log.failure("dashboard event tick failed")
+        now = self.clock.seconds()
+        seen = {b.slug: b.last_seen for b in self.registry.backends()}
+        fresh = {slug: t for slug, t in seen.items() if self._last_seen_sent.get(slug) != t}
+        if fresh:
+            self._last_seen_sent.update(fresh)
+            self.publish("seen", {"last_seen": fresh, "server_time": now})
+        elif self.heartbeat > 0 and now - self._last_write >= self.heartbeat:
+            chunk = f": heartbeat {now:.0f}\n\n".encode("ascii")
+            for client in list(self.clients):
+                self._write(client, chunk)
 
     def close(self) -> None:
         """End every stream (router shutting down): browsers reconnect to the next router."""

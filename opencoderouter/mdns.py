@@ -35,12 +35,12 @@ from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .interfaces import InterfaceAddress, system_addresses
+from .periodic import PeriodicService
 from .registry import Backend, Registry
 
 log = Logger()
@@ -328,8 +328,8 @@ class MdnsAdvertiser(Service):
         self._backends: dict[str, Backend] = {}
         self._current: dict[str, _Registration] = {}
         self._workers: dict[str, Deferred[None]] = {}
-        self._refresh_loop: LoopingCall | None = None
-        self._refreshing: Deferred[None] | None = None
+        #: Re-reads the interface addresses every ``refresh_interval`` once the router listens.
+        self._refresher: PeriodicService | None = None
         self._started: Deferred[None] | None = None
         self._stopping = False
         self._last_reason = ""
@@ -358,24 +358,24 @@ class MdnsAdvertiser(Service):
         self.registry.subscribe(self)
         for backend in self.registry.backends():
             self._track(backend)
-        self._refresh_loop = LoopingCall(self.refresh_safely)
-        self._refresh_loop.clock = self._reactor
-        self._refresh_loop.start(self._refresh_interval, now=True)
+        self._refresher = PeriodicService(self._refresh_interval, self.refresh, "mDNS address refresh",
+                                          self._reactor, log)
+        self._refresher.startService()
 
     def stopService(self) -> Deferred[None]:
         """Unregister everything (goodbyes sent) and close zeroconf; fires when that is done."""
         super().stopService()
         self._stopping = True
         self.registry.unsubscribe(self)
-        if self._refresh_loop is not None and self._refresh_loop.running:
-            self._refresh_loop.stop()
+        refresher, self._refresher = self._refresher, None
+        refreshing = refresher.stopService() if refresher is not None and refresher.running else None
         if self._started is not None and not self._started.called:
             self._started.cancel()
-        return defer.ensureDeferred(self._shutdown())
+        return defer.ensureDeferred(self._shutdown(refreshing))
 
-    async def _shutdown(self) -> None:
-        if self._refreshing is not None:
-            await _quietly(self._refreshing)
+    async def _shutdown(self, refreshing: Deferred[None] | None) -> None:
+        if refreshing is not None:
+            await _quietly(refreshing)
         for slug in list(self._current):
             self._kick(slug)
         while self._workers:
@@ -410,21 +410,11 @@ class MdnsAdvertiser(Service):
         self._kick(backend.slug)
 
     # -- addresses -------------------------------------------------------------------------------------------
-    def refresh_safely(self) -> Deferred[None]:
-        """Follow interface and address changes; errors are logged so the loop goes on."""
-        if self._refreshing is not None:
-            return self._refreshing
-        running = defer.ensureDeferred(self.refresh())
-        running.addErrback(lambda failure: log.failure("mDNS address refresh failed", failure))
+    def refresh(self) -> Deferred[None]:
+        """Re-read the interface addresses; move zeroconf's sockets and the A/AAAA records with them."""
+        return defer.ensureDeferred(self._refresh())
 
-        def ended(_: object) -> None:
-            self._refreshing = None
-
-        running.addBoth(ended)
-        self._refreshing = running if not running.called else None
-        return running
-
-    async def refresh(self) -> None:
+    async def _refresh(self) -> None:
         """Re-read the interface addresses; move zeroconf's sockets and the A/AAAA records with them."""
         if self._bind is None or self._stopping:
             return
