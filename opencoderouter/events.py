@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from .api import backend_json, request_authority
 from .periodic import logging_errors
+from .responses import error_body, json_response
 from .registry import Backend, Registry
 
 #: More simultaneous dashboards than this get 503: each stream holds a connection and a buffer.
@@ -117,11 +118,9 @@ class EventStream(Resource):
     def render_GET(self, request: IRequest) -> Any:
         """Open a stream: headers, the snapshot, then changes until the client goes away."""
         if len(self.clients) >= self.max_streams:
-            request.setResponseCode(503)
-            request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"retry-after", b"5")
-            body = {"error": "too_many_streams", "message": f"{self.max_streams} event streams are open already"}
-            return json.dumps(body).encode("utf-8") + b"\n"
+            message = f"{self.max_streams} event streams are open already"
+            return json_response(request, error_body("too_many_streams", message), 503)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache, no-transform")
         request.setHeader(b"x-accel-buffering", b"no")
