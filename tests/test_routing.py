@@ -183,7 +183,8 @@ def test_pipelined_requests_wait_for_the_answer_in_front_of_them(router):
     _Held.pending.clear()
     site = RouterSite(_Held(), router=router, reactor=Clock())
     channel, transport = _connect(site)
-    channel.dataReceived(b"GET /alpha/a HTTP/1.1\r\nHost: localhost\r\n\r\nGET /alpha/b HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    channel.dataReceived(b"GET /alpha/a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                         b"GET /alpha/b HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert [r.uri for r in _Held.pending] == [b"/alpha/a"]
     first = _Held.pending.pop()
     first.write(b"A")
