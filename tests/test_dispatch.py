@@ -17,8 +17,19 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.server import Site
 
 from opencoderouter.dispatch import (
-    EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_SESSION_ERROR, EXIT_TIMEOUT,
-    DEFAULT_ROUTER, EXIT_UNREACHABLE, DispatchError, Dispatcher, Options, Task, parse_task,
+    DEFAULT_ROUTER,
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_SESSION_ERROR,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    Dispatcher,
+    DispatchError,
+    Options,
+    Task,
+    parse_task,
 )
 
 from .dispatch_fakes import ScriptedOpenCode, StubRouter
@@ -27,13 +38,16 @@ from .support import REPO, free_port, subprocess_env
 
 # -- parsing -------------------------------------------------------------------------------------
 def test_front_matter_fields_and_prompt_are_read():
-    task = parse_task("---\nproject: Archer\nmodel: anthropic/claude-sonnet-4-5\nagent: coder\n---\n\nFix the bug.\nNow.\n")
-    assert task == Task(project="Archer", prompt="Fix the bug.\nNow.", model="anthropic/claude-sonnet-4-5", agent="coder")
+    task = parse_task(
+        "---\nproject: Archer\nmodel: anthropic/claude-sonnet-4-5\nagent: coder\n---\n\nFix the bug.\nNow.\n")
+    assert task == Task(project="Archer", prompt="Fix the bug.\nNow.", model="anthropic/claude-sonnet-4-5",
+                        agent="coder")
     assert task.model_ref() == {"providerID": "anthropic", "modelID": "claude-sonnet-4-5"}
 
 
 def test_flags_override_front_matter():
-    task = parse_task("---\nproject: Archer\nmodel: a/b\n---\nGo", project="Other", model="openrouter/x/y", agent="plan")
+    task = parse_task("---\nproject: Archer\nmodel: a/b\n---\nGo", project="Other", model="openrouter/x/y",
+                      agent="plan")
     assert (task.project, task.model, task.agent) == ("Other", "openrouter/x/y", "plan")
     assert task.model_ref() == {"providerID": "openrouter", "modelID": "x/y"}
 
@@ -125,7 +139,8 @@ async def test_event_stream_is_open_before_the_prompt_is_sent(harness):
     h = harness("reply")
     seen: list[int] = []
     original = h.opencode._prompt_async
-    h.opencode._prompt_async = lambda request, session: (seen.append(len(h.opencode.streams)), original(request, session))[1]
+    h.opencode._prompt_async = lambda request, session: (
+        seen.append(len(h.opencode.streams)), original(request, session))[1]
     await h.dispatch()
     assert seen == [1]
 
@@ -191,7 +206,8 @@ async def test_project_given_as_a_path_resolves_by_path(harness):
 async def test_router_that_is_not_listening_exits_4():
     err = io.StringIO()
     router = f"http://127.0.0.1:{free_port()}"
-    result = await Dispatcher(reactor, Task(project="a", prompt="x"), Options(router=router, err=err, out=io.StringIO())).run()
+    options = Options(router=router, err=err, out=io.StringIO())
+    result = await Dispatcher(reactor, Task(project="a", prompt="x"), options).run()
     assert result.exit_code == EXIT_UNREACHABLE
     assert f"cannot reach the router at {router}/api/resolve" in err.getvalue()
 
