@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from .backoff import doubling_backoff
 from .config import parse_duration
 
 EXIT_DONE = 0
@@ -58,6 +59,8 @@ _MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/(\S+)$")
 #: An event bigger than this is skipped (memory bound against a hostile or broken stream).
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _FRONT_MATTER_KEYS = ("project", "model", "agent", "title")
+#: Delays between attempts to reopen a lost event stream: 0.25 s doubling to 5 s.
+_RECONNECT_BACKOFF = doubling_backoff(0.25, 5.0)
 
 
 class DispatchError(Exception):
@@ -590,7 +593,7 @@ class Dispatcher:
             return
         self._reconnecting = True
         deadline = self.reactor.seconds() + self.options.reconnect_timeout
-        delay, last = 0.25, "no attempt yet"
+        attempt, last = 0, "no attempt yet"
         try:
             while not self._finished.called:
                 try:
@@ -601,10 +604,11 @@ class Dispatcher:
                     return
                 except DispatchError as error:
                     last = error.message
+                delay = _RECONNECT_BACKOFF(attempt)
                 if self.reactor.seconds() + delay > deadline:
                     break
                 yield _sleep(self.reactor, delay)
-                delay = min(delay * 2, 5.0)
+                attempt += 1
             if not self._finished.called:
                 self._finished.errback(Failure(DispatchError(
                     EXIT_UNREACHABLE,

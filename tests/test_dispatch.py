@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.web.server import Site
 
 from opencoderouter.dispatch import (
@@ -276,12 +278,43 @@ async def test_backend_gone_mid_turn_exits_4_after_the_reconnect_budget(harness)
         await _later(0.05)
     await h.backend_port.stopListening()
     h.opencode.close_streams()
-    started = reactor.seconds()
+    # How long it keeps trying (the budget, not longer) is shown on a Clock below.
     result = await running
     assert result.exit_code == EXIT_UNREACHABLE
-    assert reactor.seconds() - started < 5
     assert "lost the backend of project 'archer'" in h.err.getvalue()
     assert result.session_id in h.err.getvalue()
+
+
+class _Unreachable(HTTPClient):
+    """An HTTP client for which every GET fails at once; records when each was made."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.attempts: list[float] = []
+
+    def get(self, url: Any, **kwargs: Any) -> Deferred[Any]:
+        self.attempts.append(self.clock.seconds())
+        return fail(ConnectionRefusedError("connection refused"))
+
+
+def test_reconnects_back_off_from_a_quarter_second_and_give_up_within_the_budget():
+    clock = Clock()
+    client = _Unreachable(clock)
+    err = io.StringIO()
+    dispatcher = Dispatcher(clock, Task(project="archer", prompt="x"),
+                            Options(router="http://127.0.0.1:1", reconnect_timeout=10.0, err=err, out=io.StringIO()),
+                            client=client)
+    dispatcher.base_url, dispatcher.directory, dispatcher.session_id = "http://127.0.0.1:1/archer/", "/p", "ses_1"
+    ended: list[Any] = []
+    dispatcher._finished.addErrback(ended.append)
+    dispatcher._reconnect()
+    for delay in (0.25, 0.5, 1, 2, 4):
+        assert ended == []
+        clock.advance(delay)
+    assert client.attempts == [0, 0.25, 0.75, 1.75, 3.75, 7.75]
+    # The next delay (5 s, the cap) would end after the 10 s budget: it gives up now, not later.
+    assert ended and ended[0].value.exit_code == EXIT_UNREACHABLE
+    assert "for 10s" in ended[0].value.message and clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
