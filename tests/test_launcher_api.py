@@ -13,10 +13,10 @@ from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from opencoderouter.api import RouterAPI
-from opencoderouter.security import is_loopback_address
 from opencoderouter.registry import Naming, Registry, Sighting
+from opencoderouter.security import is_loopback_address
 
-from .test_launcher_unit import make_launcher
+from .test_launcher_unit import FakeProcessReactor, make_launcher
 
 
 class FromAddress(Resource):
@@ -33,8 +33,10 @@ class FromAddress(Resource):
 
 
 def make_api(tmp_path: Path, names: tuple[str, ...] = ("alpha",)) -> tuple[Any, Any, Any, Registry]:
-    launcher, reactor, directories = make_launcher(tmp_path, names=names)
+    reactor = FakeProcessReactor()
     registry = Registry(reactor, stale_after=30, naming=Naming("alice", "alice"))
+    launcher, reactor, directories = make_launcher(tmp_path, names=names, reactor=reactor,
+                                                   slug_for=registry.slug_for_path)
     api = RouterAPI(registry, launcher=launcher)
     launcher.startService()
     return api, launcher, reactor, registry
@@ -53,7 +55,8 @@ def start_call(client: StubTreq, method: str, url: str, body: Any = None,
     return answers
 
 
-def call(client: StubTreq, method: str, url: str, body: Any = None, content_type: str = "application/json") -> tuple[int, Any]:
+def call(client: StubTreq, method: str, url: str, body: Any = None,
+         content_type: str = "application/json") -> tuple[int, Any]:
     """Send a request that must be answered at once."""
     answers = start_call(client, method, url, body, content_type)
     assert answers, f"{method} {url} was not answered"
