@@ -142,9 +142,6 @@ class RouterAPI:
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Any) -> dict[str, Any]:
         body = instance.describe()
-        backend = self.registry.by_path(instance.directory)
-        if backend is not None:
-            body["slug"] = backend.slug  # the slug that routes to it
         if body["started_at"] is not None:
             body["started_at"] = rfc3339(body["started_at"])
         return body
@@ -169,13 +166,14 @@ class RouterAPI:
         if not isinstance(directory, str) or not directory:
             return _json(request, {"error": "bad_request",
                                    "message": 'send a JSON object {"directory": "/path/to/project"}'}, 400)
-        from .launcher import LauncherError, resolve_directory
+        from .config import ProjectDirectoryError, project_directory
+        from .launcher import LauncherError, LauncherState
 
         try:
-            known = self.launcher.by_directory(resolve_directory(directory))
-        except LauncherError as error:
+            known = self.launcher.by_directory(project_directory(directory))
+        except ProjectDirectoryError as error:
             return _json(request, {"error": "bad_request", "message": str(error)}, 400)
-        was_running = known is not None and known.state not in ("stopped", "failed")
+        was_running = known is not None and known.state not in (LauncherState.STOPPED, LauncherState.FAILED)
 
         def started(instance: Any) -> bytes:
             return _json(request, self._instance_json(instance), 200 if was_running else 201)
@@ -193,9 +191,6 @@ class RouterAPI:
         if refused is not None:
             return refused
         instance = self.launcher.find(slug)
-        if instance is None:
-            backend = self.registry.by_slug(slug)
-            instance = self.launcher.by_directory(backend.project_path) if backend is not None else None
         if instance is None:
             return _json(request, {"error": "not_found", "slug": slug,
                                    "message": f"no instance {slug} is managed by this router"}, 404)

@@ -6,7 +6,7 @@ import getpass
 import os
 import re
 import shutil
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.python import usage
 
@@ -84,6 +84,25 @@ def _positive_duration(text: str) -> float:
     if value <= 0:
         raise ValueError(f"{text!r} must be longer than zero")
     return value
+
+
+class ProjectDirectoryError(ValueError):
+    """A project directory argument that is not a usable directory; the message says why."""
+
+
+def project_directory(argument: str) -> str:
+    """The absolute, symlink-free path of a project directory, or a ProjectDirectoryError saying what is wrong.
+
+    The one check for the router's arguments, ``POST /api/instances`` and ``oc``.
+    """
+    if not argument.strip() or "\x00" in argument:
+        raise ProjectDirectoryError(f"{argument!r} is not a directory path")
+    path = os.path.realpath(os.path.abspath(os.path.expanduser(argument)))
+    if not os.path.exists(path):
+        raise ProjectDirectoryError(f"project directory {argument} does not exist")
+    if not os.path.isdir(path):
+        raise ProjectDirectoryError(f"project directory {argument} is not a directory")
+    return path
 
 
 def default_username() -> str:
@@ -216,12 +235,10 @@ class Options(usage.Options):
                 )
         directories = []
         for argument in self["projects"]:
-            path = os.path.abspath(os.path.expanduser(argument))
-            if not os.path.exists(path):
-                raise usage.UsageError(f"project directory {argument} does not exist")
-            if not os.path.isdir(path):
-                raise usage.UsageError(f"project directory {argument} is not a directory")
-            directories.append(os.path.realpath(path))
+            try:
+                directories.append(project_directory(argument))
+            except ProjectDirectoryError as error:
+                raise usage.UsageError(str(error)) from None
         self["projects"] = directories
         self["opencode-bin"] = _find_opencode(self["opencode-bin"], required=bool(directories))
         if self["listen"] is None:

@@ -26,20 +26,23 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any, cast
 from urllib.parse import quote, urlsplit
 
+import treq
 import yaml
+from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
 
-import treq
-from treq.client import HTTPClient
-
+from .backoff import doubling_backoff
 from .config import parse_duration
 
 EXIT_DONE = 0
@@ -56,6 +59,8 @@ _MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/(\S+)$")
 #: An event bigger than this is skipped (memory bound against a hostile or broken stream).
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _FRONT_MATTER_KEYS = ("project", "model", "agent", "title")
+#: Delays between attempts to reopen a lost event stream: 0.25 s doubling to 5 s.
+_RECONNECT_BACKOFF = doubling_backoff(0.25, 5.0)
 
 
 class DispatchError(Exception):
@@ -121,8 +126,8 @@ def parse_task(text: str, project: str | None = None, model: str | None = None, 
                 front, rest = "\n".join(lines[1:index]), lines[index + 1:]
                 break
         else:
-            raise DispatchError(EXIT_BAD_INPUT, "malformed front matter: the opening '---' line has no closing '---' line",
-                                "bad_input")
+            raise DispatchError(EXIT_BAD_INPUT,
+                                "malformed front matter: the opening '---' line has no closing '---' line", "bad_input")
         try:
             loaded = yaml.safe_load(front)
         except yaml.YAMLError as error:
@@ -235,9 +240,9 @@ class _EventStream(Protocol):
         """Stop reading (drops the connection)."""
         self.closing = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 - Twisted's name
         """Report the end (clean or not) once."""
         self.reason = reason
         if not self.ended.called:
@@ -274,9 +279,10 @@ class Dispatcher:
         self.directory: str | None = None
         self.session_id: str | None = None
         self.text_parts: list[str] = []
-        self._part_types: dict[str, str] = {}
-        self._user_messages: set[str] = set()
-        self._tool_status: dict[str, str] = {}
+        # Keyed by ids from the server's JSON, whatever their type.
+        self._part_types: dict[object, object] = {}
+        self._user_messages: set[object] = set()
+        self._tool_status: dict[object, object] = {}
         self._answered: set[str] = set()
         self.permissions: list[dict[str, Any]] = []
         self._stream: _EventStream | None = None
@@ -308,11 +314,11 @@ class Dispatcher:
         params = {"directory": self.directory, **query}
         return self.base_url + path + "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
 
-    def _headers(self, url: str, accept: bytes) -> dict[bytes, list[bytes]]:
+    def _headers(self, url: str, accept: bytes) -> Headers:
         """Request headers; the router's credentials go to the router's origin only, never elsewhere."""
-        headers = {b"accept": [accept]}
+        headers = Headers({b"accept": [accept]})
         if self.options.authorization and _origin(url) == _origin(self.options.router):
-            headers[b"authorization"] = [self.options.authorization.encode("latin-1")]
+            headers.addRawHeader(b"authorization", self.options.authorization.encode("latin-1"))
         return headers
 
     @inlineCallbacks
@@ -346,9 +352,10 @@ class Dispatcher:
                 if self._finished.called:
                     break  # interrupted or timed out between steps: do not start the next one
                 yield step()
-            status, error = yield self._finished
+            status, session_error = yield self._finished
         except DispatchError as error:
-            status, error_body, code = error.status, {"name": "DispatchError", "message": error.message}, error.exit_code
+            status, code = error.status, error.exit_code
+            error_body = {"name": "DispatchError", "message": error.message}
             if not self._finished.called:
                 self._finished.callback((status, error_body))
             self._say(error.message)
@@ -356,7 +363,7 @@ class Dispatcher:
             return result
         code = {"done": EXIT_DONE, "error": EXIT_SESSION_ERROR, "timeout": EXIT_TIMEOUT,
                 "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_UNREACHABLE)
-        result = yield self._result(status, error, code)
+        result = yield self._result(status, session_error, code)
         return result
 
     @inlineCallbacks
@@ -425,8 +432,9 @@ class Dispatcher:
         names = [a.get("name") for a in agents if isinstance(a, dict) and a.get("mode") != "subagent"]
         if self.task.agent is not None:
             if self.task.agent not in names:
+                offered = ", ".join(map(str, names))
                 raise DispatchError(EXIT_BAD_INPUT,
-                                    f"agent {self.task.agent!r} does not exist on this server (agents: {', '.join(map(str, names))})",
+                                    f"agent {self.task.agent!r} does not exist on this server (agents: {offered})",
                                     "bad_input")
             return
         code, config = yield self._request("GET", self._url("config"))
@@ -438,7 +446,8 @@ class Dispatcher:
         title = self.task.title or _title_from(self.task.prompt)
         code, body = yield self._request("POST", self._url("session"), {"title": title})
         if code != 200 or not isinstance(body, dict) or not str(body.get("id", "")).startswith("ses"):
-            raise DispatchError(EXIT_UNREACHABLE, f"creating a session at {self.base_url} failed: {code} {str(body)[:200]}",
+            raise DispatchError(EXIT_UNREACHABLE,
+                                f"creating a session at {self.base_url} failed: {code} {str(body)[:200]}",
                                 "unreachable")
         self.session_id = body["id"]
         self._say(f"session {self.session_id} ({title!r})")
@@ -454,7 +463,8 @@ class Dispatcher:
             response = yield self.http.get(url, headers=self._headers(url, b"text/event-stream"),
                                            timeout=self.options.request_timeout, unbuffered=True)
         except Exception as error:
-            raise DispatchError(EXIT_UNREACHABLE, f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
+            raise DispatchError(EXIT_UNREACHABLE,
+                                f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
                                 "unreachable") from None
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if response.code != 200 or not content_type.startswith(b"text/event-stream"):
@@ -494,9 +504,11 @@ class Dispatcher:
         if code == 400:
             raise DispatchError(EXIT_BAD_INPUT, f"the server refused the prompt: {_error_text(answer)}", "bad_input")
         if code not in (200, 204):
-            raise DispatchError(EXIT_UNREACHABLE, f"prompting session {self.session_id} failed: {code} {_error_text(answer)}",
+            raise DispatchError(EXIT_UNREACHABLE,
+                                f"prompting session {self.session_id} failed: {code} {_error_text(answer)}",
                                 "unreachable")
-        self._say(f"prompt sent (agent {self.task.agent or 'default'}, model {self.task.model or 'default'}); following events")
+        self._say(f"prompt sent (agent {self.task.agent or 'default'}, model {self.task.model or 'default'}); "
+                  "following events")
 
     # -- events ------------------------------------------------------------------
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -504,7 +516,8 @@ class Dispatcher:
         props = event.get("properties") or {}
         if not isinstance(props, dict) or self._finished.called or self._aborting:
             return
-        session = props.get("sessionID") or (props.get("part") or {}).get("sessionID") or (props.get("info") or {}).get("sessionID")
+        session = (props.get("sessionID") or (props.get("part") or {}).get("sessionID")
+                   or (props.get("info") or {}).get("sessionID"))
         if session != self.session_id:
             return
         if kind == "message.updated":
@@ -580,7 +593,7 @@ class Dispatcher:
             return
         self._reconnecting = True
         deadline = self.reactor.seconds() + self.options.reconnect_timeout
-        delay, last = 0.25, "no attempt yet"
+        attempt, last = 0, "no attempt yet"
         try:
             while not self._finished.called:
                 try:
@@ -591,15 +604,17 @@ class Dispatcher:
                     return
                 except DispatchError as error:
                     last = error.message
+                delay = _RECONNECT_BACKOFF(attempt)
                 if self.reactor.seconds() + delay > deadline:
                     break
                 yield _sleep(self.reactor, delay)
-                delay = min(delay * 2, 5.0)
+                attempt += 1
             if not self._finished.called:
                 self._finished.errback(Failure(DispatchError(
                     EXIT_UNREACHABLE,
                     f"lost the backend of project {self.task.project!r} ({self.base_url}) for "
-                    f"{self.options.reconnect_timeout:g}s: {last}; session {self.session_id} may still be running there",
+                    f"{self.options.reconnect_timeout:g}s: {last}; "
+                    f"session {self.session_id} may still be running there",
                     "unreachable")))
         finally:
             self._reconnecting = False
@@ -741,7 +756,9 @@ def _error_text(error: Any) -> str:
     """``Name: message`` from an OpenCode error object."""
     if not isinstance(error, dict):
         return str(error)[:300]
-    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    data = error.get("data")
+    if not isinstance(data, dict):
+        data = {}
     message = data.get("message") or error.get("message") or ""
     name = error.get("name") or error.get("_tag") or "Error"
     return f"{name}: {message}" if message else str(name)
@@ -773,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 the session errored, 2 bad input, 3 project not found, "
                "4 router or backend unreachable, 124 timeout, 130 interrupted.",
     )
-    parser.add_argument("task", nargs="?", default="-", help="task file (YAML front matter + prompt); '-' or none: stdin")
+    parser.add_argument("task", nargs="?", default="-",
+                        help="task file (YAML front matter + prompt); '-' or none: stdin")
     parser.add_argument("--project", help="project name or path (overrides the front matter)")
     parser.add_argument("--model", help="provider/model (overrides the front matter)")
     parser.add_argument("--agent", help="agent (default: the server's default agent, else build)")

@@ -1,37 +1,54 @@
 """The launcher: starts, watches, restarts and stops ``opencode serve`` for project directories.
 
-One :class:`Launcher` service owns every child. Each child runs through a tiny exec wrapper that puts
-it in its own session and process group and asks the kernel to SIGKILL it when the router dies (even
-by SIGKILL), and a small reaper process takes down the children's whole groups (OpenCode spawns LSP/MCP
-grandchildren) in that case, so no OpenCode process of ours outlives the router. Stopping signals each
-whole group, SIGTERM first and SIGKILL after a grace period.
+One :class:`Launcher` service owns every child. For the router, each child runs through a tiny exec
+wrapper that puts it in its own session and process group and asks the kernel to SIGKILL it when
+the router dies (even by SIGKILL), and a small reaper process takes down the children's whole
+groups (OpenCode spawns LSP/MCP grandchildren) in that case, so no OpenCode process of ours
+outlives the router. Stopping signals each whole group, SIGTERM first and SIGKILL after a grace
+period (see :mod:`opencoderouter.process_groups`).
+
+For ``oc`` it runs **detached** (``LauncherSettings.detached_log_dir``): the child still gets its
+own session but no parent-death signal and no reaper, it writes to ``{log_dir}/{slug}.log`` (read
+back for its listening line) instead of a pipe, it is not restarted, and it keeps running when
+the launcher stops.
 
 Children start one at a time (the start gate): instances share one HOME, and several OpenCode servers
 starting at once on a fresh HOME race on the SQLite migration of its shared database and exit 1.
+The slug of each instance is the registry's (``slug_for``), read whenever it is shown.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import os
-import posixpath
 import re
 import signal
 import socket
-import sys
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .registry import RESERVED_SLUGS, slugify
+from .backoff import doubling_backoff
+from .config import ProjectDirectoryError, project_directory
+from .process_groups import (
+    POLL_INTERVAL,
+    Reaper,
+    reaper_command,
+    signal_group,
+    stop_group,
+    wrapped_command,
+)
+from .registry import Naming, Registry
 
 log = Logger()
 
@@ -40,78 +57,29 @@ LISTENING_LINE = re.compile(r"opencode server listening on http://(\S+?):(\d+)")
 #: What OpenCode prints (then exits 1) when its port is taken.
 PORT_TAKEN = re.compile(r"ServeError|EADDRINUSE|address already in use", re.IGNORECASE)
 
-STARTING, RUNNING, RESTARTING, FAILED, STOPPED, ADOPTED = (
-    "starting", "running", "restarting", "failed", "stopped", "adopted",
-)
 
-#: Runs before OpenCode: own session (hence own process group, no terminal), parent-death signal,
-#: then exec. Checking the parent after prctl closes the race where the router died before it.
-_WRAPPER = (
-    "import ctypes,os,signal,sys\n"
-    "os.setsid()\n"
-    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL,0,0,0)\n"  # PR_SET_PDEATHSIG
-    "if os.getppid()!=int(sys.argv[1]):sys.stderr.write('the router exited before opencode started\\n');sys.exit(125)\n"
-    "try:os.execvp(sys.argv[2],sys.argv[2:])\n"
-    "except OSError as e:sys.stderr.write('cannot run %s: %s\\n'%(sys.argv[2],e.strerror));sys.exit(127)\n"
-)
+class LauncherState(str, enum.Enum):
+    """What an instance is doing; the values are what the API, the logs and the metrics labels show."""
 
-#: One reaper per launcher: told each child's process group, it outlives a router killed with SIGKILL
-#: just long enough to SIGTERM (then SIGKILL) those whole groups, grandchildren included. Its stdin
-#: reaching EOF is the signal: only the router holds the other end, and the kernel closes it when
-#: the router dies, however it dies. Lines: "+ PGID" (watch), "- PGID" (forget).
-_REAPER = (
-    "import os,signal,sys,time\n"
-    "os.setsid()\n"
-    "signal.signal(signal.SIGINT,signal.SIG_IGN)\n"
-    "groups=set()\n"
-    "for line in sys.stdin:\n"
-    " op,_,pgid=line.strip().partition(' ')\n"
-    " (groups.add if op=='+' else groups.discard)(int(pgid))\n"
-    "def send(g,s):\n"
-    " try:os.killpg(g,s)\n"
-    " except ProcessLookupError:return False\n"
-    " except PermissionError:pass\n"
-    " return True\n"
-    "live=[g for g in groups if send(g,signal.SIGTERM)]\n"
-    "end=time.monotonic()+float(sys.argv[1])\n"
-    "while live and time.monotonic()<end:\n"
-    " time.sleep(0.05);live=[g for g in live if send(g,0)]\n"
-    "for g in live:send(g,signal.SIGKILL)\n"
-)
+    STARTING = "starting"
+    RUNNING = "running"
+    #: Waiting for its backoff delay before the next start.
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    #: Already served when it was given: listed and routed, not ours to stop.
+    ADOPTED = "adopted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States in which an instance is not wanted running any more.
+_OVER = (LauncherState.STOPPED, LauncherState.FAILED)
 
 _MAX_LINE = 8192
-_POLL = 0.05
-
-
-def wrapped_command(executable: str, args: list[str], parent_pid: int) -> tuple[str, list[str]]:
-    """The (executable, argv) that runs ``executable args`` in its own group with a parent-death signal."""
-    return sys.executable, [sys.executable, "-I", "-S", "-c", _WRAPPER, str(parent_pid), executable, *args]
-
-
-class _Reaper(ProcessProtocol):
-    """The launcher's end of the reaper process (see ``_REAPER``)."""
-
-    def __init__(self) -> None:
-        self.ended: Deferred[None] = Deferred()
-        self.alive = False
-
-    def connectionMade(self) -> None:
-        """The reaper runs."""
-        self.alive = True
-
-    def tell(self, op: str, pgid: int) -> None:
-        """Watch (``+``) or forget (``-``) a process group."""
-        if self.alive:
-            self.transport.write(f"{op} {pgid}\n".encode("ascii"))  # type: ignore[union-attr]
-
-    def errReceived(self, data: bytes) -> None:
-        """The reaper only writes when something is wrong."""
-        log.warn("launcher reaper: {text}", text=data.decode("utf-8", "replace").rstrip())
-
-    def processEnded(self, reason: Failure) -> None:
-        """Gone (normally because the launcher closed its stdin)."""
-        self.alive = False
-        self.ended.callback(None)
+#: Most bytes of a detached child's log read per look (the rest waits for the next one).
+_LOG_CHUNK = 1 << 20
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -121,17 +89,6 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
             sock.bind((host, port))
         except OSError:
             return False
-    return True
-
-
-def signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid`` (0 only tests); False when the group is gone."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -158,6 +115,9 @@ class LauncherSettings:
     port_attempts: int = 10
     log_lines: int = 50
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Set: run children detached (they outlive the launcher, are never restarted), each one's
+    #: output appended to ``{detached_log_dir}/{slug}.log``.
+    detached_log_dir: str | None = None
 
 
 @dataclass
@@ -165,8 +125,9 @@ class Instance:
     """One project directory the launcher manages (or adopted because it already ran)."""
 
     directory: str
-    slug: str
-    state: str = STARTING
+    #: The naming authority (the registry): the slug is read through it, never stored.
+    slug_for: Callable[[str], str] = field(repr=False, compare=False)
+    state: LauncherState = LauncherState.STARTING
     pid: int | None = None
     port: int | None = None
     restarts: int = 0
@@ -175,7 +136,17 @@ class Instance:
     reason: str | None = None
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
     failures: collections.deque[float] = field(default_factory=collections.deque)
+    #: The backoff delay of the pending (or last) restart.
     delay: float = 0.0
+    #: Restarts scheduled since the backoff was last reset: the backoff policy's attempt number.
+    backoff_attempt: int = 0
+    #: Where a detached child's output goes.
+    log_path: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """The slug that routes to this directory (the registry's, as of now)."""
+        return self.slug_for(self.directory)
 
     def describe(self) -> dict[str, Any]:
         """The JSON-ready view the API shows."""
@@ -193,10 +164,47 @@ class Instance:
         }
 
 
+class StartFailed(Exception):
+    """A start that ended without a listening line (see :meth:`Launcher.start`)."""
+
+    def __init__(self, instance: Instance, reason: str, exit_text: str | None = None, timed_out: bool = False,
+                 last_line: str | None = None, stopped: bool = False) -> None:
+        super().__init__(reason)
+        self.instance = instance
+        #: The launcher's sentence, e.g. "exited with status 2 before it was ready".
+        self.reason = reason
+        #: How the child ended ("exited with status 2"), None when none was started.
+        self.exit_text = exit_text
+        #: It printed no listening line within the start-up timeout and was stopped (group gone).
+        self.timed_out = timed_out
+        #: The last non-blank line it printed.
+        self.last_line = last_line
+        #: It did not fail: it was stopped (``stop_instance``, ``stopService``) before it was ready.
+        self.stopped = stopped
+
+
+class _LogTail:
+    """Reads what a detached child appends to its log file (it writes there, not into a pipe of ours)."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        self._handle: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._handle.seek(offset)
+
+    def read(self) -> bytes:
+        """The bytes appended since the last read (at most ``_LOG_CHUNK``)."""
+        return self._handle.read(_LOG_CHUNK) if self._handle is not None else b""
+
+    def close(self) -> None:
+        """Stop reading."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
 class _Run(ProcessProtocol):
     """One child process of an instance: its output lines, readiness and exit."""
 
-    def __init__(self, launcher: "Launcher", instance: Instance, port: int) -> None:
+    def __init__(self, launcher: Launcher, instance: Instance, port: int) -> None:
         self.launcher = launcher
         self.instance = instance
         self.port = port
@@ -213,23 +221,30 @@ class _Run(ProcessProtocol):
         self.holds_gate = False
         #: Ports this start attempt already found taken, so a retry picks another.
         self.tried: set[int] = {port}
+        self.last_line: str | None = None
+        #: A detached child's log file, read until it is ready or has exited.
+        self.tail: _LogTail | None = None
+        self.tail_call: IDelayedCall | None = None
+        #: Fires once a start-up timeout's stop of the group is complete.
+        self.termination: Deferred[None] | None = None
         self._buffers = {"stdout": b"", "stderr": b""}
 
     def connectionMade(self) -> None:
         """Remember the pid; the child is its own process group leader (setsid in the wrapper)."""
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.pid = cast(IProcessTransport, self.transport).pid
         # Nobody reads its stdin; closing it lets OpenCode see EOF rather than a dangling pipe.
-        self.transport.closeStdin()  # type: ignore[union-attr]
+        cast(IProcessTransport, self.transport).closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         """Lines from the child's stdout."""
-        self._received("stdout", data)
+        self.received("stdout", data)
 
     def errReceived(self, data: bytes) -> None:
         """Lines from the child's stderr."""
-        self._received("stderr", data)
+        self.received("stderr", data)
 
-    def _received(self, stream: str, data: bytes) -> None:
+    def received(self, stream: str, data: bytes) -> None:
+        """Split output into lines and hand each to the launcher."""
         buffered = self._buffers[stream] + data
         *lines, rest = buffered.split(b"\n")
         # A child writing without newlines must not grow our memory: cut an overlong partial line.
@@ -248,18 +263,22 @@ class _Run(ProcessProtocol):
         """
         self.has_ended = True
         try:
+            self.launcher._read_rest_of_log(self)
             self.launcher._ended(self, reason)
         finally:
             self.ended.callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         """Every pipe closed too: flush partial lines."""
+        self._flush()
+        if not self.has_ended:
+            self.processExited(reason)
+
+    def _flush(self) -> None:
         for stream, rest in self._buffers.items():
             if rest:
                 self.launcher._line(self, stream, rest[:_MAX_LINE].decode("utf-8", "replace"))
         self._buffers = {"stdout": b"", "stderr": b""}
-        if not self.has_ended:
-            self.processExited(reason)
 
 
 def _exit_text(reason: Failure) -> str:
@@ -277,6 +296,11 @@ def _exit_text(reason: Failure) -> str:
     return f"ended: {reason.getErrorMessage()}"
 
 
+def _unregistered_slugs(reactor: Any) -> Callable[[str], str]:
+    """A ``slug_for`` without a router: the slug each directory would get from an empty registry."""
+    return Registry(reactor, stale_after=0.0, naming=Naming(username="", os_user="")).slug_for_path
+
+
 class Launcher(Service):
     """Starts ``opencode serve`` per project directory, restarts crashes, stops every child on stop."""
 
@@ -292,6 +316,7 @@ class Launcher(Service):
         environ: dict[str, str] | None = None,
         parent_pid: int | None = None,
         reaper: bool = True,
+        slug_for: Callable[[str], str] | None = None,
     ) -> None:
         self.directories = list(directories)
         self.settings = settings
@@ -302,6 +327,8 @@ class Launcher(Service):
         self._signal_group = signal_group
         self._environ = dict(os.environ if environ is None else environ)
         self._parent_pid = parent_pid
+        #: The naming authority: the router passes ``registry.slug_for_path``.
+        self._slug_for = slug_for if slug_for is not None else _unregistered_slugs(reactor)
         self._instances: dict[str, Instance] = {}
         self._runs: dict[str, _Run] = {}
         self._restart_calls: dict[str, IDelayedCall] = {}
@@ -311,10 +338,17 @@ class Launcher(Service):
         self._start_gate = DeferredLock()
         #: Starts waiting for the gate, by directory, so a stop can take them out of the queue.
         self._queued: dict[str, Deferred[DeferredLock]] = {}
-        self._use_reaper = reaper
-        self._reaper: _Reaper | None = None
+        #: Callers of ``start`` waiting for a start of this directory to be over.
+        self._waiters: dict[str, list[Deferred[Instance]]] = {}
+        self._use_reaper = reaper and settings.detached_log_dir is None
+        self._reaper: Reaper | None = None
         #: Groups of leaders that exited on their own, being cleaned up: stopService waits for them.
-        self._cleanups: dict[int, Deferred[None]] = {}
+        self._cleanups: dict[int, Deferred[bool]] = {}
+
+    @property
+    def detached(self) -> bool:
+        """Children outlive the launcher (``oc``), rather than dying with it (the router)."""
+        return self.settings.detached_log_dir is not None
 
     # -- service ---------------------------------------------------------
     def startService(self) -> None:
@@ -324,31 +358,35 @@ class Launcher(Service):
             self.add(directory).addErrback(_log_add_failure, directory)
 
     def stopService(self) -> Deferred[None]:
-        """Stop every child; fires when each one and its process group have exited."""
+        """Stop every child; fires when each one and its process group have exited.
+
+        Detached, the children that run are left running (that is what detached means); what is
+        still starting is stopped.
+        """
         super().stopService()
         for call in self._restart_calls.values():
             if call.active():
                 call.cancel()
         self._restart_calls.clear()
-        stops = [self._stop(instance) for instance in list(self._instances.values())]
+        stops = [
+            self._stop(instance) for instance in list(self._instances.values())
+            if not (self.detached and instance.state is LauncherState.RUNNING)
+        ]
         stops += [_chain(d) for d in self._cleanups.values()]
         return defer.gatherResults(stops, consumeErrors=True).addCallback(self._stop_reaper)
 
     def _stop_reaper(self, _: object) -> Deferred[None]:
         reaper, self._reaper = self._reaper, None
-        if reaper is None or not reaper.alive:
-            return defer.succeed(None)
-        reaper.transport.closeStdin()  # type: ignore[union-attr]
-        return reaper.ended
+        return reaper.close() if reaper is not None else defer.succeed(None)
 
     def _ensure_reaper(self) -> None:
         """Start the reaper before the first child (and again if it died)."""
         if not self._use_reaper or (self._reaper is not None and self._reaper.alive):
             return
-        self._reaper = _Reaper()
-        argv = [sys.executable, "-I", "-S", "-c", _REAPER, repr(self.settings.stop_timeout)]
+        self._reaper = Reaper()
+        executable, argv = reaper_command(self.settings.stop_timeout)
         try:
-            self._reactor.spawnProcess(self._reaper, sys.executable, argv, env=dict(os.environ))
+            self._reactor.spawnProcess(self._reaper, executable, argv, env=dict(os.environ))
         except OSError as error:
             log.error("could not start the launcher's reaper ({error}); children still die with the router, "
                       "their grandchildren may not", error=error)
@@ -368,11 +406,11 @@ class Launcher(Service):
     def removed(self, backend: Any) -> None:
         """The adopted server of one of our directories was pruned: start our own."""
         instance = self._instances.get(backend.project_path)
-        if instance is None or instance.state != ADOPTED or not self.running:
+        if instance is None or instance.state is not LauncherState.ADOPTED or not self.running:
             return
         log.info("{slug}: the adopted server on port {port} is gone; starting opencode for {directory}",
                  slug=instance.slug, port=backend.port, directory=instance.directory)
-        instance.state = STOPPED
+        instance.state = LauncherState.STOPPED
         self.add(instance.directory).addErrback(_log_add_failure, instance.directory)
 
     # -- queries ---------------------------------------------------------
@@ -390,13 +428,46 @@ class Launcher(Service):
 
     # -- commands --------------------------------------------------------
     def add(self, directory: str) -> Deferred[Instance]:
-        """Start ``opencode serve`` in ``directory`` unless something already serves it (then adopt)."""
+        """Start ``opencode serve`` in ``directory`` unless something already serves it (then adopt).
+
+        Fires with the instance at once (``starting``, queued behind other starts, or as it was when
+        it already runs).
+        """
         return defer.ensureDeferred(self._add(directory))
 
+    def start(self, directory: str) -> Deferred[Instance]:
+        """Like :meth:`add`, but fire once the start is over.
+
+        With the instance when it is running (or adopted, or was already running); with a
+        :class:`StartFailed` when it exited, timed out (fired once its group is gone), found no
+        port or was stopped before it was ready; with a LauncherError when it is refused.
+        """
+        return defer.ensureDeferred(self._start(directory))
+
+    async def _start(self, directory: str) -> Instance:
+        path = _resolve(directory)
+        waiter: Deferred[Instance] = Deferred()
+        waiters = self._waiters.setdefault(path, [])
+        waiters.append(waiter)
+        try:
+            instance = await self._add(path)
+        except BaseException:
+            self._forget_waiter(path, waiter)
+            raise
+        if not waiter.called and instance.state in (LauncherState.RUNNING, LauncherState.ADOPTED):
+            self._forget_waiter(path, waiter)
+            return instance
+        return await waiter
+
+    def _forget_waiter(self, path: str, waiter: Deferred[Instance]) -> None:
+        waiters = self._waiters.get(path, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+
     async def _add(self, directory: str) -> Instance:
-        path = resolve_directory(directory)
+        path = _resolve(directory)
         existing = self._instances.get(path)
-        if existing is not None and existing.state not in (STOPPED, FAILED):
+        if existing is not None and existing.state not in _OVER:
             return existing
         if path in self._adding:
             raise LauncherError(f"{path} is already being started")
@@ -411,18 +482,18 @@ class Launcher(Service):
             self._adding.discard(path)
         if not self.running:
             raise LauncherError("the router is stopping")
-        instance = existing or Instance(path, self._free_slug(path))
+        instance = existing or Instance(path, self._slug_for)
         instance.lines = collections.deque(instance.lines, maxlen=self.settings.log_lines)
         self._instances[path] = instance
         if served is not None:
-            instance.state, instance.port, instance.pid = ADOPTED, served, None
+            instance.state, instance.port, instance.pid = LauncherState.ADOPTED, served, None
             instance.reason = f"already served on port {served} by a server this router did not start"
             log.info("{slug}: {directory} is already served on port {port}; adopting it, not starting another",
                      slug=instance.slug, directory=path, port=served)
             return instance
         instance.failures.clear()
-        instance.delay, instance.reason = 0.0, None
-        instance.state = STARTING
+        instance.delay, instance.backoff_attempt, instance.reason = 0.0, 0, None
+        instance.state = LauncherState.STARTING
         self._queue_start(instance)
         return instance
 
@@ -431,33 +502,21 @@ class Launcher(Service):
         instance = self.find(slug)
         if instance is None:
             return defer.fail(KeyError(slug))
-        if instance.state == ADOPTED:
+        if instance.state is LauncherState.ADOPTED:
             # Not ours to kill; forget it so the list shows only what we manage.
             del self._instances[instance.directory]
-            instance.state = STOPPED
+            instance.state = LauncherState.STOPPED
             return defer.succeed(instance)
         return self._stop(instance).addCallback(lambda _: instance)
 
     # -- internals: starting ---------------------------------------------
-    def _free_slug(self, path: str) -> str:
-        taken = {i.slug for i in self._instances.values() if i.directory != path} | set(RESERVED_SLUGS)
-        base = slugify(posixpath.basename(path.rstrip("/")) or "root")
-        parent = slugify(posixpath.basename(posixpath.dirname(path.rstrip("/"))) or "root")
-        for candidate in (base, f"{base}-{parent}"):
-            if candidate not in taken:
-                return candidate
-        counter = 2
-        while f"{base}-{counter}" in taken:
-            counter += 1
-        return f"{base}-{counter}"
-
     def _pick_port(self, instance: Instance, tried: set[int]) -> int | None:
         start, end = self.settings.port_range
         # Ports the registry knows are busy, except this instance's own previous port.
         busy = set(tried) | (set(self._used_ports()) - {instance.port})
         busy |= {
             i.port for i in self._instances.values()
-            if i is not instance and i.port is not None and i.state not in (STOPPED, FAILED)
+            if i is not instance and i.port is not None and i.state not in _OVER
         }
         # The previous port first, so that a restarted instance keeps its address when it can.
         candidates = ([instance.port] if instance.port is not None else []) + list(range(start, end + 1))
@@ -474,7 +533,7 @@ class Launcher(Service):
         def go(_: object) -> None:
             if self._queued.get(instance.directory) is waiting:
                 del self._queued[instance.directory]
-            if not self.running or instance.state != STARTING:
+            if not self.running or instance.state is not LauncherState.STARTING:
                 # Stopped while it waited (the stop normally cancels the wait; this is the safety net).
                 self._start_gate.release()
                 return
@@ -513,20 +572,36 @@ class Launcher(Service):
         run = _Run(self, instance, port)
         run.tried |= tried
         args = ["serve", "--hostname", self.settings.host, "--port", str(port)]
-        # The pid now, not at construction: twistd may have forked to daemonize since.
-        parent_pid = self._parent_pid if self._parent_pid is not None else os.getpid()
-        executable, argv = wrapped_command(self.settings.opencode_bin or "opencode", args, parent_pid)
+        opencode = self.settings.opencode_bin or "opencode"
         env = dict(self._environ)
         env.update(self.settings.extra_env)
+        child_fds: dict[int, int] | None = None
+        if self.settings.detached_log_dir is None:
+            # The pid now, not at construction: twistd may have forked to daemonize since.
+            parent_pid = self._parent_pid if self._parent_pid is not None else os.getpid()
+            executable, argv = wrapped_command(opencode, args, parent_pid)
+        else:
+            executable, argv = wrapped_command(opencode, args, None)
+            try:
+                child_fds = self._open_log(instance, run, self.settings.detached_log_dir, args)
+            except OSError as error:
+                self._start_gate.release()
+                self._failed_run(instance, f"could not write its log {instance.log_path}: {error.strerror}")
+                return
         self._runs[instance.directory] = run
         self._ensure_reaper()
         try:
-            self._reactor.spawnProcess(run, executable, argv, env=env, path=instance.directory)
+            self._reactor.spawnProcess(run, executable, argv, env=env, path=instance.directory, childFDs=child_fds)
         except OSError as error:
             del self._runs[instance.directory]
             self._start_gate.release()
+            if run.tail is not None:
+                run.tail.close()
             self._failed_run(instance, f"could not start {self.settings.opencode_bin}: {error}")
             return
+        finally:
+            for fd in set((child_fds or {}).values()):
+                os.close(fd)  # the child has its own copies
         run.holds_gate = True
         instance.pid = run.pid
         instance.started_at = self._reactor.seconds()
@@ -535,10 +610,55 @@ class Launcher(Service):
         log.info("{slug}: starting opencode serve on port {port} in {directory} (pid {pid})",
                  slug=instance.slug, port=port, directory=instance.directory, pid=run.pid)
         run.startup_timer = self._reactor.callLater(self.settings.startup_timeout, self._startup_timed_out, run)
+        if run.tail is not None:
+            run.tail_call = self._reactor.callLater(POLL_INTERVAL, self._follow_log, run)
+
+    def _open_log(self, instance: Instance, run: _Run, log_dir: str, args: list[str]) -> dict[int, int]:
+        """Open a detached child's log for appending (a header first) and its tail; the child's fds."""
+        instance.log_path = os.path.join(log_dir, f"{instance.slug}.log")
+        log_fd = os.open(instance.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            os.write(log_fd, f"--- opencode {' '.join(args)} in {instance.directory}\n".encode(
+                "utf-8", "surrogateescape"))
+            run.tail = _LogTail(instance.log_path, os.lseek(log_fd, 0, os.SEEK_CUR))
+            null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(log_fd)
+            if run.tail is not None:
+                run.tail.close()
+            raise
+        return {0: null_fd, 1: log_fd, 2: log_fd}
+
+    def _follow_log(self, run: _Run) -> None:
+        """Read a detached child's new output until it is ready or has exited."""
+        run.tail_call = None
+        if run.tail is None or run.has_ended:
+            return
+        data = run.tail.read()
+        if data:
+            run.received("stdout", data)
+        if run.tail is not None and not run.has_ended:
+            run.tail_call = self._reactor.callLater(POLL_INTERVAL, self._follow_log, run)
+
+    def _stop_following(self, run: _Run) -> None:
+        if run.tail_call is not None and run.tail_call.active():
+            run.tail_call.cancel()
+        run.tail_call = None
+        if run.tail is not None:
+            run.tail.close()
+            run.tail = None
+
+    def _read_rest_of_log(self, run: _Run) -> None:
+        """At a detached child's exit: what it wrote last (a ServeError, its error message)."""
+        while run.tail is not None and (data := run.tail.read()):
+            run.received("stdout", data)
+        self._stop_following(run)
 
     def _line(self, run: _Run, stream: str, line: str) -> None:
         instance = run.instance
         instance.lines.append(line)
+        if line.strip():
+            run.last_line = line.strip()
         log.info("{slug}: {line}", slug=instance.slug, line=line, stream=stream)
         if not run.ready:
             match = LISTENING_LINE.search(line)
@@ -553,11 +673,14 @@ class Launcher(Service):
         self._release_gate(run)
         if run.startup_timer is not None and run.startup_timer.active():
             run.startup_timer.cancel()
+        # Detached, the rest of its output is for its log file only.
+        self._stop_following(run)
         instance = run.instance
         if run.stopping:
             return
-        instance.port, instance.state, instance.reason = port, RUNNING, None
+        instance.port, instance.state, instance.reason = port, LauncherState.RUNNING, None
         log.info("{slug}: ready on port {port} (pid {pid})", slug=instance.slug, port=port, pid=run.pid)
+        self._settle(instance, None)
 
     def _startup_timed_out(self, run: _Run) -> None:
         if run.ready or run.has_ended or run.stopping:
@@ -567,7 +690,15 @@ class Launcher(Service):
         self._release_gate(run)
         log.warn("{slug}: no listening line within {timeout:g}s; stopping it",
                  slug=run.instance.slug, timeout=self.settings.startup_timeout)
-        self._terminate(run, stopping=False)
+        run.termination = self._terminate(run, stopping=False)
+
+    def _settle(self, instance: Instance, failure: StartFailed | None) -> None:
+        """A start is over: tell the callers of ``start`` waiting for it."""
+        for waiter in self._waiters.pop(instance.directory, []):
+            if failure is None:
+                waiter.callback(instance)
+            else:
+                waiter.errback(failure)
 
     # -- internals: exits and restarts -----------------------------------
     def _ended(self, run: _Run, reason: Failure) -> None:
@@ -597,7 +728,9 @@ class Launcher(Service):
             return
         self._release_gate(run)
         if run.stopping or not self.running:
-            instance.state = STOPPED
+            instance.state = LauncherState.STOPPED
+            self._settle(instance, StartFailed(instance, "stopped before it was ready", exit_text,
+                                               last_line=run.last_line, stopped=True))
             return
         if run.timed_out:
             why = f"no listening line within {self.settings.startup_timeout:g}s"
@@ -607,36 +740,48 @@ class Launcher(Service):
             why = exit_text
         if run.ready_at is not None and self._reactor.seconds() - run.ready_at >= self.settings.stable_after:
             instance.failures.clear()
-            instance.delay = 0.0
-        self._failed_run(instance, why)
+            instance.backoff_attempt = 0
+        self._failed_run(instance, why, run, exit_text)
 
-    def _failed_run(self, instance: Instance, why: str) -> None:
+    def _failed_run(self, instance: Instance, why: str, run: _Run | None = None,
+                    exit_text: str | None = None) -> None:
         now = self._reactor.seconds()
         instance.failures.append(now)
         while instance.failures and now - instance.failures[0] > self.settings.failure_window:
             instance.failures.popleft()
         instance.reason = why
-        if len(instance.failures) >= self.settings.max_failures:
-            instance.state = FAILED
+        if self.detached:
+            # Nobody stays to restart it: the caller of ``start`` reports the failure.
+            instance.state = LauncherState.FAILED
+            log.warn("{slug}: {why}", slug=instance.slug, why=why)
+        elif len(instance.failures) >= self.settings.max_failures:
+            instance.state = LauncherState.FAILED
             instance.reason = (
                 f"{len(instance.failures)} failures within {self.settings.failure_window:g}s, last: {why}; "
                 "left stopped"
             )
             log.error("{slug}: {reason}", slug=instance.slug, reason=instance.reason)
-            return
-        instance.delay = (
-            self.settings.backoff_initial if instance.delay <= 0 else min(instance.delay * 2, self.settings.backoff_max)
-        )
-        instance.state = RESTARTING
-        log.warn("{slug}: {why}; restarting in {delay:g}s", slug=instance.slug, why=why, delay=instance.delay)
-        self._restart_calls[instance.directory] = self._reactor.callLater(instance.delay, self._restart, instance)
+        else:
+            backoff = doubling_backoff(self.settings.backoff_initial, self.settings.backoff_max)
+            instance.delay = backoff(instance.backoff_attempt)
+            instance.backoff_attempt += 1
+            instance.state = LauncherState.RESTARTING
+            log.warn("{slug}: {why}; restarting in {delay:g}s", slug=instance.slug, why=why, delay=instance.delay)
+            self._restart_calls[instance.directory] = self._reactor.callLater(instance.delay, self._restart, instance)
+        failure = StartFailed(instance, why, exit_text, timed_out=run is not None and run.timed_out,
+                              last_line=run.last_line if run is not None else None)
+        if run is not None and run.termination is not None:
+            # A timed-out start is over once its whole group is gone ("stopped it" must be true).
+            _chain(run.termination).addBoth(lambda _: self._settle(instance, failure))
+        else:
+            self._settle(instance, failure)
 
     def _restart(self, instance: Instance) -> None:
         self._restart_calls.pop(instance.directory, None)
-        if not self.running or instance.state != RESTARTING:
+        if not self.running or instance.state is not LauncherState.RESTARTING:
             return
         instance.restarts += 1
-        instance.state = STARTING
+        instance.state = LauncherState.STARTING
         self._queue_start(instance)
 
     # -- internals: stopping ---------------------------------------------
@@ -652,8 +797,9 @@ class Launcher(Service):
             return _chain(pending)
         run = self._runs.get(instance.directory)
         if run is None:
-            if instance.state != ADOPTED:
-                instance.state = STOPPED
+            if instance.state is not LauncherState.ADOPTED:
+                instance.state = LauncherState.STOPPED
+                self._settle(instance, StartFailed(instance, "stopped before it was started", stopped=True))
             return defer.succeed(None)
         log.info("{slug}: stopping (pid {pid})", slug=instance.slug, pid=run.pid)
         done = self._terminate(run, stopping=True)
@@ -661,7 +807,7 @@ class Launcher(Service):
 
         def finished(result: object) -> object:
             self._stops.pop(instance.directory, None)
-            instance.state = STOPPED
+            instance.state = LauncherState.STOPPED
             instance.pid = None
             return result
 
@@ -673,17 +819,23 @@ class Launcher(Service):
         run.stopping = run.stopping or stopping
         pgid = run.pid
         if pgid is None:
-            return run.ended
-        self._send(run, signal.SIGTERM)
-        kill_call = self._reactor.callLater(self.settings.stop_timeout, self._send, run, signal.SIGKILL)
-        done: Deferred[None] = Deferred()
+            return _chain(run.ended)
 
-        def ended(_: object) -> None:
-            self._wait_group_gone(pgid, kill_call, done)
+        def warn_before_kill() -> None:
+            if not run.has_ended:
+                log.warn("{slug}: pid {pid} did not exit within {grace:g}s of SIGTERM; sending SIGKILL",
+                         slug=run.instance.slug, pid=pgid, grace=self.settings.stop_timeout)
 
-        run.ended.addCallback(ended)
-        done.addCallback(lambda _: self._forget_group(pgid))
-        return done
+        stopped = stop_group(
+            self._reactor,
+            lambda sig: self._send(run, sig),
+            lambda: self._signal_group(pgid, 0),
+            self.settings.stop_timeout,
+            exited=run.ended,
+            before_kill=warn_before_kill,
+            what=f"process group {pgid}",
+        )
+        return stopped.addCallback(lambda _: self._forget_group(pgid))
 
     def _forget_group(self, pgid: int) -> None:
         if self._reaper is not None:
@@ -692,36 +844,12 @@ class Launcher(Service):
     def _send(self, run: _Run, sig: int) -> None:
         if run.pid is None:
             return
-        if sig == signal.SIGKILL and not run.has_ended:
-            log.warn("{slug}: pid {pid} did not exit within {grace:g}s of SIGTERM; sending SIGKILL",
-                     slug=run.instance.slug, pid=run.pid, grace=self.settings.stop_timeout)
         if not self._signal_group(run.pid, sig) and not run.has_ended:
             # The wrapper may not have called setsid yet: signal the process itself.
             try:
-                run.transport.signalProcess(sig)  # type: ignore[union-attr]
+                cast(IProcessTransport, run.transport).signalProcess(sig)
             except Exception:  # already gone: nothing to signal
                 pass
-
-    def _wait_group_gone(self, pgid: int, kill_call: IDelayedCall, done: Deferred[None]) -> None:
-        """Poll until no process of group ``pgid`` is left (the SIGKILL timer handles stragglers)."""
-        give_up = self._reactor.seconds() + self.settings.stop_timeout + 10.0
-
-        def check() -> None:
-            if not self._signal_group(pgid, 0):
-                if kill_call.active():
-                    kill_call.cancel()
-                done.callback(None)
-                return
-            if not kill_call.active() and self._reactor.seconds() > give_up:
-                log.error("process group {pgid} survived SIGKILL for 10s; giving up on it", pgid=pgid)
-                done.callback(None)
-                return
-            if not kill_call.active():
-                # SIGKILL already went out (or the leader exited after it): repeat it for late forks.
-                self._signal_group(pgid, signal.SIGKILL)
-            self._reactor.callLater(_POLL, check)
-
-        check()
 
     def _clean_group(self, pgid: int) -> None:
         """After a leader exited on its own: SIGTERM what is left of its group, SIGKILL it later."""
@@ -729,18 +857,29 @@ class Launcher(Service):
             self._forget_group(pgid)
             return
         log.info("process group {pgid} outlived its leader; terminating it", pgid=pgid)
-        self._signal_group(pgid, signal.SIGTERM)
-        kill_call = self._reactor.callLater(self.settings.stop_timeout, self._signal_group, pgid, signal.SIGKILL)
-        done: Deferred[None] = Deferred()
+        done = stop_group(
+            self._reactor,
+            lambda sig: self._signal_group(pgid, sig),
+            lambda: self._signal_group(pgid, 0),
+            self.settings.stop_timeout,
+            what=f"process group {pgid}",
+        )
         self._cleanups[pgid] = done
 
-
-        def cleaned(_: object) -> None:
+        def cleaned(gentle: bool) -> bool:
             self._cleanups.pop(pgid, None)
             self._forget_group(pgid)
+            return gentle
 
         done.addCallback(cleaned)
-        self._wait_group_gone(pgid, kill_call, done)
+
+
+def _resolve(directory: str) -> str:
+    """The project directory's real path, or a LauncherError with the config's sentence."""
+    try:
+        return project_directory(directory)
+    except ProjectDirectoryError as error:
+        raise LauncherError(str(error)) from None
 
 
 def _log_add_failure(failure: Failure, directory: str) -> None:
@@ -756,28 +895,23 @@ def _log_start_failure(failure: Failure, instance: Instance) -> None:
     log.failure("{slug}: could not start opencode", failure, slug=instance.slug)
 
 
-def _chain(d: Deferred[None]) -> Deferred[None]:
+def _chain(d: Deferred[Any]) -> Deferred[None]:
     """A new Deferred that fires with ``d`` without taking its result away from other waiters."""
     out: Deferred[None] = Deferred()
-    d.addBoth(lambda result: (out.callback(None) if not isinstance(result, Failure) else out.errback(result), result)[1])
+
+    def passed_on(result: object) -> object:
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(None)
+        return result
+
+    d.addBoth(passed_on)
     return out
 
 
 async def _as_coroutine(value: Any) -> Any:
     return await value
-
-
-def resolve_directory(directory: str) -> str:
-    """The absolute, symlink-free path of a project directory, or a LauncherError saying what is wrong."""
-    if not isinstance(directory, str) or not directory.strip() or "\x00" in directory:
-        raise LauncherError(f"{directory!r} is not a directory path")
-    path = os.path.realpath(os.path.abspath(os.path.expanduser(directory)))
-    if not os.path.exists(path):
-        raise LauncherError(f"project directory {directory} does not exist")
-    if not os.path.isdir(path):
-        raise LauncherError(f"project directory {directory} is not a directory")
-    return path
-
 
 
 def served_port_finder(

@@ -19,6 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from . import __version__
+from .launcher import LauncherState
 from .registry import Registry
 from .routing import Route
 
@@ -30,8 +31,8 @@ ROUTING_MODES = ("host", "path")
 STREAM_KINDS = ("sse", "websocket")
 PROBE_OUTCOMES = ("opencode", "not_opencode", "timeout", "refused", "error")
 SCAN_KINDS = ("full", "quick")
-#: Launcher instance states (the launcher issue's list).
-INSTANCE_STATES = ("starting", "running", "restarting", "failed", "stopped", "adopted")
+#: Launcher instance states (the launcher's own list).
+INSTANCE_STATES = tuple(state.value for state in LauncherState)
 
 # Proxied requests range from a health check (ms) to an SSE stream held for hours.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)

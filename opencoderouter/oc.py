@@ -2,8 +2,9 @@
 
 ``oc DIR...`` starts one detached ``opencode serve`` per directory on a free port of 30000-31000,
 skipping directories where the calling user already runs one, one at a time, each once the previous is ready.
-``oc-kill`` stops every ``opencode serve`` process of the calling user (never another user's).
-Both read the process table from ``/proc`` (Linux).
+It is the router's launcher (detached mode) on a reactor run by ``task.react``.
+``oc-kill`` stops every ``opencode serve`` process of the calling user (never another user's), with
+the launcher's SIGTERM-then-SIGKILL group stop. Both read the process table from ``/proc`` (Linux).
 """
 
 from __future__ import annotations
@@ -12,18 +13,28 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-from .config import parse_duration
-from .launcher import LISTENING_LINE, PORT_TAKEN, port_is_free
+from twisted.internet import defer, task
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    globalLogBeginner,
+)
+from zope.interface import provider
+
+from .config import ProjectDirectoryError, parse_duration, project_directory
+from .launcher import Launcher, LauncherError, LauncherSettings, StartFailed, port_is_free
 from .listeners import list_listeners
-from .registry import slugify
+from .process_groups import signal_group, stop_group
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 
@@ -124,16 +135,9 @@ def _same_process(process: ServeProcess, proc: str = "/proc") -> bool:
 
 # -- oc ------------------------------------------------------------------------------------------
 
-
-@dataclass
-class _Start:
-    directory: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    offset: int
-    tried: set[int]
-    deadline: float
+#: Grace after SIGTERM for a start that timed out, before its group gets SIGKILL.
+_TIMED_OUT_GRACE = 2.0
+EXIT_INTERRUPTED = 130
 
 
 def _default_log_dir() -> str:
@@ -153,12 +157,29 @@ def _oc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opencode-bin", default="opencode", help="OpenCode executable (default: opencode on PATH)")
     parser.add_argument("--startup-timeout", type=parse_duration, default=30.0,
                         help="how long to wait for each server to be ready (default 30s)")
-    parser.add_argument("--log-dir", default=None, help=f"where each server's output goes (default {_default_log_dir()})")
+    parser.add_argument("--log-dir", default=None,
+                        help=f"where each server's output goes (default {_default_log_dir()})")
     return parser
 
 
 def oc_main(argv: Sequence[str] | None = None) -> int:
     """``oc DIR...``: exit status 0 when every directory is served (started or already running)."""
+    _show_errors("oc")
+    return _react(lambda reactor: oc_run(reactor, argv))
+
+
+async def oc_run(
+    reactor: Any,
+    argv: Sequence[str] | None = None,
+    serving: Callable[[int], list[ServeProcess]] = serve_processes,
+    port_is_free: Callable[[int], bool] = port_is_free,
+    signal_group: Callable[[int, int], bool] = signal_group,
+) -> int:
+    """``oc DIR...`` on ``reactor``; returns the exit status (1 when any directory failed, 2 on bad usage).
+
+    ``serving`` (the user's running servers), ``port_is_free`` and ``signal_group`` are the machine;
+    tests pass fakes.
+    """
     args = _oc_parser().parse_args(argv)
     if not 1 <= args.scan_start <= args.scan_end <= 65535:
         print(f"oc: the port range {args.scan_start}-{args.scan_end} is not usable", file=sys.stderr)
@@ -170,99 +191,114 @@ def oc_main(argv: Sequence[str] | None = None) -> int:
         return 2
     log_dir = Path(args.log_dir or _default_log_dir())
     log_dir.mkdir(parents=True, exist_ok=True)
-    ok = True
-    running = serve_processes(os.getuid())
+    running = serving(os.getuid())
     claimed = {p.port for p in running if p.port is not None}
+    launcher = Launcher(
+        [],
+        LauncherSettings(
+            opencode_bin=os.path.abspath(executable),
+            port_range=(args.scan_start, args.scan_end),
+            startup_timeout=args.startup_timeout,
+            stop_timeout=_TIMED_OUT_GRACE,
+            detached_log_dir=str(log_dir),
+        ),
+        reactor,
+        # A port given out in this run is not given again: a stopped start's grandchild may still hold it.
+        used_ports=lambda: claimed | {i.port for i in launcher.instances() if i.port is not None},
+        port_is_free=port_is_free,
+        signal_group=signal_group,
+    )
+    launcher.startService()
+    # Interrupted (SIGINT, SIGTERM), the reactor stops: the start in progress is stopped first, not
+    # left half-started; the servers that started keep running.
+    on_shutdown = reactor.addSystemEventTrigger("before", "shutdown", launcher.stopService)
+    ok, interrupted = True, False
     seen: set[str] = set()
-    for argument in args.directories:
-        path = os.path.realpath(os.path.expanduser(argument))
-        if not os.path.isdir(path):
-            print(f"error: {argument} is not a directory", flush=True)
-            ok = False
-            continue
-        if path in seen:
-            continue
-        seen.add(path)
-        existing = next((p for p in running if p.cwd == path), None)
-        if existing is not None:
-            where = f":{existing.port}" if existing.port else "an unknown port"
-            print(f"skipped {path}: already running on {where} (pid {existing.pid})", flush=True)
-            continue
-        started = _spawn(executable, path, log_dir, args, claimed, tried=set())
-        if started is None:
-            print(f"failed {path}: no free port in {args.scan_start}-{args.scan_end}", flush=True)
-            ok = False
-        else:
-            # One at a time: servers starting together on a fresh HOME race on OpenCode's SQLite
-            # migration and one of them exits 1 (the launcher serialises its starts for the same reason).
-            ok = _wait_ready([started], executable, log_dir, args, claimed) and ok
+    try:
+        for argument in args.directories:
+            try:
+                path = project_directory(argument)
+            except ProjectDirectoryError:
+                print(f"error: {argument} is not a directory", flush=True)
+                ok = False
+                continue
+            if path in seen:
+                continue
+            seen.add(path)
+            existing = next((p for p in running if p.cwd == path), None)
+            if existing is not None:
+                where = f":{existing.port}" if existing.port else "an unknown port"
+                print(f"skipped {path}: already running on {where} (pid {existing.pid})", flush=True)
+                continue
+            # One at a time (the launcher's start gate, and this loop): servers starting together on a
+            # fresh HOME race on OpenCode's SQLite migration and one of them exits 1.
+            try:
+                instance = await launcher.start(path)
+            except StartFailed as failure:
+                print(f"failed {path}: {_failure_text(failure, args.startup_timeout)}", flush=True)
+                ok = False
+                if failure.stopped:
+                    interrupted = True
+                    break
+            except LauncherError as error:
+                print(f"failed {path}: {error}", flush=True)
+                ok = False
+            else:
+                print(f"started {path} on :{instance.port} (pid {instance.pid})", flush=True)
+    finally:
+        reactor.removeSystemEventTrigger(on_shutdown)
+        # The servers that started keep running: the launcher is detached.
+        await launcher.stopService()
+    if interrupted:
+        return EXIT_INTERRUPTED
     return 0 if ok else 1
 
 
-def _spawn(executable: str, path: str, log_dir: Path, args: argparse.Namespace, claimed: set[int],
-           tried: set[int]) -> _Start | None:
-    port = next((p for p in range(args.scan_start, args.scan_end + 1)
-                 if p not in claimed and p not in tried and port_is_free(p)), None)
-    if port is None:
-        return None
-    claimed.add(port)
-    log_path = log_dir / f"{slugify(os.path.basename(path) or 'root')}.log"
-    with open(log_path, "ab") as log:
-        log.write(f"--- oc: opencode serve --port {port} in {path}\n".encode())
-        offset = log.tell()
-        # Its own session: no terminal, no SIGHUP when the terminal closes; it outlives oc.
-        process = subprocess.Popen(
-            [executable, "serve", "--hostname", "127.0.0.1", "--port", str(port)],
-            cwd=path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    return _Start(path, port, process, log_path, offset, tried | {port}, time.monotonic() + args.startup_timeout)
+def _failure_text(failure: StartFailed, startup_timeout: float) -> str:
+    """What ``oc`` prints after ``failed DIR:``."""
+    log_path = f"; log {failure.instance.log_path}" if failure.instance.log_path else ""
+    if failure.stopped:
+        return f"interrupted before it was ready; stopped it{log_path}"
+    if failure.timed_out:
+        return f"not ready within {startup_timeout:g}s; stopped it{log_path}"
+    if failure.exit_text is not None:
+        return f"{failure.exit_text} ({failure.last_line or 'no output'}){log_path}"
+    return failure.reason
 
 
-def _new_output(start: _Start) -> str:
-    with open(start.log_path, "rb") as log:
-        log.seek(start.offset)
-        return log.read().decode("utf-8", "replace")
+def _react(main: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main(reactor)`` under ``task.react`` and return its exit status (react would exit the process)."""
+    finished = False
+
+    async def run(reactor: Any) -> None:
+        nonlocal finished
+        try:
+            code: object = await main(reactor)
+        except SystemExit as exit_:  # argparse: --help, or a usage error
+            code = exit_.code
+        finished = True
+        raise SystemExit(code)
+
+    try:
+        task.react(run)
+    except SystemExit as exit_:
+        if not finished and exit_.code in (0, None):
+            # The reactor stopped before main did: SIGINT or SIGTERM.
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return exit_.code if isinstance(exit_.code, int) else 1
 
 
-def _wait_ready(starts: list[_Start], executable: str, log_dir: Path, args: argparse.Namespace,
-                claimed: set[int]) -> bool:
-    ok = True
-    pending = list(starts)
-    while pending:
-        for start in list(pending):
-            output = _new_output(start)
-            match = LISTENING_LINE.search(output)
-            if match:
-                pending.remove(start)
-                print(f"started {start.directory} on :{match.group(2)} (pid {start.process.pid})", flush=True)
-                continue
-            status = start.process.poll()
-            if status is not None:
-                pending.remove(start)
-                if PORT_TAKEN.search(output) and len(start.tried) < 10:
-                    retry = _spawn(executable, start.directory, log_dir, args, claimed, start.tried)
-                    if retry is not None:
-                        pending.append(retry)
-                        continue
-                last = output.strip().splitlines()[-1] if output.strip() else "no output"
-                print(f"failed {start.directory}: exited with status {status} ({last}); log {start.log_path}",
-                      flush=True)
-                ok = False
-            elif time.monotonic() > start.deadline:
-                pending.remove(start)
-                _stop([_as_serve_process(start.process.pid)], grace=2.0, quiet=True)
-                start.process.wait()
-                print(f"failed {start.directory}: not ready within {args.startup_timeout:g}s; stopped it; "
-                      f"log {start.log_path}", flush=True)
-                ok = False
-        if pending:
-            time.sleep(0.05)
-    return ok
+def _show_errors(program: str) -> None:
+    """Log events of level error and above go to stderr; the launcher's other lines are for the log file."""
 
+    @provider(ILogObserver)
+    def write(event: LogEvent) -> None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        print(f"{program}: {text}", file=sys.stderr, flush=True)
 
-def _as_serve_process(pid: int) -> ServeProcess:
-    fields = _stat_fields("/proc", pid) or ["?"] * 20
-    return ServeProcess(pid, os.getuid(), None, None, int(fields[19]) if fields[19].isdigit() else 0, pid)
+    observer = FilteringLogObserver(write, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.error)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 # -- oc-kill -------------------------------------------------------------------------------------
@@ -308,23 +344,28 @@ def _signal(process: ServeProcess, sig: int) -> None:
             pass
 
 
-def _stop(processes: list[ServeProcess], grace: float, quiet: bool = False) -> None:
-    for process in processes:
-        _signal(process, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    left = list(processes)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        for process in list(left):
-            if not _same_process(process):
-                left.remove(process)
-                if not quiet:
-                    print(f"stopped {_describe(process)}", flush=True)
-    for process in left:
-        if _same_process(process):
-            _signal(process, signal.SIGKILL)
-        if not quiet:
-            print(f"killed {_describe(process)}: it did not exit within {grace:g}s of SIGTERM", flush=True)
+def _signal_if_same(process: ServeProcess, sig: int) -> None:
+    """Signal ``process`` unless its pid now belongs to another process."""
+    if _same_process(process):
+        _signal(process, sig)
+
+
+async def stop_processes(reactor: Any, processes: list[ServeProcess], grace: float) -> int:
+    """SIGTERM each process, SIGKILL those left after ``grace``; one line per process as it is gone."""
+
+    def stop(process: ServeProcess) -> defer.Deferred[None]:
+        def report(gentle: bool) -> None:
+            if gentle:
+                print(f"stopped {_describe(process)}", flush=True)
+            else:
+                print(f"killed {_describe(process)}: it did not exit within {grace:g}s of SIGTERM", flush=True)
+
+        stopped = stop_group(reactor, lambda sig: _signal_if_same(process, sig), lambda: _same_process(process),
+                             grace, what=f"pid {process.pid}")
+        return stopped.addCallback(report)
+
+    await defer.gatherResults([stop(process) for process in processes], consumeErrors=True)
+    return 0
 
 
 def oc_kill_main(argv: Sequence[str] | None = None) -> int:
@@ -340,5 +381,5 @@ def oc_kill_main(argv: Sequence[str] | None = None) -> int:
         for process in processes:
             print(f"would stop {_describe(process)}", flush=True)
         return 0
-    _stop(processes, args.grace)
-    return 0
+    _show_errors("oc-kill")
+    return _react(lambda reactor: stop_processes(reactor, processes, args.grace))

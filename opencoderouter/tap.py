@@ -91,6 +91,7 @@ def makeService(options: Options) -> MultiService:
         reactor,
         find_served=served_port_finder(registry, prober, port_range, list_listeners),
         used_ports=lambda: [backend.port for backend in registry.backends()],
+        slug_for=registry.slug_for_path,
     )
     launcher.setName("launcher")
     launcher.setServiceParent(top)

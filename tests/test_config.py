@@ -54,7 +54,9 @@ def test_unparsable_durations_are_refused(text):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text, value", [("true", True), ("FALSE", False), ("yes", True), ("no", False), ("1", True), ("0", False)])
+@pytest.mark.parametrize(
+    "text, value", [("true", True), ("FALSE", False), ("yes", True), ("no", False), ("1", True), ("0", False)]
+)
 def test_booleans(text, value):
     assert parse_bool(text) is value
 
@@ -76,7 +78,8 @@ def test_flags_are_typed():
 
 @pytest.mark.parametrize(
     "description",
-    ["tcp:31000:interface=127.0.0.1", "unix:/run/ocr.sock", "systemd:domain=INET:index=0", "tcp6:8080:interface=\\:\\:1"],
+    ["tcp:31000:interface=127.0.0.1", "unix:/run/ocr.sock", "systemd:domain=INET:index=0",
+     "tcp6:8080:interface=\\:\\:1"],
 )
 def test_listen_takes_endpoint_strings(description):
     assert parse("--listen", description)["listen"] == description
@@ -130,3 +133,23 @@ def test_project_directories_are_resolved(tmp_path, monkeypatch):
     assert parse(*launcher, "link", "./real/")["projects"] == [str(real), str(real)]
     monkeypatch.setenv("HOME", str(tmp_path))
     assert parse(*launcher, "~/real")["projects"] == [os.path.realpath(real)]
+
+
+def test_one_directory_check_for_the_router_the_api_and_oc(tmp_path, monkeypatch):
+    from opencoderouter.config import ProjectDirectoryError, project_directory
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert project_directory("link") == project_directory("./real/") == str(real)
+    for argument, message in (
+        ("missing", "project directory missing does not exist"),
+        ("notes.txt", "project directory notes.txt is not a directory"),
+        ("", "'' is not a directory path"),
+        ("a\x00b", "'a\\x00b' is not a directory path"),
+    ):
+        with pytest.raises(ProjectDirectoryError) as raised:
+            project_directory(argument)
+        assert str(raised.value) == message

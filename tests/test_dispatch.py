@@ -12,13 +12,26 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.web.server import Site
 
 from opencoderouter.dispatch import (
-    EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_SESSION_ERROR, EXIT_TIMEOUT,
-    DEFAULT_ROUTER, EXIT_UNREACHABLE, DispatchError, Dispatcher, Options, Task, parse_task,
+    DEFAULT_ROUTER,
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_SESSION_ERROR,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    Dispatcher,
+    DispatchError,
+    Options,
+    Task,
+    parse_task,
 )
 
 from .dispatch_fakes import ScriptedOpenCode, StubRouter
@@ -27,13 +40,16 @@ from .support import REPO, free_port, subprocess_env
 
 # -- parsing -------------------------------------------------------------------------------------
 def test_front_matter_fields_and_prompt_are_read():
-    task = parse_task("---\nproject: Archer\nmodel: anthropic/claude-sonnet-4-5\nagent: coder\n---\n\nFix the bug.\nNow.\n")
-    assert task == Task(project="Archer", prompt="Fix the bug.\nNow.", model="anthropic/claude-sonnet-4-5", agent="coder")
+    task = parse_task(
+        "---\nproject: Archer\nmodel: anthropic/claude-sonnet-4-5\nagent: coder\n---\n\nFix the bug.\nNow.\n")
+    assert task == Task(project="Archer", prompt="Fix the bug.\nNow.", model="anthropic/claude-sonnet-4-5",
+                        agent="coder")
     assert task.model_ref() == {"providerID": "anthropic", "modelID": "claude-sonnet-4-5"}
 
 
 def test_flags_override_front_matter():
-    task = parse_task("---\nproject: Archer\nmodel: a/b\n---\nGo", project="Other", model="openrouter/x/y", agent="plan")
+    task = parse_task("---\nproject: Archer\nmodel: a/b\n---\nGo", project="Other", model="openrouter/x/y",
+                      agent="plan")
     assert (task.project, task.model, task.agent) == ("Other", "openrouter/x/y", "plan")
     assert task.model_ref() == {"providerID": "openrouter", "modelID": "x/y"}
 
@@ -125,7 +141,8 @@ async def test_event_stream_is_open_before_the_prompt_is_sent(harness):
     h = harness("reply")
     seen: list[int] = []
     original = h.opencode._prompt_async
-    h.opencode._prompt_async = lambda request, session: (seen.append(len(h.opencode.streams)), original(request, session))[1]
+    h.opencode._prompt_async = lambda request, session: (
+        seen.append(len(h.opencode.streams)), original(request, session))[1]
     await h.dispatch()
     assert seen == [1]
 
@@ -191,7 +208,8 @@ async def test_project_given_as_a_path_resolves_by_path(harness):
 async def test_router_that_is_not_listening_exits_4():
     err = io.StringIO()
     router = f"http://127.0.0.1:{free_port()}"
-    result = await Dispatcher(reactor, Task(project="a", prompt="x"), Options(router=router, err=err, out=io.StringIO())).run()
+    options = Options(router=router, err=err, out=io.StringIO())
+    result = await Dispatcher(reactor, Task(project="a", prompt="x"), options).run()
     assert result.exit_code == EXIT_UNREACHABLE
     assert f"cannot reach the router at {router}/api/resolve" in err.getvalue()
 
@@ -260,12 +278,43 @@ async def test_backend_gone_mid_turn_exits_4_after_the_reconnect_budget(harness)
         await _later(0.05)
     await h.backend_port.stopListening()
     h.opencode.close_streams()
-    started = reactor.seconds()
+    # How long it keeps trying (the budget, not longer) is shown on a Clock below.
     result = await running
     assert result.exit_code == EXIT_UNREACHABLE
-    assert reactor.seconds() - started < 5
     assert "lost the backend of project 'archer'" in h.err.getvalue()
     assert result.session_id in h.err.getvalue()
+
+
+class _Unreachable(HTTPClient):
+    """An HTTP client for which every GET fails at once; records when each was made."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.attempts: list[float] = []
+
+    def get(self, url: Any, **kwargs: Any) -> Deferred[Any]:
+        self.attempts.append(self.clock.seconds())
+        return fail(ConnectionRefusedError("connection refused"))
+
+
+def test_reconnects_back_off_from_a_quarter_second_and_give_up_within_the_budget():
+    clock = Clock()
+    client = _Unreachable(clock)
+    err = io.StringIO()
+    dispatcher = Dispatcher(clock, Task(project="archer", prompt="x"),
+                            Options(router="http://127.0.0.1:1", reconnect_timeout=10.0, err=err, out=io.StringIO()),
+                            client=client)
+    dispatcher.base_url, dispatcher.directory, dispatcher.session_id = "http://127.0.0.1:1/archer/", "/p", "ses_1"
+    ended: list[Any] = []
+    dispatcher._finished.addErrback(ended.append)
+    dispatcher._reconnect()
+    for delay in (0.25, 0.5, 1, 2, 4):
+        assert ended == []
+        clock.advance(delay)
+    assert client.attempts == [0, 0.25, 0.75, 1.75, 3.75, 7.75]
+    # The next delay (5 s, the cap) would end after the 10 s budget: it gives up now, not later.
+    assert ended and ended[0].value.exit_code == EXIT_UNREACHABLE
+    assert "for 10s" in ended[0].value.message and clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred

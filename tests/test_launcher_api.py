@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from opencoderouter.security import is_loopback_address
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource
@@ -16,7 +17,7 @@ from opencoderouter.api import RouterAPI
 from opencoderouter.guard import is_loopback_address
 from opencoderouter.registry import Naming, Registry, Sighting
 
-from .test_launcher_unit import make_launcher
+from .test_launcher_unit import FakeProcessReactor, make_launcher
 
 
 class FromAddress(Resource):
@@ -33,8 +34,10 @@ class FromAddress(Resource):
 
 
 def make_api(tmp_path: Path, names: tuple[str, ...] = ("alpha",)) -> tuple[Any, Any, Any, Registry]:
-    launcher, reactor, directories = make_launcher(tmp_path, names=names)
+    reactor = FakeProcessReactor()
     registry = Registry(reactor, stale_after=30, naming=Naming("alice", "alice"))
+    launcher, reactor, directories = make_launcher(tmp_path, names=names, reactor=reactor,
+                                                   slug_for=registry.slug_for_path)
     api = RouterAPI(registry, launcher=launcher)
     launcher.startService()
     return api, launcher, reactor, registry
@@ -53,7 +56,8 @@ def start_call(client: StubTreq, method: str, url: str, body: Any = None,
     return answers
 
 
-def call(client: StubTreq, method: str, url: str, body: Any = None, content_type: str = "application/json") -> tuple[int, Any]:
+def call(client: StubTreq, method: str, url: str, body: Any = None,
+         content_type: str = "application/json") -> tuple[int, Any]:
     """Send a request that must be answered at once."""
     answers = start_call(client, method, url, body, content_type)
     assert answers, f"{method} {url} was not answered"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from opencoderouter.launcher import RUNNING, Launcher, LauncherSettings, port_is_free
+from opencoderouter.launcher import Launcher, LauncherSettings, LauncherState, port_is_free
 
 from .launcher_support import alive, install_fake_opencode, kill_leftovers, project, recorded_pids
 from .support import free_port_block, subprocess_env
@@ -47,7 +48,7 @@ async def test_losing_the_race_for_a_port_retries_on_the_next_one(tmp_path: Path
         launcher.startService()
         try:
             (instance,) = launcher.instances()
-            await until(lambda: instance.state == RUNNING, what="alpha running")
+            await until(lambda: instance.state is LauncherState.RUNNING, what="alpha running")
             assert instance.port == start + 1 and instance.restarts == 0
             assert any("ServeError" in line for line in instance.lines)
             assert len(recorded_pids(alpha)["leader"]) == 2

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -95,14 +95,17 @@ def test_router_starts_two_projects_routes_both_and_leaves_no_process_on_stop(
     pids = [pid for d in (alpha, beta) for role in ("leader", "grandchild") for pid in recorded_pids(d)[role]]
     assert len(pids) == 4 and all(alive(pid) for pid in pids)
 
-    began = time.monotonic()
     stop_and_check_clean(router)
     # stopService waited for every child: nothing may be left the moment the router has exited.
     assert [pid for pid in pids if alive(pid)] == []
-    assert time.monotonic() - began >= 1.0, "beta ignores SIGTERM: only the SIGKILL after --stop-timeout ends it"
     log = router.log()
     assert "alpha: opencode server listening on" in log
     assert "did not exit within 1s of SIGTERM; sending SIGKILL" in log
+    # beta ignores SIGTERM: only the SIGKILL after --stop-timeout ends it (the timing itself is on a
+    # Clock in test_launcher_unit).
+    beta_pid = listed[str(beta)]["pid"]
+    sigkill = log.index(f"beta: pid {beta_pid} did not exit within 1s of SIGTERM; sending SIGKILL")
+    assert log.index(f"beta: opencode (pid {beta_pid}) killed by SIGKILL") > sigkill
 
 
 @pytest.mark.slow
@@ -114,7 +117,7 @@ def test_sigkill_of_the_router_kills_its_children_and_grandchildren(
     start = free_port_block(BLOCK)
     router = router_factory(*router_args(fake_bin, start, "--stop-timeout", "1s", str(alpha), str(beta)))
     for directory in (alpha, beta):
-        wait_for(lambda: instances(router)[str(directory)]["state"] == "running", 15, what=f"{directory} running")
+        wait_for(lambda d=directory: instances(router)[str(d)]["state"] == "running", 15, what=f"{directory} running")
     leaders = [recorded_pids(d)["leader"][0] for d in (alpha, beta)]
     grandchildren = [recorded_pids(d)["grandchild"][0] for d in (alpha, beta)]
     reapers = [p for p in children_of(router.process.pid) if p not in leaders]

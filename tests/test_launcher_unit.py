@@ -12,31 +12,33 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from opencoderouter.launcher import (
-    ADOPTED,
-    FAILED,
-    RESTARTING,
-    RUNNING,
-    STARTING,
-    STOPPED,
-    Launcher,
-    LauncherError,
-    LauncherSettings,
-)
+from opencoderouter.launcher import Launcher, LauncherError, LauncherSettings, LauncherState
+from opencoderouter.registry import Registry, Sighting
 
+STARTING, RUNNING, RESTARTING, FAILED, STOPPED, ADOPTED = (
+    LauncherState.STARTING, LauncherState.RUNNING, LauncherState.RESTARTING, LauncherState.FAILED,
+    LauncherState.STOPPED, LauncherState.ADOPTED,
+)
 START = 30100
 
 
 class FakeProcess:
-    """The transport of a fake child: records signals, ends when the test says."""
+    """The transport of a fake child: records signals, ends when the test says.
 
-    def __init__(self, reactor: "FakeProcessReactor", protocol: Any, executable: str, args: list[str],
-                 env: dict[str, str], path: str, pid: int) -> None:
+    Given a file descriptor for its stdout (``childFDs``, a detached child), it writes its output
+    there, as a real child would, instead of handing it to the protocol.
+    """
+
+    def __init__(self, reactor: FakeProcessReactor, protocol: Any, executable: str, args: list[str],
+                 env: dict[str, str], path: str, pid: int, child_fds: dict[int, Any] | None = None) -> None:
         self.reactor, self.proto = reactor, protocol
         self.executable, self.args, self.env, self.path, self.pid = executable, args, env, path, pid
         self.signals: list[int] = []
         self.stdin_closed = False
         self.written = b""
+        self.child_fds = child_fds
+        # The child's own copy of its stdout, as fork/exec would give it.
+        self.out_fd = os.dup(child_fds[1]) if child_fds and isinstance(child_fds.get(1), int) else None
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -53,12 +55,20 @@ class FakeProcess:
 
     def say(self, text: str, stream: str = "out") -> None:
         data = text.encode() + b"\n"
-        self.proto.outReceived(data) if stream == "out" else self.proto.errReceived(data)
+        if self.out_fd is not None:
+            os.write(self.out_fd, data)
+        elif stream == "out":
+            self.proto.outReceived(data)
+        else:
+            self.proto.errReceived(data)
 
     def listening(self, port: int | None = None) -> None:
         self.say(f"opencode server listening on http://127.0.0.1:{port or self.port}")
 
     def exit(self, code: int = 0, sig: int | None = None, group_left: bool = False) -> None:
+        if self.out_fd is not None:
+            os.close(self.out_fd)
+            self.out_fd = None
         if not group_left:
             self.reactor.groups.discard(self.pid)
         if code == 0 and sig is None:
@@ -84,7 +94,8 @@ class FakeProcessReactor(MemoryReactorClock):
                      path: str | None = None, uid: Any = None, gid: Any = None, usePTY: bool = False,
                      childFDs: Any = None) -> FakeProcess:
         self._next_pid += 1
-        process = FakeProcess(self, protocol, executable, list(args), dict(env or {}), path or "", self._next_pid)
+        process = FakeProcess(self, protocol, executable, list(args), dict(env or {}), path or "", self._next_pid,
+                              childFDs)
         self.processes.append(process)
         self.groups.add(process.pid)
         protocol.makeConnection(process)
@@ -94,14 +105,27 @@ class FakeProcessReactor(MemoryReactorClock):
         self.group_signals.append((pgid, sig))
         return pgid in self.groups
 
+    def addSystemEventTrigger(self, phase: str, eventType: str, callable: Any, *args: Any, **kw: Any) -> Any:
+        super().addSystemEventTrigger(phase, eventType, callable, *args, **kw)
+        return phase, eventType, (callable, args, kw)
+
+    def removeSystemEventTrigger(self, triggerID: Any) -> None:
+        phase, event_type, entry = triggerID
+        self.triggers[phase][event_type].remove(entry)
+
+    def fire_shutdown_triggers(self) -> list[Any]:
+        """Run the 'before shutdown' triggers, as the reactor does when it is told to stop."""
+        return [f(*args, **kw) for f, args, kw in self.triggers.get("before", {}).get("shutdown", [])]
+
     @property
     def last(self) -> FakeProcess:
         return self.processes[-1]
 
 
 def make_launcher(tmp_path: Path, names: tuple[str, ...] = ("alpha",), served: dict[str, int] | None = None,
-                  taken: set[int] = frozenset(), **settings: Any) -> tuple[Launcher, FakeProcessReactor, list[str]]:
-    reactor = FakeProcessReactor()
+                  taken: frozenset[int] | set[int] = frozenset(), reactor: FakeProcessReactor | None = None,
+                  slug_for: Any = None, **settings: Any) -> tuple[Launcher, FakeProcessReactor, list[str]]:
+    reactor = reactor if reactor is not None else FakeProcessReactor()
     directories = []
     for name in names:
         directory = tmp_path / name
@@ -119,6 +143,7 @@ def make_launcher(tmp_path: Path, names: tuple[str, ...] = ("alpha",), served: d
         environ={"PATH": "/usr/bin", "HOME": "/home/x", "FROM_ROUTER": "1"},
         parent_pid=4242,
         reaper=settings.pop("reaper", False),
+        slug_for=slug_for,
     )
     return launcher, reactor, directories
 
@@ -337,8 +362,16 @@ def test_output_lines_are_kept_up_to_the_limit(tmp_path: Path) -> None:
 
 
 def test_same_named_directories_get_distinct_slugs(tmp_path: Path) -> None:
-    launcher, reactor, _ = make_launcher(tmp_path, names=("one/app", "two/app", "api"))
+    # The slugs are the registry's: once the scanner found each server, same-named directories differ.
+    reactor = FakeProcessReactor()
+    registry = Registry(reactor, stale_after=30)
+    launcher, reactor, _ = make_launcher(tmp_path, names=("one/app", "two/app", "api"), reactor=reactor,
+                                         slug_for=registry.slug_for_path)
     launcher.startService()
+    for instance in launcher.instances():
+        reactor.last.listening()
+        assert instance.port is not None
+        registry.record(Sighting(instance.port, instance.directory, "1"))
     assert [i.slug for i in launcher.instances()] == ["app", "app-two", "api-" + slug_of(tmp_path)]
 
 

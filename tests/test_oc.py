@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+import pytest_twisted
 
 from opencoderouter.oc import is_opencode_serve
 
@@ -179,9 +180,12 @@ def test_oc_kill_never_touches_another_users_server(public_root: Path, other_use
         other.stdout.close()
 
 
-def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+@pytest_twisted.ensureDeferred
+async def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     import socket
+
+    from twisted.internet import reactor
 
     from opencoderouter import oc
 
@@ -191,10 +195,10 @@ def test_oc_retries_the_next_port_when_it_loses_the_race(workspace: Path, monkey
         holder.bind(("127.0.0.1", start))
         holder.listen()
         # The check says the held port is free, as if it was taken right after: the real child then
-        # fails with ServeError and oc moves to the next port.
-        real_check = oc.port_is_free
-        monkeypatch.setattr(oc, "port_is_free", lambda port: port == start or real_check(port))
-        status = oc.oc_main(oc_args(workspace, start) + [str(alpha)])
+        # fails with ServeError and oc moves to the next port. (oc_main is task.react(oc_run): here the
+        # test's reactor runs it.)
+        status = await oc.oc_run(reactor, oc_args(workspace, start) + [str(alpha)],
+                                 port_is_free=lambda port: port == start or oc.port_is_free(port))
     leaders = recorded_pids(alpha)["leader"]
     assert status == 0
     assert capsys.readouterr().out.splitlines() == [f"started {alpha} on :{start + 1} (pid {leaders[1]})"]
