@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from opencoderouter.events import EventStream
 from opencoderouter.metrics import RouterMetrics
-from opencoderouter.registry import Naming, Registry, Sighting
+from opencoderouter.registry import Registry, Sighting
 
 
 class _StreamRequest(DummyRequest):

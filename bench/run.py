@@ -30,8 +30,21 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    BENCH, REPO, Backend, Router, child_env, code_under_test, cpu_seconds, free_block, http_get, measure_cpu,
-    percentile, pinned, rss_kib, summary, wait_until,
+    BENCH,
+    REPO,
+    Backend,
+    Router,
+    child_env,
+    code_under_test,
+    cpu_seconds,
+    free_block,
+    http_get,
+    measure_cpu,
+    percentile,
+    pinned,
+    rss_kib,
+    summary,
+    wait_until,
 )
 
 SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "profile")

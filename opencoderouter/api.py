@@ -13,8 +13,8 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .registry import Backend, Registry
 from .guard import may_change_instances
+from .registry import Backend, Registry
 
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 

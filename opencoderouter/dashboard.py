@@ -13,7 +13,6 @@ from importlib import resources
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".css": b"text/css; charset=utf-8",

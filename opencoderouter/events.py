@@ -25,8 +25,8 @@ from zope.interface import implementer
 
 from .api import backend_json, request_authority
 from .periodic import logging_errors
-from .responses import error_body, json_response
 from .registry import Backend, Registry
+from .responses import error_body, json_response
 
 #: More simultaneous dashboards than this get 503: each stream holds a connection and a buffer.
 MAX_STREAMS = 256

@@ -6,8 +6,8 @@ import json
 import os
 import re
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time

@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from opencoderouter.api import RouterAPI
-from opencoderouter.registry import Naming, Registry, Sighting
 from opencoderouter.hosts import HostPolicy
+from opencoderouter.registry import Naming, Registry, Sighting
 from opencoderouter.routing import Router, RouterResource
 
 

@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from opencoderouter.security import is_loopback_address
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 
 from opencoderouter.api import RouterAPI
 from opencoderouter.config import Options
+from opencoderouter.hosts import HostPolicy
 from opencoderouter.mdns import (
     SERVICE_TYPE,
     InterfaceAddress,
@@ -25,7 +26,6 @@ from opencoderouter.mdns import (
     service_info,
 )
 from opencoderouter.registry import Naming, Registry, Sighting
-from opencoderouter.hosts import HostPolicy
 from opencoderouter.routing import Router
 
 ETH = [

@@ -22,7 +22,16 @@ from typing import Iterator
 import pytest
 
 from .real_opencode import (
-    BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_SLOW, REPLY_TEXT, FakeModelServer, OpenCodeInstance, git_init, opencode_binary, opencode_env,
+    BASH_COMMAND,
+    MODE_BASH,
+    MODE_ERROR,
+    MODE_SLOW,
+    REPLY_TEXT,
+    FakeModelServer,
+    OpenCodeInstance,
+    git_init,
+    opencode_binary,
+    opencode_env,
     seed_home,
 )
 from .support import REPO, RouterProcess, free_port_block, http_json, subprocess_env, wait_for
