@@ -88,11 +88,11 @@ def scrape(backends: int, slugs: int) -> float:
 def main() -> None:
     """Print every figure."""
     for streams in (1, 10, 100):
-        print(f"fan-out of one change to {streams:3d} streams: {_runs(lambda: fan_out(streams))}")
+        print(f"fan-out of one change to {streams:3d} streams: {_runs(lambda streams=streams: fan_out(streams))}")
     for backends in (10, 100, 500):
-        print(f"snapshot with {backends:3d} backends:           {_runs(lambda: snapshot(backends))}")
+        print(f"snapshot with {backends:3d} backends:           {_runs(lambda backends=backends: snapshot(backends))}")
     for backends, slugs in ((10, 10), (100, 100), (200, 200)):
-        print(f"/metrics with {backends:3d} backends, {slugs:3d} slugs: {_runs(lambda: scrape(backends, slugs))}")
+        print(f"/metrics with {backends:3d} backends, {slugs:3d} slugs: {_runs(lambda backends=backends, slugs=slugs: scrape(backends, slugs))}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -174,7 +175,7 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
         router = Router(work, (block, block + 3), cpus=s.router_cpus, preload=s.preload)
         children.append(router)
         registered = router.wait_backends([b["port"] for b in backends.values()])
-        for name, info in backends.items():
+        for info in backends.values():
             entry = registered[info["port"]]
             info["slug"] = entry["slug"]
             info["host"] = re.sub(r"\.local$", ".localhost", entry["domain"]) + f":{router.port}"
@@ -194,7 +195,7 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
                     status, body = http_get(url, {"Host": host} if host else None, timeout=10)
                     if status != 200 or (size == "large" and len(body) != info["large_bytes"]):
                         raise RuntimeError(f"{mode} {url} (Host {host}) answered {status}, {len(body)} bytes")
-            for mode, (url, host) in urls(info, info["small"]).items():  # warm-up (JIT, pools)
+            for url, host in urls(info, info["small"]).values():  # warm-up (JIT, pools)
                 run_wrk(url, 16, 1, host, s.client_cpus)
 
         # The router's background work (scanner) while no request flows, subtracted from CPU per request.
@@ -417,8 +418,8 @@ def bench_discovery(s: Settings, work: Path) -> dict[str, Any]:
                 time.sleep(random.uniform(0, 1.0))  # de-phase from the router's loops
                 backend = Backend(work, [block + i], cpus=s.backend_cpus, name=f"disc{i}")
                 try:
-                    def seen() -> bool:
-                        return any(b.get("port") == block + i for b in router.backends())
+                    def seen(router: Any = router, port: int = block + i) -> bool:
+                        return any(b.get("port") == port for b in router.backends())
 
                     wait_until(seen, 15, 0.01, "discovery")
                     times.append((time.monotonic_ns() - backend.listening_at_ns) / 1e9)

@@ -410,7 +410,8 @@ def render_now(request: IRequest, target: Callable[[], IResource]) -> None:
 class Authentication:
     """Checks the router's credentials on a request: go on (None), or the resource that answers instead."""
 
-    def __init__(self, clock: IReactorTime, authenticator: Authenticator, throttle: FailureThrottle | None = None) -> None:
+    def __init__(self, clock: IReactorTime, authenticator: Authenticator,
+                 throttle: FailureThrottle | None = None) -> None:
         self.clock = clock
         self.authenticator = authenticator
         self.throttle = throttle or FailureThrottle(clock)

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -206,7 +207,7 @@ class ZeroconfResponder:
         self._zc = zeroconf
 
     @classmethod
-    def start(cls, reactor: Any, interfaces: Sequence[str | int]) -> Deferred["ZeroconfResponder"]:
+    def start(cls, reactor: Any, interfaces: Sequence[str | int]) -> Deferred[ZeroconfResponder]:
         """Open the sockets on ``interfaces`` (the constructor waits for zeroconf's loop thread)."""
         from zeroconf import Zeroconf
 

@@ -6,10 +6,11 @@ import http.client
 import json
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .support import FakeOpenCodeProcess, RouterProcess, free_port_block, http_json, wait_for
 
@@ -102,7 +103,7 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         while time.monotonic() < deadline:
             try:
                 chunk = sock.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break

@@ -221,7 +221,7 @@ class FakeModelServer:
         assert self._server is not None, "start() the server first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self, port: int = 0) -> "FakeModelServer":
+    def start(self, port: int = 0) -> FakeModelServer:
         """Listen on 127.0.0.1 in a daemon thread."""
         owner = self
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -98,14 +99,14 @@ class FakeResponder:
 class Harness:
     """An advertiser on a Clock, a Registry, and one FakeResponder it creates."""
 
-    def __init__(self, bind: Any = IPv4Address("TCP", "0.0.0.0", 8080), entries: list[InterfaceAddress] | None = None,
+    def __init__(self, bind: Any = None, entries: list[InterfaceAddress] | None = None,
                  selectors: Sequence[str] = (), immediate: bool = True) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock, stale_after=30, naming=Naming(username="alice", os_user="alice"))
         self.entries = list(ETH if entries is None else entries)
         self.responders: list[FakeResponder] = []
         self.listening: Deferred[Any] = Deferred()
-        self.bind = bind
+        self.bind = bind if bind is not None else IPv4Address("TCP", "0.0.0.0", 8080)
         self.immediate = immediate
 
         def factory(reactor: Any, interfaces: Sequence[str | int]) -> Deferred[FakeResponder]:

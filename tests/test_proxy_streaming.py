@@ -123,7 +123,7 @@ def test_backend_killed_mid_download_closes_client_short_of_content_length(stack
     victim = stack.start_backend("victim2")
     connection = stack.connect(timeout=5)
     try:
-        connection.request("GET", "/victim2/download?size=%d" % (200 * MB))
+        connection.request("GET", f"/victim2/download?size={200 * MB}")
         response = connection.getresponse()
         assert int(response.headers["Content-Length"]) == 200 * MB
         response.read(MB)

@@ -15,8 +15,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,7 @@ def raw(port: int, data: bytes, timeout: float = 10) -> bytes:
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks)
 
@@ -119,7 +120,7 @@ def test_owners_self_hides_another_users_instance_and_all_shows_it(tmp_path, fak
         listed = wait_backends(own_only, 1)
         assert [b["slug"] for b in listed] == ["mine"]
         wait_for(lambda: http_json(own_only.url + "/api/health")["ignored_other_owners"] == 1, what="ignored count")
-        status, _, _ = call(own_only.port, "GET", "/ocr-sec-%d-theirs/global/health" % os.getpid())
+        status, _, _ = call(own_only.port, "GET", f"/ocr-sec-{os.getpid()}-theirs/global/health")
         assert status == 404
         assert call(own_only.port, "GET", "/mine/global/health")[0] == 200
 
@@ -150,14 +151,14 @@ def test_rebinding_host_gets_421_and_own_names_work(tmp_path, fakes, router_fact
     fakes(tmp_path / "proj", port)
     router = router_factory(*scan_args(port, port), "--allowed-host", "router.example.org")
     wait_backends(router, 1)
-    for evil in ("attacker.example", "attacker.example:%d" % router.port, "evil.local", "127.0.0.1.evil.example"):
+    for evil in ("attacker.example", f"attacker.example:{router.port}", "evil.local", "127.0.0.1.evil.example"):
         status, headers, body = call(router.port, "POST", "/proj/session", {"Host": evil, "Content-Type": "application/json"}, b"{}")
         assert status == 421, evil
         assert headers["content-type"] == "application/json"
         assert json.loads(body)["error"] == "misdirected_request"
         assert call(router.port, "GET", "/api/health", {"Host": evil})[0] == 421
     own_names = ["localhost", "127.0.0.1", "[::1]", "router.example.org", socket.gethostname(),
-                 "proj-%s.localhost" % os.environ.get("USER", "root")]
+                 f"proj-{os.environ.get('USER', 'root')}.localhost"]
     for name in own_names[:5]:
         status, _, body = call(router.port, "GET", "/proj/global/health", {"Host": f"{name}:{router.port}"})
         assert status == 200 and json.loads(body)["healthy"] is True, name
@@ -429,7 +430,7 @@ def test_slowloris_is_dropped_while_normal_clients_and_long_streams_are_served(t
         slow.settimeout(0.5)
         try:
             data = slow.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         if data == b"" or data.startswith(b"HTTP/1.1 408"):
             dropped_after = time.monotonic() - began

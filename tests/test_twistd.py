@@ -49,7 +49,7 @@ def test_make_service_is_a_multiservice_of_the_parts():
 def test_router_subprocess_answers_health(router_factory):
     router = router_factory("--scan-start", "1", "--scan-end", "1")
     assert http_json(router.url + "/api/health")["healthy"] is True
-    assert "OpenCodeRouter listening on 127.0.0.1:%d" % router.port in router.log()
+    assert f"OpenCodeRouter listening on 127.0.0.1:{router.port}" in router.log()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
