@@ -10,12 +10,16 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
+from .launcher import Instance, Launcher, LauncherError, LauncherState
 from .registry import Backend, Registry
+from .responses import error_body, json_response
 
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 
@@ -60,13 +64,6 @@ def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[s
     return body
 
 
-def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8") + b"\n"
-
-
 class RouterAPI:
     """``/api/health``, ``/api/backends`` and ``/api/resolve``."""
 
@@ -76,7 +73,7 @@ class RouterAPI:
         self,
         registry: Registry,
         extra_health: Callable[[], dict[str, Any]] | None = None,
-        launcher: Any | None = None,
+        launcher: Launcher | None = None,
         mdns: bool = False,
         events: Any = None,
     ) -> None:
@@ -102,19 +99,19 @@ class RouterAPI:
             "version": __version__,
         }
         body.update(self._extra_health())
-        return _json(request, body)
+        return json_response(request, body)
 
     @app.route("/backends", methods=["GET"])
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        return _json(request, [backend_json(b, authority, self.mdns) for b in self.registry.backends()])
+        return json_response(request, [backend_json(b, authority, self.mdns) for b in self.registry.backends()])
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
         """The registry's changes as Server-Sent Events (the dashboard's live feed)."""
         if self._events is None:
-            return _json(request, {"error": "not_found", "path": "/api/events"}, 404)
+            return json_response(request, {"error": "not_found", "path": "/api/events"}, 404)
         return self._events
 
     @app.route("/resolve", methods=["GET"])
@@ -123,7 +120,7 @@ class RouterAPI:
         args = request.args
         paths, names = args.get(b"path", []), args.get(b"name", [])
         if len(paths) + len(names) != 1:
-            return _json(
+            return json_response(
                 request,
                 {"error": "bad_request", "message": "give exactly one of ?path= or ?name="},
                 400,
@@ -132,16 +129,16 @@ class RouterAPI:
         try:
             query = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return _json(request, {"error": "bad_request", "message": "the query is not UTF-8"}, 400)
+            return json_response(request, {"error": "bad_request", "message": "the query is not UTF-8"}, 400)
         if "\x00" in query or len(query) > 4096:
-            return _json(request, {"error": "bad_request", "message": "the query is not a usable path or name"}, 400)
+            return json_response(request, error_body("bad_request", "the query is not a usable path or name"), 400)
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
-            return _json(request, {"error": "not_found", "query": query}, 404)
-        return _json(request, backend_json(backend, request_authority(request), self.mdns))
+            return json_response(request, {"error": "not_found", "query": query}, 404)
+        return json_response(request, backend_json(backend, request_authority(request), self.mdns))
 
     # -- managed instances (the launcher) ----------------------------------
-    def _instance_json(self, instance: Any) -> dict[str, Any]:
+    def _instance_json(self, instance: Instance) -> dict[str, Any]:
         body = instance.describe()
         if body["started_at"] is not None:
             body["started_at"] = rfc3339(body["started_at"])
@@ -151,77 +148,77 @@ class RouterAPI:
     def instances(self, request: IRequest) -> bytes:
         """The instances the launcher manages or adopted."""
         listed = self.launcher.instances() if self.launcher is not None else []
-        return _json(request, [self._instance_json(i) for i in listed])
+        return json_response(request, [self._instance_json(i) for i in listed])
 
     @app.route("/instances", methods=["POST"])
     def start_instance(self, request: IRequest) -> bytes | Deferred[bytes]:
         """Start ``opencode serve`` for ``{"directory": ...}`` (loopback clients only)."""
         refused = self._refuse_write(request)
-        if refused is not None:
-            return refused
+        if refused is not None or self.launcher is None:
+            return refused or b""
+        launcher = self.launcher
         try:
             body = json.loads(request.content.read(65536) or b"null")
         except ValueError:
             body = None
         directory = body.get("directory") if isinstance(body, dict) else None
         if not isinstance(directory, str) or not directory:
-            return _json(request, {"error": "bad_request",
+            return json_response(request, {"error": "bad_request",
                                    "message": 'send a JSON object {"directory": "/path/to/project"}'}, 400)
-        from .config import ProjectDirectoryError, project_directory
-        from .launcher import LauncherError, LauncherState
-
         try:
-            known = self.launcher.by_directory(project_directory(directory))
+            known = launcher.by_directory(project_directory(directory))
         except ProjectDirectoryError as error:
-            return _json(request, {"error": "bad_request", "message": str(error)}, 400)
+            return json_response(request, {"error": "bad_request", "message": str(error)}, 400)
         was_running = known is not None and known.state not in (LauncherState.STOPPED, LauncherState.FAILED)
 
-        def started(instance: Any) -> bytes:
-            return _json(request, self._instance_json(instance), 200 if was_running else 201)
+        def started(instance: Instance) -> bytes:
+            return json_response(request, self._instance_json(instance), 200 if was_running else 201)
 
-        def refused_add(failure: Any) -> bytes:
+        def refused_add(failure: Failure) -> bytes:
             failure.trap(LauncherError)
-            return _json(request, {"error": "bad_request", "message": str(failure.value)}, 400)
+            return json_response(request, {"error": "bad_request", "message": str(failure.value)}, 400)
 
-        return self.launcher.add(directory).addCallbacks(started, refused_add)
+        return launcher.add(directory).addCallbacks(started, refused_add)
 
     @app.route("/instances/<string:slug>", methods=["DELETE"])
     def stop_instance(self, request: IRequest, slug: str) -> bytes | Deferred[bytes]:
         """Stop one managed instance; answers once its processes have exited (loopback clients only)."""
         refused = self._refuse_write(request)
-        if refused is not None:
-            return refused
-        instance = self.launcher.find(slug)
+        if refused is not None or self.launcher is None:
+            return refused or b""
+        launcher = self.launcher
+        instance = launcher.find(slug)
         if instance is None:
-            return _json(request, {"error": "not_found", "slug": slug,
+            return json_response(request, {"error": "not_found", "slug": slug,
                                    "message": f"no instance {slug} is managed by this router"}, 404)
-        return self.launcher.stop_instance(instance.slug).addCallback(
-            lambda stopped: _json(request, self._instance_json(stopped)))
+        return launcher.stop_instance(instance.slug).addCallback(
+            lambda stopped: json_response(request, self._instance_json(stopped)))
 
     def _refuse_write(self, request: IRequest) -> bytes | None:
         """Why a write request is refused, as a JSON answer, or None when it may go ahead."""
         if self.launcher is None:
-            return _json(request, {"error": "not_available", "message": "this router has no launcher"}, 503)
+            return json_response(request, {"error": "not_available", "message": "this router has no launcher"}, 503)
         if not may_change_instances(request):
-            return _json(request, {"error": "forbidden",
+            return json_response(request, {"error": "forbidden",
                                    "message": "starting and stopping instances needs the loopback or the router's "
                                               "credentials"}, 403)
         if request.method == b"POST":
             content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
             # Demanding JSON forces a CORS preflight, so a web page cannot make a browser post here.
             if content_type != b"application/json":
-                return _json(request, {"error": "unsupported_media_type",
+                return json_response(request, {"error": "unsupported_media_type",
                                        "message": "send the body as Content-Type: application/json"}, 415)
         return None
 
     @app.handle_errors(HTTPException)
-    def http_error(self, request: IRequest, failure: Any) -> bytes:
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
         """Werkzeug's routing errors (404, 405) as JSON, not HTML."""
         error = failure.value
+        assert isinstance(error, HTTPException)
         if error.code == 405:
             allowed = sorted(getattr(error, "valid_methods", None) or [])
             if allowed:
                 request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
-            return _json(request, {"error": "method_not_allowed", "allowed": allowed}, 405)
+            return json_response(request, {"error": "method_not_allowed", "allowed": allowed}, 405)
         name = "not_found" if error.code == 404 else "bad_request"
-        return _json(request, {"error": name, "path": request.path.decode("latin-1")}, error.code or 400)
+        return json_response(request, {"error": name, "path": request.path.decode("latin-1")}, error.code or 400)

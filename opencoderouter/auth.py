@@ -16,6 +16,7 @@ import html
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,17 +26,17 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.guard import BasicCredentialFactory
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import Attribute, Interface, implementer
 
-from .channel import RouterRequest
+from .channel import RouterRequest, server_request
 from .responses import JSONAnswer, error_body
 from .routing import LOGIN_PATH
 
@@ -153,11 +154,13 @@ class Authenticator:
     """The router's credentials (a token and/or bcrypt user lines) and the Portal that checks them."""
 
     def __init__(self, token: bytes | None = None, users: dict[str, bytes] | None = None,
-                 clock: IReactorTime | None = None, threads: IReactorThreads | None = None) -> None:
+                 clock: IReactorTime | None = None,
+                 in_thread: Callable[[Callable[[], bool]], Deferred[bool]] = deferToThread) -> None:
         self.token = token
         self.users = users or {}
         self._clock = clock
-        self._threads = threads
+        #: Runs a bcrypt check off the reactor thread.
+        self.in_thread = in_thread
         material = b"ocr-cookie\0" + (token or b"") + b"\0" + b"\0".join(
             u.encode() + b":" + h for u, h in sorted(self.users.items())
         )
@@ -226,18 +229,8 @@ class Authenticator:
     def now(self) -> float:
         """The clock's time (for cookie expiry)."""
         if self._clock is None:
-            from twisted.internet import reactor
-
-            return reactor.seconds()  # type: ignore[attr-defined,no-any-return]
+            return time.time()
         return self._clock.seconds()
-
-    def in_thread(self, work: Callable[[], bool]) -> Deferred[bool]:
-        """Run ``work`` in the reactor's thread pool."""
-        threads = self._threads
-        if threads is None:
-            from twisted.internet import reactor as threads  # type: ignore[assignment]
-        assert threads is not None
-        return deferToThreadPool(threads, threads.getThreadPool(), work)  # type: ignore[arg-type]
 
     def authorization_credentials(self, authorization: bytes) -> cred_credentials.ICredentials | None:
         """The credentials an ``Authorization`` value presents to the router, or None (another scheme)."""
@@ -247,7 +240,8 @@ class Authenticator:
             return BearerToken(value)
         if scheme.lower() == b"basic" and self.users:
             try:
-                return self.basic.decode(value, None)  # type: ignore[no-any-return]
+                decoded: cred_credentials.ICredentials = self.basic.decode(value, None)
+                return decoded
             except LoginFailed:
                 return None
         return None
@@ -258,8 +252,8 @@ class Authenticator:
             return self.check_token(presented.token)
         if isinstance(presented, SessionCookie):
             return self.check_cookie(presented.value, self.now())
-        if cred_credentials.IUsernamePassword.providedBy(presented):
-            return self.basic_cached(presented.username, presented.password)  # type: ignore[attr-defined]
+        if isinstance(presented, cred_credentials.UsernamePassword):
+            return self.basic_cached(presented.username, presented.password)
         return False
 
 
@@ -270,7 +264,7 @@ class _CookieChecker:
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
-    def requestAvatarId(self, credentials: SessionCookie) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: SessionCookie) -> Deferred[bytes | tuple[()]]:
         """The cookie is this router's and has not expired."""
         if self.authenticator.check_cookie(credentials.value, self.authenticator.now()):
             return defer.succeed(b"cookie")
@@ -284,7 +278,7 @@ class _TokenChecker:
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
-    def requestAvatarId(self, credentials: BearerToken) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: BearerToken) -> Deferred[bytes | tuple[()]]:
         """Constant-time comparison with the configured token."""
         if self.authenticator.check_token(credentials.token):
             return defer.succeed(b"token")
@@ -298,13 +292,13 @@ class _BcryptChecker:
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
-    def requestAvatarId(self, credentials: cred_credentials.UsernamePassword) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: cred_credentials.UsernamePassword) -> Deferred[bytes | tuple[()]]:
         """A pair verified before passes at once; any other is checked with bcrypt in a thread."""
         user, password = credentials.username, credentials.password
         if self.authenticator.basic_cached(user, password):
             return defer.succeed(user)
 
-        def verdict(ok: bool) -> bytes:
+        def verdict(ok: bool) -> bytes | tuple[()]:
             if not ok:
                 raise UnauthorizedLogin()
             return user
@@ -390,20 +384,20 @@ class Later(Resource):
         return NOT_DONE_YET
 
 
-def render_later(request: IRequest, clock: IReactorTime, delay: float, target: Callable[[], IResource]) -> None:
+def render_later(request: Request, clock: IReactorTime, delay: float, target: Callable[[], IResource]) -> None:
     """Render ``target()`` for ``request`` after ``delay`` seconds, unless the client left first."""
     call = clock.callLater(delay, render_now, request, target)
     request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
 
 
-def render_now(request: IRequest, target: Callable[[], IResource]) -> None:
+def render_now(request: Request, target: Callable[[], IResource]) -> None:
     """Render ``target()`` for a request whose first render returned NOT_DONE_YET (if it is still open)."""
-    if request.finished or getattr(request, "channel", None) is None:
+    if request.finished or request.channel is None:
         return  # finished already, or the client went away
     try:
-        request.render(target())  # type: ignore[attr-defined]
+        request.render(target())
     except Exception:
-        request.processingFailed(Failure())  # type: ignore[attr-defined]
+        request.processingFailed(Failure())
 
 
 # -- the authentication step -----------------------------------------------------------------------------
@@ -426,7 +420,10 @@ class Authentication:
         if wait > self.throttle.max_backlog:
             return JSONAnswer(429, error_body("too_many_attempts"), [(b"retry-after", str(int(wait) + 1).encode())])
         if wait > 0:
-            return Later(lambda req: render_later(req, self.clock, wait, lambda: self.check(req, proceed) or proceed()))
+            def hold(req: IRequest) -> None:
+                render_later(server_request(req), self.clock, wait, lambda: self.check(req, proceed) or proceed())
+
+            return Later(hold)
         verdict = self._verify(request, authorization, cookie)
         outcome: list[object] = []
         verdict.addBoth(outcome.append)
@@ -439,7 +436,7 @@ class Authentication:
                 if isinstance(answer, Later):
                     answer.start(req)
                 else:
-                    render_now(req, lambda: answer or proceed())
+                    render_now(server_request(req), lambda: answer or proceed())
 
             verdict.addBoth(decided)
 
@@ -478,7 +475,7 @@ class Authentication:
         delay = self.throttle.failed(peer)
         log.info("wrong credentials from {peer}; answering in {delay:.2f}s", peer=peer, delay=delay)
         refusal = self.unauthorised(request)
-        return Later(lambda req: render_later(req, self.clock, delay, lambda: refusal))
+        return Later(lambda req: render_later(server_request(req), self.clock, delay, lambda: refusal))
 
     def unauthorised(self, request: IRequest) -> IResource:
         """401 with the challenge: the sign-in form for browsers (with a token), JSON otherwise."""
@@ -584,7 +581,7 @@ class LoginForm(Resource):
         if wait > throttle.max_backlog:
             return JSONAnswer(429, error_body("too_many_attempts")).render(request)
         if wait > 0:
-            render_later(request, clock, wait, lambda: self)
+            render_later(server_request(request), clock, wait, lambda: self)
             return NOT_DONE_YET
         # The Site does not parse form bodies (the proxy forwards them untouched): parse this one.
         form = parse_qs(request.content.read(4096) if request.content is not None else b"")
@@ -593,7 +590,7 @@ class LoginForm(Resource):
         if authenticator.check_token(token):
             throttle.succeeded(peer)
             cookie = authenticator.make_cookie(clock.seconds())
-            request.addCookie(
+            server_request(request).addCookie(
                 COOKIE_NAME, cookie, path=b"/", httpOnly=True, sameSite="strict", max_age=str(int(COOKIE_LIFETIME))
             )
             request.setResponseCode(303)
@@ -602,5 +599,5 @@ class LoginForm(Resource):
             return b""
         delay = throttle.failed(peer)
         page = LoginPage(401, [], next_uri, "That token is not right.")
-        render_later(request, clock, delay, lambda: page)
+        render_later(server_request(request), clock, delay, lambda: page)
         return NOT_DONE_YET

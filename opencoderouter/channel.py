@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from .responses import PHRASES, error_body, json_bytes
@@ -59,6 +61,15 @@ class ChannelState(enum.Enum):
     SWITCHED = "switched"
     #: Handed over to a splice (:meth:`RouterChannel.hand_over`): every byte goes to that protocol.
     SPLICED = "spliced"
+
+
+def server_request(request: IRequest) -> server.Request:
+    """``request`` as the ``server.Request`` twisted.web hands resources.
+
+    ``IRequest`` does not declare ``notifyFinish``, ``registerProducer``, ``code`` and the rest that
+    every request a Site makes has; this says so once instead of at every use.
+    """
+    return cast(server.Request, request)
 
 
 class RouterRequest(server.Request):
@@ -154,13 +165,19 @@ class RouterChannel(HTTPChannel):
         self._stop_head_deadline()
         self.setTimeout(None)
         held, self._held, self._held_size = b"".join(self._held), [], 0
+        connection = self._connection()
         # The channel was the transport's producer (and may have paused it for pipelined bytes).
-        self.transport.unregisterProducer()
+        connection.unregisterProducer()
         self._spliced_to = protocol
-        protocol.makeConnection(self.transport)
+        protocol.makeConnection(connection)
         if held:
             protocol.dataReceived(held)
-        self.transport.resumeProducing()
+        connection.resumeProducing()
+
+    def _connection(self) -> FileDescriptor:
+        """The client connection: a TCP/UNIX transport, producer and consumer (``ITransport`` says less)."""
+        assert self.transport is not None
+        return cast(FileDescriptor, self.transport)
 
     # -- the head deadline -----------------------------------------------------------------------------
     def _start_head_deadline(self) -> None:
@@ -258,7 +275,7 @@ class RouterChannel(HTTPChannel):
             self._held.append(data)
             self._held_size += len(data)
             if self._held_size > _HELD_LIMIT and self.transport is not None:
-                self.transport.pauseProducing()  # requestDone resumes it
+                self._connection().pauseProducing()  # requestDone resumes it
             return
         super().rawDataReceived(data)
 
@@ -280,11 +297,12 @@ class RouterChannel(HTTPChannel):
         if self.state is not ChannelState.HTTP:
             self.setTimeout(None)  # nor by HTTPChannel's idle timeout, which requestDone re-armed
             return
-        if held and self.persistent and self.transport is not None and not self.transport.disconnecting:
+        if self.transport is None or self._connection().disconnecting or not self.persistent:
+            return
+        if held:
             self.dataReceived(held)
-        if self.persistent and self.line_mode and not self._answering and not self._refused:
-            if self.transport is not None and not self.transport.disconnecting:
-                self._start_head_deadline()
+        if self.line_mode and not self._answering and not self._refused:
+            self._start_head_deadline()
 
     def _refuse(self, code: int, error: str, message: str) -> None:
         """Answer with a JSON error and close, ignoring anything else the client sends."""
@@ -303,8 +321,9 @@ class RouterChannel(HTTPChannel):
 class RouterSite(server.Site):
     """The router's Site: RouterChannels with its limits and router, RouterRequests, no access log."""
 
+    # Twisted types ``protocol`` as a factory of its private _GenericHTTPChannelProtocol wrapper.
     protocol = RouterChannel  # type: ignore[assignment]
-    requestFactory = RouterRequest  # type: ignore[assignment]
+    requestFactory = RouterRequest
     noisy = False
 
     def __init__(self, resource: IResource, router: Router | None = None, limits: Limits = Limits(),
@@ -320,5 +339,5 @@ class RouterSite(server.Site):
         channel.router = self.router
         return channel
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log line per request: the metrics count requests instead."""

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .api import backend_json, request_authority
+from .channel import server_request
 from .periodic import logging_errors
 from .registry import Backend, Registry
 from .responses import error_body, json_response
@@ -61,7 +62,7 @@ class _Client:
     """
 
     def __init__(self, request: IRequest, authority: str) -> None:
-        self.request = request
+        self.request = server_request(request)
         self.authority = authority
         self.stalled = False
 
@@ -130,8 +131,8 @@ class EventStream(Resource):
         # Built before the stream is registered: if it fails, the request gets a 500 and leaves nothing behind.
         snapshot = sse_event("snapshot", self._snapshot(client))
         self.clients.append(client)
-        request.registerProducer(client, True)
-        request.notifyFinish().addBoth(self._finished, client)
+        client.request.registerProducer(client, True)
+        client.request.notifyFinish().addBoth(self._finished, client)
         if self._on_open is not None:
             self._on_open()
         self._start()

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
-from .channel import RouterChannel
+from .channel import RouterChannel, server_request
 
 HOP_BY_HOP = frozenset(
     {
@@ -107,7 +107,7 @@ def forward_request_headers(request: IRequest, port: int, prefix: bytes, scheme:
 def is_websocket_upgrade(request: IRequest) -> bool:
     """True for an HTTP/1.1 ``GET`` asking to switch to the WebSocket protocol."""
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
-    if not upgrade or request.method != b"GET" or request.clientproto != b"HTTP/1.1":
+    if not upgrade or request.method != b"GET" or server_request(request).clientproto != b"HTTP/1.1":
         return False
     tokens = {token.strip().lower() for value in upgrade for token in value.split(b",")}
     connection = connection_tokens(request.requestHeaders.getRawHeaders(b"connection"))

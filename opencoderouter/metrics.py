@@ -19,6 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from . import __version__
+from .channel import server_request
 from .launcher import LauncherState
 from .registry import Registry
 from .routing import Route
@@ -80,12 +81,12 @@ class _BackendCollector:
             for instance in listed:
                 label = self.slug_label(str(getattr(instance, "slug", "")))
                 restarts[label] = restarts.get(label, 0) + int(getattr(instance, "restarts", 0) or 0)
-            family = CounterMetricFamily(
+            counter = CounterMetricFamily(
                 "opencoderouter_launcher_restarts", "Managed instances restarted after exiting.", labels=["slug"]
             )
             for label, count in sorted(restarts.items()):
-                family.add_metric([label], count)
-            yield family
+                counter.add_metric([label], count)
+            yield counter
 
 
 class RouterMetrics:
@@ -289,6 +290,7 @@ class _Metered(Resource):
 
     def render(self, request: IRequest) -> Any:
         """Start the clock, hand the request on, report at its end."""
+        request = server_request(request)
         metrics, began = self.factory.metrics, self.factory.clock.seconds()
         kind = stream_kind(request)
         try:

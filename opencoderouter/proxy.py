@@ -17,6 +17,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 
+from .channel import server_request
 from .forwarding import Forwarder, error_answer
 from .headers import is_websocket_upgrade
 from .registry import Backend
@@ -69,7 +70,7 @@ class BackendResource(ReverseProxyResource):
             )
             return NOT_DONE_YET
         # Responses carry the backend's headers only: no text/html default, no Twisted Server header.
-        request.defaultContentType = None
+        server_request(request).defaultContentType = None
         if self.backend is not None:
             self.forwarder.add_credentials(request, self.backend)
         if is_websocket_upgrade(request):

@@ -49,7 +49,7 @@ def makeService(options: Options) -> MultiService:
 
     owner_filter = options["owner-filter"]
     listen = parse_endpoint(options["listen"])
-    authenticator = Authenticator(options["auth-token"], options["basic-users"], clock=reactor, threads=reactor)
+    authenticator = Authenticator(options["auth-token"], options["basic-users"], clock=reactor)
     backend_credentials = BackendCredentials(
         options["opencode-username"],
         options["opencode-password"],

@@ -68,14 +68,16 @@ class WebService(Service):
         port, self.listening_port = self.listening_port, None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else defer.succeed(None)
 
     def _listening(self, port: IListeningPort) -> None:
         self.listening_port = port
         address = port.getHost()
         where = f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}"
         shown_port = getattr(address, "port", "")
-        shown_host = "localhost" if getattr(address, "host", "") in ("0.0.0.0", "::", "127.0.0.1") else address.host
+        host = getattr(address, "host", "")
+        shown_host = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
         log.info(
             "OpenCodeRouter listening on {where}: dashboard http://{host}:{port}/ , API http://{host}:{port}/api/ , "
             "projects at http://{{slug}}-{username}.local:{port}/ and http://{host}:{port}/{{slug}}/ ; "
