@@ -165,7 +165,7 @@ class RouterChannel(HTTPChannel):
         self._stop_head_deadline()
         self.setTimeout(None)
         held, self._held, self._held_size = b"".join(self._held), [], 0
-        connection = self._connection()
+        connection = self.connection()
         # The channel was the transport's producer (and may have paused it for pipelined bytes).
         connection.unregisterProducer()
         self._spliced_to = protocol
@@ -174,7 +174,7 @@ class RouterChannel(HTTPChannel):
             protocol.dataReceived(held)
         connection.resumeProducing()
 
-    def _connection(self) -> FileDescriptor:
+    def connection(self) -> FileDescriptor:
         """The client connection: a TCP/UNIX transport, producer and consumer (``ITransport`` says less)."""
         assert self.transport is not None
         return cast(FileDescriptor, self.transport)
@@ -275,7 +275,7 @@ class RouterChannel(HTTPChannel):
             self._held.append(data)
             self._held_size += len(data)
             if self._held_size > _HELD_LIMIT and self.transport is not None:
-                self._connection().pauseProducing()  # requestDone resumes it
+                self.connection().pauseProducing()  # requestDone resumes it
             return
         super().rawDataReceived(data)
 
@@ -297,7 +297,7 @@ class RouterChannel(HTTPChannel):
         if self.state is not ChannelState.HTTP:
             self.setTimeout(None)  # nor by HTTPChannel's idle timeout, which requestDone re-armed
             return
-        if self.transport is None or self._connection().disconnecting or not self.persistent:
+        if self.transport is None or self.connection().disconnecting or not self.persistent:
             return
         if held:
             self.dataReceived(held)
