@@ -207,6 +207,8 @@ class BackendConnection(Protocol):
         self._head = None
         self.decode_chunks = False
         transport = self.connection()
+        # A slow client of the previous exchange may have left the connection paused.
+        transport.resumeProducing()
         if body_file is not None:
             transport.write(head)
             self._body_source = _BodyWriter(body_file, self, handler.body_progress)

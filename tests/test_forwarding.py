@@ -412,3 +412,16 @@ def test_backend_timeout_flag_takes_durations_and_names_itself_on_bad_values():
         with pytest.raises(SystemExit) as caught:
             Options().parseOptions(["--backend-timeout", bad])
         assert "--backend-timeout" in str(caught.value) and bad in str(caught.value)
+
+
+def test_a_connection_left_paused_by_a_slow_client_reads_again_for_the_next_request():
+    h = Harness()
+    h.get()
+    _, backend = h.accept()
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+    h.client.pauseProducing()  # the client stopped reading: the backend connection is paused...
+    h.answer(b"def")  # ...and the rest of the body was already on its way
+    assert backend.producerState == "paused"
+    h.client.resumeProducing()
+    h.get(b"/next")
+    assert b"GET /next" in backend.value() and backend.producerState == "producing"
