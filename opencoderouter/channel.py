@@ -101,6 +101,8 @@ class RouterChannel(HTTPChannel):
     state = ChannelState.HTTP
     #: ``http`` or ``https``, decided once per connection (``isSecure`` adapts interfaces: slow).
     scheme = b"http"
+    #: The address the connection arrived on (a Host naming it is one of the router's own).
+    local_host: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,6 +131,7 @@ class RouterChannel(HTTPChannel):
         from twisted.internet.interfaces import ISSLTransport
 
         self.scheme = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
+        self.local_host = getattr(self.transport.getHost(), "host", None)
         self._start_head_deadline()
 
     def dataReceived(self, data: bytes) -> None:
@@ -259,8 +262,7 @@ class RouterChannel(HTTPChannel):
         if self.router is None or len(self._request_line) < 2:
             return None
         host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
-        local = getattr(self.transport.getHost(), "host", None) if self.transport is not None else None
-        return self.router.classify(host, self._request_line[1], local)
+        return self.router.classify(host, self._request_line[1], self.local_host)
 
     def refuse_large_body(self) -> None:
         """413: the body for one of the router's own endpoints is larger than ``max_body``."""
