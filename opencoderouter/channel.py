@@ -130,6 +130,7 @@ class RouterChannel(HTTPChannel):
         super().connectionMade()
         from twisted.internet.interfaces import ISSLTransport
 
+        assert self.transport is not None
         self.scheme = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
         self.local_host = getattr(self.transport.getHost(), "host", None)
         self._start_head_deadline()
