@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -17,11 +16,11 @@ from werkzeug.exceptions import HTTPException
 from . import __version__
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
+from .hosts import is_authority
 from .launcher import Instance, Launcher, LauncherError, LauncherState
+from .links import tunnel_url, web_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response
-
-_HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 
 
 def rfc3339(timestamp: float) -> str:
@@ -34,7 +33,7 @@ def request_authority(request: IRequest) -> str:
     header = request.getHeader(b"host")
     if header:
         text = header.decode("latin-1").strip()
-        if _HOST_HEADER.match(text):
+        if is_authority(text) and not text.endswith("."):
             return text
     address = request.getHost()
     host = getattr(address, "host", "localhost")
@@ -45,11 +44,16 @@ def request_authority(request: IRequest) -> str:
 
 
 def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[str, Any]:
-    """The spec's backend object, plus ``owner``; with mDNS on, ``mdns_name`` (advertised name or null)."""
+    """The spec's backend object, plus ``owner`` and ``locked``; with mDNS on, ``mdns_name``.
+
+    A locked server the router cannot open has ``project_name`` and ``project_path`` null: its
+    project is unknown (clients must not take a made-up string for a path).
+    """
+    known = backend.path_known
     body = {
         "slug": backend.slug,
-        "project_name": backend.project_name,
-        "project_path": backend.project_path,
+        "project_name": backend.project_name if known else None,
+        "project_path": backend.project_path if known else None,
         "port": backend.port,
         "version": backend.version,
         "domain": backend.domain,
@@ -135,7 +139,11 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return json_response(request, {"error": "not_found", "query": query}, 404)
-        return json_response(request, backend_json(backend, request_authority(request), self.mdns))
+        authority = request_authority(request)
+        body = backend_json(backend, authority, self.mdns)
+        # ``url`` stays path mode (automation); a person opens the host-mode name (the web UI needs it).
+        body["web_url"] = web_url(backend, authority, self.mdns) or tunnel_url(backend, authority)
+        return json_response(request, body)
 
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Instance) -> dict[str, Any]:

@@ -92,12 +92,15 @@ class BackendCredentials:
 class BackendTarget:
     """What forwarding to one backend needs, computed when the backend appears or changes."""
 
-    __slots__ = ("port", "slug", "host_line", "authorization", "meters")
+    __slots__ = ("address", "port", "slug", "where", "host_line", "authorization", "meters")
 
     def __init__(self, backend: Backend, authorization: bytes | None, meters: dict[str, ProxyMeter] | None) -> None:
+        self.address = backend.address
         self.port = backend.port
         self.slug = backend.slug
-        self.host_line = b"Host: 127.0.0.1:%d\r\n" % backend.port
+        #: ``backend SLUG on ADDRESS:PORT``: how error messages name it.
+        self.where = f"backend {backend.slug} on {backend.endpoint}"
+        self.host_line = b"Host: " + backend.endpoint.encode("ascii") + b"\r\n"
         #: Our password for one of our own locked backends (replaces the client's Authorization).
         self.authorization = authorization
         #: Metric children by routing mode (``host``/``path``).
@@ -119,9 +122,8 @@ def error_answer(request: IRequest, code: int, error: str, message: str, backend
     request.finish()
 
 
-def describe_failure(reason: Failure, name: str, port: int) -> str:
-    """A sentence saying why a backend could not be reached."""
-    where = f"backend {name} on 127.0.0.1:{port}"
+def describe_failure(reason: Failure, where: str) -> str:
+    """A sentence saying why a backend (``where``: ``backend SLUG on ADDRESS:PORT``) could not be reached."""
     if reason.check(ConnectionRefusedError):
         return f"{where} refused the connection (is it still running?)"
     if reason.check(ConnectError):
@@ -152,7 +154,7 @@ class Forwarder:
 
     def target(self, backend: Backend) -> BackendTarget:
         """The precomputed target of ``backend`` (made again only when what it depends on changes)."""
-        key = (backend.slug, backend.port, backend.locked, backend.router_credentials)
+        key = (backend.slug, backend.address, backend.port, backend.locked, backend.router_credentials)
         target = self._targets.get(key)
         if target is None:
             if len(self._targets) > 4096:
@@ -245,14 +247,18 @@ class _Exchange:
         request, target = self.request, self.target
         parts = [request.method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         credentials = target.authorization
+        scheme = channel_scheme(request)
         for name, values in end_to_end(request.requestHeaders, REQUEST_SKIP):
-            if credentials is not None and name.lower() == b"authorization":
+            lower = name.lower()
+            if credentials is not None and lower == b"authorization":
                 continue
+            if lower == b"origin":
+                values = [self._backend_origin(value, scheme) for value in values]
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         if credentials is not None:
             parts += (b"Authorization: ", credentials, b"\r\n")
-        for name, value in forwarded_fields(request, channel_scheme(request), prefix):
+        for name, value in forwarded_fields(request, scheme, prefix):
             parts += (name, b": ", value, b"\r\n")
         if length or request.method in (b"POST", b"PUT", b"PATCH"):
             parts.append(b"Content-Length: %d\r\n" % length)
@@ -261,9 +267,24 @@ class _Exchange:
         parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _backend_origin(self, origin: bytes, scheme: bytes) -> bytes:
+        """A same-origin request's Origin, rewritten as the Host is (to the backend's own address).
+
+        OpenCode refuses a terminal's connect-token and WebSocket when ``Origin``'s host differs
+        from ``Host``; the router sends ``Host: 127.0.0.1:PORT``, so the page's own origin
+        (``http://{slug}-{user}.localhost:8080``) is rewritten to match. Any other Origin (one
+        allowed with ``--cors-origin``) is passed on as it is.
+        """
+        host = self.request.requestHeaders.getRawHeaders(b"host")
+        if host and origin.strip().lower() == scheme + b"://" + host[-1].strip().lower():
+            return b"http://" + self.target.host_line[6:-2]
+        return origin
+
     def _connect(self, fresh: bool) -> None:
         self.state = Exchange.CONNECTING
-        self.attempt = self.forwarder.pool.acquire(self.target.port, self._connected, self._connect_failed, fresh)
+        target = self.target
+        self.attempt = self.forwarder.pool.acquire(target.address, target.port, self._connected, self._connect_failed,
+                                                   fresh)
 
     def _connected(self, connection: BackendConnection) -> None:
         self.attempt = None
@@ -279,7 +300,7 @@ class _Exchange:
         self.attempt = None
         if self.state is not Exchange.CONNECTING:
             return
-        message = describe_failure(reason, self.target.slug, self.target.port)
+        message = describe_failure(reason, self.target.where)
         self.forwarder.note_error(self.target.port, message)
         self._answer_error(502, "bad_gateway", message)
 
@@ -290,8 +311,7 @@ class _Exchange:
         what = ("did not accept the connection" if self.state is Exchange.CONNECTING
                 else "sent no response headers")
         self._drop_backend()
-        where = f"backend {self.target.slug} on 127.0.0.1:{self.target.port}"
-        message = f"{where} {what} within {self.forwarder.timeout:g}s"
+        message = f"{self.target.where} {what} within {self.forwarder.timeout:g}s"
         self.forwarder.note_error(self.target.port, message)
         self._answer_error(504, "gateway_timeout", message)
 
@@ -382,7 +402,7 @@ class _Exchange:
                 self._connect(fresh=True)
                 return
             self._cancel_timer()
-            message = f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}"
+            message = f"{self.target.where} {why}"
             self.forwarder.note_error(self.target.port, message)
             self._answer_error(502, "bad_gateway", message)
         elif self.state is Exchange.STREAMING:
@@ -390,8 +410,7 @@ class _Exchange:
             request = self.request
             if request.producer is not None:
                 request.unregisterProducer()
-            self.forwarder.note_error(self.target.port,
-                                      f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}")
+            self.forwarder.note_error(self.target.port, f"{self.target.where} {why}")
             # Closing (rather than ending the body) tells the client the response is incomplete.
             request.loseConnection()
 

@@ -53,7 +53,7 @@ from .registry import Naming, Registry
 log = Logger()
 
 #: The readiness line; it carries the port the server really listens on.
-LISTENING_LINE = re.compile(r"opencode server listening on http://(\S+?):(\d+)")
+LISTENING_LINE = re.compile(r"opencode server listening on http://(\S+):(\d+)")
 #: What OpenCode prints (then exits 1) when its port is taken.
 PORT_TAKEN = re.compile(r"ServeError|EADDRINUSE|address already in use", re.IGNORECASE)
 
@@ -937,8 +937,10 @@ def served_port_finder(
             return int(backend.port)
         listeners = list_listeners(*port_range)
         # Without a socket table (not Linux) only the registry can tell.
-        ports = sorted(port for port, listener in (listeners or {}).items() if listener.uid == own_uid)
-        sightings = await defer.gatherResults([prober.probe(port) for port in ports], consumeErrors=True)
+        own = sorted((port, listener.address) for port, listener in (listeners or {}).items()
+                     if listener.uid == own_uid)
+        sightings = await defer.gatherResults([prober.probe(port, None, address) for port, address in own],
+                                              consumeErrors=True)
         matches = sorted(s.port for s in sightings if s is not None and s.project_path == directory)
         return matches[0] if matches else None
 

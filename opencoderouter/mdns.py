@@ -136,9 +136,10 @@ class Advert:
 def txt_records(backend: Backend) -> tuple[tuple[str, str], ...]:
     """The TXT keys: project, path, backend, owner, version, path_prefix."""
     return (
-        ("project", backend.project_name),
-        ("path", backend.project_path),
-        ("backend", f"127.0.0.1:{backend.port}"),
+        # A locked server the router cannot open has no known project.
+        ("project", backend.project_name if backend.path_known else ""),
+        ("path", backend.project_path if backend.path_known else ""),
+        ("backend", backend.endpoint),
         ("owner", backend.owner_name),
         ("version", backend.version),
         ("path_prefix", f"/{backend.slug}/"),

@@ -134,7 +134,7 @@ def makeService(options: Options) -> MultiService:
         clock=reactor,
         own_label_suffix=f"-{slugify(options['username'])}",
     )
-    router = Router(registry, hosts, login_enabled=authenticator.cookie_flag())
+    router = Router(registry, hosts, login_enabled=authenticator.cookie_flag(), mdns=options["mdns"])
     authentication = Authentication(reactor, authenticator)
     assets = load_assets()
     own_routes: dict[bytes, IResource] = {
@@ -192,6 +192,8 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "scan_interval": options["scan-interval"],
         "stale_after": options["stale-after"],
         "mdns": options["mdns"],
+        # .local links work only when mDNS is on and other machines can reach the router.
+        "lan_links": options["mdns"] and parse_endpoint(options["listen"]).beyond_loopback,
         # The page polls GET /api/instances for managed instances when this is true.
         "launcher": True,
     }

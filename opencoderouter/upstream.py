@@ -175,9 +175,10 @@ class _ChunkStage(enum.Enum):
 class BackendConnection(Protocol):
     """One HTTP/1.1 connection to a backend, carrying one exchange at a time."""
 
-    def __init__(self, pool: BackendPool | None, port: int) -> None:
+    def __init__(self, pool: BackendPool | None, port: int, address: str = "127.0.0.1") -> None:
         self.pool = pool
         self.port = port
+        self.address = address
         self.handler: ResponseHandler | None = None
         self.stage = _Stage.IDLE
         self.reused = False
@@ -488,9 +489,10 @@ class _Connecting(ClientFactory):
 
     noisy = False
 
-    def __init__(self, pool: BackendPool, port: int, ready: Callable[[BackendConnection], None],
+    def __init__(self, pool: BackendPool, address: str, port: int, ready: Callable[[BackendConnection], None],
                  failed: Callable[[Failure], None]) -> None:
         self.pool = pool
+        self.address = address
         self.port = port
         self.ready = ready
         self.failed = failed
@@ -499,7 +501,7 @@ class _Connecting(ClientFactory):
 
     def buildProtocol(self, addr: object) -> BackendConnection:
         """The connection (reported ready once TCP is up)."""
-        protocol = _ReportingConnection(self.pool, self.port, self)
+        protocol = _ReportingConnection(self.pool, self.address, self.port, self)
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
@@ -517,8 +519,8 @@ class _Connecting(ClientFactory):
 class _ReportingConnection(BackendConnection):
     """A new connection that tells its factory when it is up."""
 
-    def __init__(self, pool: BackendPool, port: int, factory: _Connecting) -> None:
-        super().__init__(pool, port)
+    def __init__(self, pool: BackendPool, address: str, port: int, factory: _Connecting) -> None:
+        super().__init__(pool, port, address)
         self._factory = factory
 
     def connectionMade(self) -> None:
@@ -541,27 +543,27 @@ class BackendPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.per_backend = per_backend
-        self._idle: dict[int, list[BackendConnection]] = {}
+        self._idle: dict[tuple[str, int], list[BackendConnection]] = {}
 
-    def acquire(self, port: int, ready: Callable[[BackendConnection], None],
+    def acquire(self, address: str, port: int, ready: Callable[[BackendConnection], None],
                 failed: Callable[[Failure], None], fresh: bool = False) -> _Connecting | None:
-        """Call ``ready`` with a connection to ``port`` (an idle one at once, else a new one).
+        """Call ``ready`` with a connection to ``address:port`` (an idle one at once, else a new one).
 
         Returns the connection attempt (to cancel) when one had to be made.
         """
-        idle = self._idle.get(port)
+        idle = self._idle.get((address, port))
         if idle and not fresh:
             connection = idle.pop()
             connection._cancel_idle()
             ready(connection)
             return None
-        attempt = _Connecting(self, port, ready, failed)
-        attempt.connector = self.reactor.connectTCP("127.0.0.1", port, attempt, timeout=self.connect_timeout)
+        attempt = _Connecting(self, address, port, ready, failed)
+        attempt.connector = self.reactor.connectTCP(address, port, attempt, timeout=self.connect_timeout)
         return attempt
 
     def release(self, connection: BackendConnection) -> None:
         """A connection finished an exchange cleanly: keep it for the next request to that backend."""
-        idle = self._idle.setdefault(connection.port, [])
+        idle = self._idle.setdefault((connection.address, connection.port), [])
         if len(idle) >= self.per_backend:
             connection.abort()
             return
@@ -570,14 +572,14 @@ class BackendPool:
 
     def forget(self, connection: BackendConnection) -> None:
         """A connection closed."""
-        idle = self._idle.get(connection.port)
+        idle = self._idle.get((connection.address, connection.port))
         if idle and connection in idle:
             idle.remove(connection)
 
-    def idle_count(self, port: int | None = None) -> int:
+    def idle_count(self, port: int | None = None, address: str = "127.0.0.1") -> int:
         """Idle connections (to one backend port, or to all)."""
         if port is not None:
-            return len(self._idle.get(port, ()))
+            return len(self._idle.get((address, port), ()))
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> Deferred[None]:
