@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 
 from .listeners import Listener, list_listeners, username_for_uid
 from .logs import router_observer
-from .loopback_http import BodyTooLarge, read_body
+from .loopback_http import BodyTooLarge, loopback_url, read_body
 from .periodic import PeriodicService, logging_errors
 from .registry import Registry, Sighting
 
@@ -107,8 +107,7 @@ class Prober:
         headers = _PROBE_HEADERS.copy()
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
-        host = f"[{address}]" if ":" in address else address
-        url = f"http://{host}:{port}{path}"
+        url = loopback_url(address, port, path)
         # A redirect is not OpenCode's answer, and could point the probe anywhere.
         response = await self._client.get(url, headers=headers, allow_redirects=False, unbuffered=True)
         try:
