@@ -34,9 +34,10 @@ from twisted.web.server import Request
 from .channel import server_request
 from .headers import REQUEST_SKIP, RESPONSE_SKIP, channel_scheme, connection_tokens, end_to_end, forwarded_fields
 from .metrics import ProxyMeter, RouterMetrics, stream_kind
+from .pool import BackendPool, ConnectionAttempt
 from .registry import Backend
 from .responses import error_body, json_bytes
-from .upstream import BackendConnection, BackendPool, Framing, ResponseHead, _Connecting
+from .upstream import BackendConnection, Framing, ResponseHead
 
 log = Logger()
 
@@ -198,7 +199,7 @@ class _Exchange:
         self.upgrade = upgrade
         self.state = Exchange.CONNECTING
         self.connection: BackendConnection | None = None
-        self.attempt: _Connecting | None = None
+        self.attempt: ConnectionAttempt | None = None
         self.timer: IDelayedCall | None = None
         self.head = b""
         self.body: bytes | None = None
