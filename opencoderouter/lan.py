@@ -277,11 +277,20 @@ class OwnIdentity:
         self.names = names
         #: The port the router listens on (None before it listens).
         self.port = port
-        self.addresses = addresses
+        self._read_addresses = addresses
+        self._addresses: set[str] | None = None
+
+    def refresh(self) -> None:
+        """Re-read this machine's addresses (the view does it once per sweep, not once per entry)."""
+        self._addresses = None
 
     def is_own(self, entry: LanEntry) -> bool:
         """True for our own services: from this machine's addresses, on our port."""
-        return entry.behind_router and entry.port == self.port() and set(entry.addresses) <= self.addresses()
+        if not entry.behind_router or entry.port != self.port():
+            return False
+        if self._addresses is None:
+            self._addresses = self._read_addresses()
+        return set(entry.addresses) <= self._addresses
 
     def claims_us(self, entry: LanEntry) -> bool:
         """True for another machine's service using a name we advertise."""
@@ -434,6 +443,8 @@ class LanView:
     def expire(self) -> list[LanEntry]:
         """Drop entries whose records' TTL has run out (and our own, once we know them); returns them."""
         now = self.clock.seconds()
+        if self.own is not None:
+            self.own.refresh()
         gone = [e for e in self._entries.values() if e.expires_at <= now or (self.own is not None
                                                                              and self.own.is_own(e))]
         for entry in gone:
