@@ -368,7 +368,10 @@ try:
     out = {"heading": driver.find_element(By.CSS_SELECTOR, "#lan h2").text,
            "hidden": driver.execute_script("return document.getElementById('lan').hidden"),
            "row": found.text, "links": [a.get_attribute("href") for a in found.find_elements(By.CSS_SELECTOR, "a")],
-           "hosts": [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#lan h3")]}
+           "hosts": [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#lan h3")],
+           "markup": driver.execute_script("return document.querySelectorAll('#lan img, #lan script, #lan b').length"),
+           "xss": driver.execute_script("return window.__xss === undefined ? null : window.__xss"),
+           "names": [n.text for n in driver.find_elements(By.CSS_SELECTOR, "#lan .project-name")]}
     print(json.dumps(out))
 finally:
     driver.quit()
@@ -380,7 +383,10 @@ finally:
 def test_chromium_shows_the_other_routers_project_with_its_port(lan):
     pytest.importorskip("selenium")
     alpha, beta, _, _ = start_pair(lan)
+    hostile = '<img src=x onerror="window.__xss=1"><b>x</b><script>window.__xss=2</script>'
+    announcer(lan, [service("hostile", txt(b"project=" + hostile.encode(), b"path_prefix=/hostile/"))], "xss")
     wait_listed(lan, "a", PORT_A, by_project(beta), 5, "router a to list b's project")
+    wait_listed(lan, "a", PORT_A, by_project(hostile), 5, "router a to list the hostile service")
     script = lan.tmp / "lan_selenium.py"
     script.write_text(_SELENIUM)
     result = lan.run("c", [sys.executable, str(script), f"http://{lan.address['a']}:{PORT_A}/", beta,
@@ -392,3 +398,5 @@ def test_chromium_shows_the_other_routers_project_with_its_port(lan):
     assert f"http://{lan.address['b']}:{PORT_B}/{beta}/" in page["links"]
     assert f"http://{beta}-bob.local:{PORT_B}/" in page["links"]
     assert any(h.startswith(lan.address["b"]) for h in page["hosts"])
+    # The hostile project name is shown as text, never parsed as markup.
+    assert hostile in page["names"] and page["markup"] == 0 and page["xss"] is None
