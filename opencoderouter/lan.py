@@ -555,7 +555,13 @@ class ZeroconfBrowsing:
 
         def browse(zc: Any) -> Deferred[ZeroconfBrowsing]:
             browsing = cls(reactor, zc, report)
-            return browsing._run(browsing._start_browser).addCallback(lambda _: browsing)
+
+            def failed(failure: Any) -> Any:
+                # Do not leave the sockets and the loop thread behind.
+                closing = deferToThreadPool(reactor, reactor.getThreadPool(), zc.close)
+                return closing.addBoth(lambda _: failure)
+
+            return browsing._run(browsing._start_browser).addCallbacks(lambda _: browsing, failed)
 
         return made.addCallback(browse)
 
