@@ -80,6 +80,7 @@ class RouterAPI:
         launcher: Launcher | None = None,
         mdns: bool = False,
         events: Any = None,
+        lan: Any = None,
     ) -> None:
         self.registry = registry
         self._extra_health = extra_health or dict
@@ -88,6 +89,8 @@ class RouterAPI:
         self.mdns = mdns
         #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
         self._events = events
+        #: The LAN directory (``opencoderouter.lan.LanView``), for ``/api/lan`` and ``?scope=lan``.
+        self.lan = lan
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -118,11 +121,22 @@ class RouterAPI:
             return json_response(request, {"error": "not_found", "path": "/api/events"}, 404)
         return self._events
 
+    @app.route("/lan", methods=["GET"])
+    def lan_directory(self, request: IRequest) -> bytes:
+        """Every project other routers (and plain opencode --mdns servers) announce, grouped by host."""
+        if self.lan is None:
+            return json_response(request, {"feeds": {}, "count": 0, "hosts": []})
+        return json_response(request, self.lan.to_json())
+
     @app.route("/resolve", methods=["GET"])
     def resolve(self, request: IRequest) -> bytes:
-        """One backend by project path (``?path=``) or folder name (``?name=``)."""
+        """One backend by project path (``?path=``) or folder name (``?name=``); ``&scope=lan``: or on the LAN."""
         args = request.args
         paths, names = args.get(b"path", []), args.get(b"name", [])
+        scopes = args.get(b"scope", [b"local"])
+        if len(scopes) != 1 or scopes[0] not in (b"local", b"lan"):
+            shown = b",".join(scopes).decode("utf-8", "replace")[:40]
+            return json_response(request, error_body("bad_request", f"scope {shown!r} is not local or lan"), 400)
         if len(paths) + len(names) != 1:
             return json_response(
                 request,
@@ -137,6 +151,16 @@ class RouterAPI:
         if "\x00" in query or len(query) > 4096:
             return json_response(request, error_body("bad_request", "the query is not a usable path or name"), 400)
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
+        if backend is None and scopes[0] == b"lan" and self.lan is not None:
+            # A local match always wins; on the LAN, only one match is an answer.
+            remote = self.lan.matches(path=query) if paths else self.lan.matches(name=query)
+            if len(remote) == 1:
+                return json_response(request, {**remote[0].to_json(), "scope": "lan"})
+            if remote:
+                where = ", ".join(f"{e.project_name or e.instance} at {e.url}" for e in remote[:10])
+                return json_response(request, error_body(
+                    "ambiguous", f"{len(remote)} projects on the network match {query!r}: {where}; "
+                    "ask by ?path= or ask their router", query=query, matches=[e.to_json() for e in remote]), 409)
         if backend is None:
             return json_response(request, {"error": "not_found", "query": query}, 404)
         authority = request_authority(request)

@@ -86,6 +86,18 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _dnssd_domain(text: str) -> str:
+    from .dnssd import parse_domain
+
+    return parse_domain(text)
+
+
+def _dnssd_server(text: str) -> tuple[str, int]:
+    from .dnssd import parse_server
+
+    return parse_server(text)
+
+
 class ProjectDirectoryError(ValueError):
     """A project directory argument that is not a usable directory; the message says why."""
 
@@ -158,6 +170,17 @@ class Options(usage.Options):
         ["backend-timeout", None, 30.0, "Answer 504 when a backend sends no response headers within this long.",
          _flag_coercer("backend-timeout", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
+        # -- the LAN directory (see lan.py, dnssd.py) --
+        ["lan-browse", None, None, "List other routers' projects and opencode --mdns servers on the LAN "
+         "(true/false) [default: the value of --mdns].", _flag_coercer("lan-browse", parse_bool)],
+        ["dnssd-domain", None, None, "Wide-area DNS-SD domain to browse for _opencode._tcp (e.g. example.org).",
+         _flag_coercer("dnssd-domain", _dnssd_domain)],
+        ["dnssd-server", None, None, "DNS server for --dnssd-domain, address[:port] [default: the system resolver].",
+         _flag_coercer("dnssd-server", _dnssd_server)],
+        ["dnssd-interval", None, 30.0, "How often to browse --dnssd-domain (e.g. 30s).",
+         _flag_coercer("dnssd-interval", _positive_duration)],
+        ["dnssd-update-key", None, None, "TSIG key file (tsig-keygen's format): register our projects in "
+         "--dnssd-domain with DNS UPDATE."],
         # -- security (see guard.py, auth.py, hosts.py, owners.py, channel.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
         ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],
@@ -246,6 +269,23 @@ class Options(usage.Options):
         else:
             _check_endpoint(self["listen"])
         self._load_security()
+        self._check_lan()
+
+    def _check_lan(self) -> None:
+        """--lan-browse follows --mdns unless given; the --dnssd-* flags need --dnssd-domain; read the key now."""
+        if self["lan-browse"] is None:
+            self["lan-browse"] = self["mdns"]
+        for flag in ("dnssd-server", "dnssd-update-key"):
+            if self[flag] is not None and self["dnssd-domain"] is None:
+                raise usage.UsageError(f"--{flag} needs --dnssd-domain (the domain to browse and register in)")
+        self["dnssd-key"] = None
+        if self["dnssd-update-key"] is not None:
+            from .dnssd import load_tsig_key
+
+            try:
+                self["dnssd-key"] = load_tsig_key(self["dnssd-update-key"])
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
 
     def _load_security(self) -> None:
         """Read the credential files and check --owners now, so that a mistake stops start-up."""

@@ -395,7 +395,8 @@ class Dispatcher:
         router = self.options.router.rstrip("/")
         by_path = "/" in self.task.project or self.task.project.startswith("~")
         key = "path" if by_path else "name"
-        url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}"
+        # scope=lan: a project on another box is answered with that box's router URL (older routers ignore it).
+        url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}&scope=lan"
         code, body = yield self._request("GET", url, what="the router")
         if code in (401, 403):
             raise DispatchError(EXIT_BAD_INPUT,
@@ -406,6 +407,9 @@ class Dispatcher:
             hint = f" (known: {', '.join(known)})" if known else ""
             raise DispatchError(EXIT_NOT_FOUND, f"no such project {self.task.project!r} on the router {router}{hint}",
                                 "not_found")
+        if code == 409 and isinstance(body, dict):
+            raise DispatchError(EXIT_NOT_FOUND, f"the router at {router} knows several projects "
+                                f"{self.task.project!r} on the network: {str(body.get('message'))[:400]}", "not_found")
         if code != 200 or not isinstance(body, dict) or not body.get("url") or not body.get("project_path"):
             raise DispatchError(EXIT_UNREACHABLE, f"the router at {router} answered {code} to {url}: {str(body)[:200]}",
                                 "unreachable")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -15,11 +16,13 @@ from .auth import Authentication, Authenticator, LoginForm
 from .channel import Limits, RouterSite
 from .config import Options, default_username
 from .dashboard import Dashboard, DashboardAssets, load_assets
+from .dnssd import DnsSdSettings, WideAreaDirectory, WideAreaRegistrar
 from .events import EventStream
 from .exposure import log_startup_warnings, parse_endpoint
 from .forwarding import BackendCredentials, Forwarder
 from .guard import Guard, GuardedRoot
 from .hosts import HostPolicy
+from .lan import LanBrowser, LanView, OwnIdentity
 from .launcher import Launcher, LauncherSettings, served_port_finder
 from .listeners import list_listeners
 from .loopback_http import loopback_agent, probe_client
@@ -107,6 +110,7 @@ def makeService(options: Options) -> MultiService:
             interfaces=options["mdns-interface"],
             refresh_interval=options["scan-interval"],
         )
+    lan_view, lan_services = _lan_directory(options, registry, reactor, lambda: web)
     events = EventStream(
         registry,
         reactor,
@@ -115,13 +119,16 @@ def makeService(options: Options) -> MultiService:
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
         mdns=options["mdns"],
+        snapshot_extras=lambda: {"lan": lan_view.to_json()},
     )
+    lan_view.subscribe(lambda change: events.publish("lan", change))
     api = RouterAPI(
         registry,
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
         launcher=launcher,
         mdns=options["mdns"],
         events=events,
+        lan=lan_view,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
     forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials,
@@ -168,9 +175,44 @@ def makeService(options: Options) -> MultiService:
     if advertiser is not None:
         advertiser.setName("mdns")
         advertiser.setServiceParent(top)
+    for service in lan_services:
+        service.setServiceParent(top)
     top.addService(_ClosePoolOnStop(forwarder))
     top.addService(_CloseEventStreamsOnStop(events))
     return top
+
+
+def _lan_directory(options: Options, registry: Registry, reactor: Any,
+                   web: Callable[[], WebService]) -> tuple[LanView, list[Service]]:
+    """The LAN view and what feeds it: mDNS browsing (--lan-browse), wide-area DNS-SD (--dnssd-*)."""
+    services: list[Service] = []
+    registrar: WideAreaRegistrar | None = None
+    if options["dnssd-domain"] and options["dnssd-key"] is not None:
+        settings = DnsSdSettings(options["dnssd-domain"], options["dnssd-server"], options["dnssd-interval"],
+                                 options["dnssd-key"])
+        registrar = WideAreaRegistrar(registry, reactor, settings, listening=lambda: web().when_listening(),
+                                      interfaces=options["mdns-interface"])
+        services.append(registrar)
+
+    def own_names() -> set[str]:
+        names = {b.mdns_name for b in registry.backends() if b.mdns_name}
+        return names | registrar.names() if registrar is not None else names
+
+    view = LanView(reactor, OwnIdentity(own_names, lambda: _listen_port(web())))
+    if options["lan-browse"]:
+        services.append(LanBrowser(view, reactor, interfaces=options["mdns-interface"],
+                                   refresh_interval=options["scan-interval"]))
+    if options["dnssd-domain"]:
+        settings = DnsSdSettings(options["dnssd-domain"], options["dnssd-server"], options["dnssd-interval"])
+        services.append(WideAreaDirectory(view, reactor, settings))
+    return view, services
+
+
+def _listen_port(web: WebService) -> int | None:
+    """The router's TCP port, once it listens."""
+    if web.listening_port is None:
+        return None
+    return getattr(web.listening_port.getHost(), "port", None)
 
 
 def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
@@ -194,6 +236,8 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "mdns": options["mdns"],
         # .local links work only when mDNS is on and other machines can reach the router.
         "lan_links": options["mdns"] and parse_endpoint(options["listen"]).beyond_loopback,
+        # The "On the network" section shows when something feeds the LAN directory.
+        "lan": bool(options["lan-browse"] or options["dnssd-domain"]),
         # The page polls GET /api/instances for managed instances when this is true.
         "launcher": True,
     }
