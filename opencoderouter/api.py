@@ -14,10 +14,11 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
 from .hosts import is_authority
-from .launcher import Instance, Launcher, LauncherError, LauncherState
+from .launcher import Launcher
 from .links import tunnel_url, web_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response

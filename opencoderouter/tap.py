@@ -14,6 +14,7 @@ from . import __version__
 from .api import RouterAPI
 from .auth import Authentication, Authenticator, LoginForm
 from .channel import Limits, RouterSite
+from .child import LauncherSettings
 from .config import Options, default_username
 from .dashboard import Dashboard, DashboardAssets, load_assets
 from .dnssd import DnsSdSettings, WideAreaDirectory, WideAreaRegistrar
@@ -23,7 +24,7 @@ from .forwarding import BackendCredentials, Forwarder
 from .guard import Guard, GuardedRoot
 from .hosts import HostPolicy
 from .lan import LanBrowser, LanView, OwnIdentity
-from .launcher import Launcher, LauncherSettings, served_port_finder
+from .launcher import Launcher, served_port_finder
 from .listeners import list_listeners
 from .loopback_http import loopback_agent, probe_client
 from .mdns import MdnsAdvertiser
