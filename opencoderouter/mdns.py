@@ -40,7 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .interfaces import InterfaceAddress, system_addresses
+from .interfaces import InterfaceAddress, selected, system_addresses
 from .periodic import PeriodicService
 from .registry import Backend, Registry
 
@@ -58,20 +58,6 @@ HOST_CHECK_MS = 200
 
 
 # -- addresses -----------------------------------------------------------------------------------------
-
-
-def _selected(entry: InterfaceAddress, selectors: Sequence[str]) -> bool:
-    """True when no ``--mdns-interface`` was given, or one names this interface or this address."""
-    if not selectors:
-        return True
-    return any(s == entry.interface or _same_address(s, entry.address) for s in selectors)
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return False
 
 
 def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -102,13 +88,13 @@ def plan_addresses(bind_host: str, entries: Iterable[InterfaceAddress], selector
     if bound.is_unspecified:
         # 0.0.0.0 is IPv4 only; a socket on :: also takes IPv4 (Linux's default dual stack).
         versions = {4} if bound.version == 4 else {4, 6}
-        chosen = [e for e in entries if e.ip.version in versions and _usable(e.ip) and _selected(e, selectors)]
+        chosen = [e for e in entries if e.ip.version in versions and _usable(e.ip) and selected(e, selectors)]
         if not chosen:
             where = f" matching --mdns-interface {', '.join(selectors)}" if selectors else ""
             return AddressPlan((), (), f"no non-loopback interface address{where} is up")
     else:
         chosen = [e for e in entries if e.ip == bound]
-        if selectors and not any(_selected(e, selectors) for e in chosen):
+        if selectors and not any(selected(e, selectors) for e in chosen):
             return AddressPlan((), (), f"the router listens on {bind_host}, which --mdns-interface "
                                f"{', '.join(selectors)} does not include")
         if not chosen:

@@ -23,7 +23,8 @@ from .exposure import log_startup_warnings, parse_endpoint
 from .forwarding import BackendCredentials, Forwarder
 from .guard import Guard, GuardedRoot
 from .hosts import HostPolicy
-from .lan import LanBrowser, LanView, OwnIdentity
+from .lan import LanView, OwnIdentity
+from .lan_mdns import LanBrowser
 from .launcher import Launcher, served_port_finder
 from .listeners import list_listeners
 from .loopback_http import loopback_agent, probe_client

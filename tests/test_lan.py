@@ -19,22 +19,20 @@ from opencoderouter.api import RouterAPI
 from opencoderouter.config import Options
 from opencoderouter.events import EventStream
 from opencoderouter.hosts import HostPolicy
+from opencoderouter.interfaces import InterfaceAddress
 from opencoderouter.lan import (
     MAX_PER_HOST,
     MAX_TEXT_BYTES,
     PLAIN_TYPE,
     PUBLISH_DELAY,
     Announcement,
-    BrowseReport,
-    InterfaceAddress,
-    LanBrowser,
     LanView,
     OwnIdentity,
-    browse_interfaces,
     capped_txt,
     clean_text,
     entry_from,
 )
+from opencoderouter.lan_mdns import BrowseReport, LanBrowser, browse_interfaces
 from opencoderouter.mdns import SERVICE_TYPE
 from opencoderouter.registry import Naming, Registry, Sighting
 from opencoderouter.routing import Router, RouterResource
