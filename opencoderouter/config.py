@@ -289,7 +289,7 @@ class Options(usage.Options):
 
     def _load_security(self) -> None:
         """Read the credential files and check --owners now, so that a mistake stops start-up."""
-        from .auth import load_basic_users, load_password, load_token
+        from .credentials import load_basic_users, load_password, load_token
         from .owners import OwnerFilter
 
         try:

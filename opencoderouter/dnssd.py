@@ -112,7 +112,7 @@ def parse_tsig_key(text: str, path: str = "the key file") -> Any:
 
 def load_tsig_key(path: str) -> Any:
     """The TSIG key of ``--dnssd-update-key`` (the file's mode is checked; the secret is never logged)."""
-    from .auth import read_secret_file
+    from .credentials import read_secret_file
 
     return parse_tsig_key(read_secret_file(path, "dnssd-update-key").decode("utf-8", "replace"), path)
 
