@@ -1,11 +1,12 @@
 """The router's own authentication: a token (Bearer or sign-in cookie) and/or bcrypt user lines.
 
-Credential files are read by :mod:`.credentials`. Credentials are checked through ``twisted.cred``: a :class:`~twisted.cred.portal.Portal` with one
-checker per kind (session cookie, Bearer token, HTTP Basic against bcrypt hashes); Basic values are
-decoded by twisted.web's ``BasicCredentialFactory``. What twisted.cred does not do is ours: a
-per-address slow-down of wrong credentials (:class:`FailureThrottle`), the sign-in form that sets the
-cookie, and keeping the router's credentials away from backends (they are removed from a request
-once accepted). A bcrypt check runs in a thread; everything else is decided at once.
+Credential files are read by :mod:`.credentials`. Credentials are checked through ``twisted.cred``:
+a :class:`~twisted.cred.portal.Portal` with one checker per kind (session cookie, Bearer token, HTTP
+Basic against bcrypt hashes); Basic values are decoded by twisted.web's ``BasicCredentialFactory``.
+What twisted.cred does not do is ours: a per-address slow-down of wrong credentials
+(:class:`FailureThrottle`), the sign-in form that sets the cookie, and keeping the router's
+credentials away from backends (they are removed from a request once accepted). A bcrypt check runs
+in a thread; everything else is decided at once.
 """
 
 from __future__ import annotations
