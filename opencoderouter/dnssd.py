@@ -35,6 +35,7 @@ from .lan import MAX_ENTRIES, MAX_TEXT_BYTES, Announcement, LanView, capped_txt
 from .mdns import plan_addresses, txt_records
 from .periodic import PeriodicService
 from .registry import Backend, Registry
+from .web import tcp_address
 
 log = Logger()
 
@@ -422,12 +423,11 @@ class WideAreaRegistrar(Service):
         self._started = started
 
     def _begin(self, port: Any) -> None:
-        address = port.getHost() if hasattr(port, "getHost") else port
-        host, number = getattr(address, "host", None), getattr(address, "port", None)
-        if host is None or number is None:
-            log.info("DNS-SD: nothing registered: the router does not listen on TCP ({address})", address=address)
+        bind = tcp_address(port)
+        if bind is None:
+            log.info("DNS-SD: nothing registered: the router does not listen on TCP ({address})", address=port)
             return
-        self._bind = (host, number)
+        self._bind = bind
         self._loop = PeriodicService(self.settings.interval, self.reconcile, "DNS-SD registration", self._reactor, log)
         self._loop.startService()
 

@@ -2,7 +2,7 @@
 
 See :mod:`.lan` for the directory itself (what an entry is, its bounds, its time to live); this
 module finds the announcements. python-zeroconf runs on its own loop thread and results come back
-to the reactor with ``callFromThread``, as in :mod:`.mdns`.
+to the reactor through :mod:`.zeroconf_loop`, as for the advertiser.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from .interfaces import InterfaceAddress, selected, system_addresses
@@ -34,6 +33,7 @@ from .lan import (
 )
 from .mdns import SERVICE_TYPE
 from .periodic import PeriodicService
+from .zeroconf_loop import ZeroconfLoop
 
 log = Logger()
 
@@ -86,9 +86,10 @@ def _mdns_announcement(info: Any, zc: Any, service_type: str) -> Announcement | 
 class ZeroconfBrowsing:
     """python-zeroconf browsers on their own loop thread, reporting to the reactor (see the module docstring)."""
 
-    def __init__(self, reactor: Any, zeroconf: Any, report: BrowseReport) -> None:
-        self._reactor = reactor
-        self._zc = zeroconf
+    def __init__(self, loop: ZeroconfLoop, report: BrowseReport) -> None:
+        self._loop = loop
+        self._zc = loop.zeroconf
+        self._run = loop.run
         self._report = report
         self._tracked: dict[str, set[str]] = {SERVICE_TYPE: set(), PLAIN_TYPE: set()}
         self._resolving: set[str] = set()
@@ -99,44 +100,18 @@ class ZeroconfBrowsing:
     @classmethod
     def start(cls, reactor: Any, interfaces: Sequence[str | int], report: BrowseReport) -> Deferred[ZeroconfBrowsing]:
         """Open the sockets on ``interfaces`` and start browsing both service types."""
-        from zeroconf import IPVersion, Zeroconf
+        from zeroconf import IPVersion
 
-        made = deferToThreadPool(reactor, reactor.getThreadPool(), Zeroconf, interfaces=list(interfaces),
-                                 ip_version=IPVersion.V4Only, use_asyncio=False)
-
-        def browse(zc: Any) -> Deferred[ZeroconfBrowsing]:
-            browsing = cls(reactor, zc, report)
+        def browse(loop: ZeroconfLoop) -> Deferred[ZeroconfBrowsing]:
+            browsing = cls(loop, report)
 
             def failed(failure: Any) -> Any:
                 # Do not leave the sockets and the loop thread behind.
-                closing = deferToThreadPool(reactor, reactor.getThreadPool(), zc.close)
-                return closing.addBoth(lambda _: failure)
+                return loop.close().addBoth(lambda _: failure)
 
             return browsing._run(browsing._start_browser).addCallbacks(lambda _: browsing, failed)
 
-        return made.addCallback(browse)
-
-    def _run(self, make: Callable[[], Any]) -> Deferred[Any]:
-        """Run a coroutine on zeroconf's loop; the Deferred fires on the reactor thread."""
-        future = asyncio.run_coroutine_threadsafe(make(), self._zc.loop)
-
-        def cancel(_: Deferred[Any]) -> None:
-            future.cancel()
-
-        result: Deferred[Any] = Deferred(cancel)
-
-        def finished(done: Any) -> None:
-            if result.called:
-                return
-            if done.cancelled():
-                result.errback(defer.CancelledError())
-            elif done.exception() is not None:
-                result.errback(done.exception())
-            else:
-                result.callback(done.result())
-
-        future.add_done_callback(lambda done: self._reactor.callFromThread(finished, done))
-        return result
+        return ZeroconfLoop.open(reactor, interfaces, ip_version=IPVersion.V4Only).addCallback(browse)
 
     async def _start_browser(self) -> None:
         from zeroconf import DNSQuestionType
@@ -155,13 +130,13 @@ class ZeroconfBrowsing:
             return
         if state_change is ServiceStateChange.Removed:
             tracked.discard(name)
-            self._reactor.callFromThread(self._report.gone, name)
+            self._loop.call_from_loop(self._report.gone, name)
             return
         if name not in tracked:
             if len(tracked) >= MAX_TRACKED:
                 if not self._overflow_warned:
                     self._overflow_warned = True
-                    self._reactor.callFromThread(log.warn, "LAN: more than {count} {type} services on the network; "
+                    self._loop.call_from_loop(log.warn, "LAN: more than {count} {type} services on the network; "
                                                  "the rest are ignored", count=MAX_TRACKED, type=service_type)
                 return
             tracked.add(name)
@@ -198,11 +173,11 @@ class ZeroconfBrowsing:
             try:
                 announcement = _mdns_announcement(info, self._zc, service_type)
             except Exception as error:  # a malformed record must not stop the browser
-                self._reactor.callFromThread(log.warn, "LAN: could not read {name}: {error}", name=name,
+                self._loop.call_from_loop(log.warn, "LAN: could not read {name}: {error}", name=name,
                                              error=repr(error))
                 return
             if announcement is not None:
-                self._reactor.callFromThread(self._report.seen, announcement)
+                self._loop.call_from_loop(self._report.seen, announcement)
 
     def renew(self, service_type: str, name: str) -> Deferred[None]:
         """Ask again for a service's SRV/TXT/A records (answers land in the cache, then are reported)."""
@@ -214,7 +189,7 @@ class ZeroconfBrowsing:
 
     def update_interfaces(self, interfaces: Sequence[str | int]) -> Deferred[None]:
         """Add and drop sockets to match ``interfaces``."""
-        return self._run(lambda: self._zc.async_update_interfaces(list(interfaces)))
+        return self._loop.update_interfaces(interfaces)
 
     def close(self) -> Deferred[None]:
         """Cancel the browser, then close zeroconf (which waits for its loop thread, hence in a pool thread)."""
@@ -223,10 +198,7 @@ class ZeroconfBrowsing:
             if self._browser is not None:
                 await self._browser.async_cancel()
 
-        def closed(_: object) -> Deferred[None]:
-            return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._zc.close)
-
-        return self._run(cancel).addBoth(closed)
+        return self._run(cancel).addBoth(lambda _: self._loop.close())
 
 
 def browse_interfaces(entries: Iterable[InterfaceAddress], selectors: Sequence[str] = ()) -> tuple[str, ...]:
@@ -306,7 +278,7 @@ class LanBrowser(Service):
             if loop.running:
                 await loop.stopService()
         if self._starting is not None and not self._starting.called:
-            await _settled(self._starting)
+            await defer.DeferredList([self._starting])  # fires whatever the outcome; failures are logged by start
         browsing, self._browsing = self._browsing, None
         if browsing is not None:
             try:
@@ -365,15 +337,3 @@ class LanBrowser(Service):
                 renewal = self._browsing.renew(*origin)
                 renewal.addErrback(lambda failure: log.failure("LAN: renewing a record failed", failure))
 
-
-async def _settled(waiting: Deferred[Any]) -> None:
-    """Wait for ``waiting`` to fire, whatever the outcome (failures are handled where it is awaited)."""
-    done: Deferred[None] = Deferred()
-
-    def passed(result: object) -> object:
-        if not done.called:
-            done.callback(None)
-        return result
-
-    waiting.addBoth(passed)
-    await done
