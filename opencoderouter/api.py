@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -22,6 +22,11 @@ from .launcher import Launcher
 from .links import tunnel_url, web_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response
+
+if TYPE_CHECKING:
+    from .tasks.service import TaskService
+
+_TASKS_OFF = "autodispatch is off: start the router with --tasks-dir DIR or --ticktick-token-file FILE"
 
 
 def rfc3339(timestamp: float) -> str:
@@ -82,6 +87,7 @@ class RouterAPI:
         mdns: bool = False,
         events: Any = None,
         lan: Any = None,
+        tasks: TaskService | None = None,
     ) -> None:
         self.registry = registry
         self._extra_health = extra_health or dict
@@ -92,6 +98,8 @@ class RouterAPI:
         self._events = events
         #: The LAN directory (``opencoderouter.lan.LanView``), for ``/api/lan`` and ``?scope=lan``.
         self.lan = lan
+        #: The autodispatch service (``/api/tasks``), when a task source is configured.
+        self.tasks = tasks
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -226,6 +234,62 @@ class RouterAPI:
                                    "message": f"no instance {slug} is managed by this router"}, 404)
         return launcher.stop_instance(instance.slug).addCallback(
             lambda stopped: json_response(request, self._instance_json(stopped)))
+
+    # -- autodispatch (opencoderouter.tasks) ----------------------------------
+    @app.route("/tasks", methods=["GET"])
+    def list_tasks(self, request: IRequest) -> bytes:
+        """Queued, running and the last finished tasks, with their outcomes."""
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        return json_response(request, self.tasks.tasks_json())
+
+    @app.route("/tasks/<string:task_id>", methods=["GET"])
+    def one_task(self, request: IRequest, task_id: str) -> bytes:
+        """One task with its whole answer."""
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        record = self.tasks.find(task_id)
+        if record is None:
+            return json_response(request, error_body("not_found", f"no task {task_id}", id=task_id), 404)
+        return json_response(request, self.tasks.task_json(record, whole=True))
+
+    @app.route("/tasks", methods=["POST"])
+    def submit_task(self, request: IRequest) -> bytes:
+        """Queue ``{"task": "---\\nproject: ...\\n---\\nprompt"}`` (loopback clients or the router's credentials)."""
+        from .dispatch import DispatchError
+
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        refused = self._refuse_unsafe_post(request, "submitting tasks")
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(request.content.read() or b"null")
+        except ValueError:
+            body = None
+        text = body.get("task") if isinstance(body, dict) else None
+        title = body.get("title") if isinstance(body, dict) else None
+        if not isinstance(text, str) or (title is not None and not isinstance(title, str)):
+            return json_response(request, error_body(
+                "bad_request", 'send a JSON object {"task": "---\\nproject: NAME\\n---\\nthe prompt"} '
+                               '(and optionally "title")'), 400)
+        try:
+            record = self.tasks.submit(text, title)
+        except DispatchError as error:
+            return json_response(request, error_body("bad_task", error.message), 400)
+        return json_response(request, self.tasks.task_json(record), 201)
+
+    def _refuse_unsafe_post(self, request: IRequest, what: str) -> bytes | None:
+        """Why a state-changing POST is refused (not loopback nor authenticated; not JSON), or None."""
+        if not may_change_instances(request):
+            return json_response(request, error_body(
+                "forbidden", f"{what} needs the loopback or the router's credentials"), 403)
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        # Demanding JSON forces a CORS preflight, so a web page cannot make a browser post here.
+        if content_type != b"application/json":
+            return json_response(request, error_body(
+                "unsupported_media_type", "send the body as Content-Type: application/json"), 415)
+        return None
 
     def _refuse_write(self, request: IRequest) -> bytes | None:
         """Why a write request is refused, as a JSON answer, or None when it may go ahead."""

@@ -98,6 +98,19 @@ def _dnssd_server(text: str) -> tuple[str, int]:
     return parse_server(text)
 
 
+def _duration_or_never(text: str) -> float | None:
+    """A positive duration, or None for ``0``/``none``/``never``."""
+    if text.strip().lower() in ("0", "none", "never"):
+        return None
+    return _positive_duration(text)
+
+
+def _permissions(text: str) -> str:
+    if text not in ("reject", "once", "always"):
+        raise ValueError(f"{text!r} is not reject, once or always")
+    return text
+
+
 class ProjectDirectoryError(ValueError):
     """A project directory argument that is not a usable directory; the message says why."""
 
@@ -202,6 +215,24 @@ class Options(usage.Options):
          _flag_coercer("startup-timeout", _positive_duration)],
         ["stop-timeout", None, 5.0, "Grace after SIGTERM before a launched opencode's group gets SIGKILL (e.g. 5s).",
          _flag_coercer("stop-timeout", _positive_duration)],
+        # -- autodispatch (see opencoderouter/tasks/) --
+        ["tasks-dir", None, None, "Run every *.md task file dropped in this folder; outcomes go to done/ or failed/."],
+        ["ticktick-token-file", None, None, "File holding a TickTick Open API access token."],
+        ["ticktick-project", None, None, "The TickTick project (name, id or inbox) to take tasks from [default: all]."],
+        ["ticktick-api", None, "https://api.ticktick.com/open/v1", "TickTick Open API base URL."],
+        ["tasks-interval", None, 300.0, "How often to poll TickTick for tasks (e.g. 5m).",
+         _flag_coercer("tasks-interval", _positive_duration)],
+        ["tasks-tag", None, "autocode", "The TickTick tag that marks a task for the router."],
+        ["tasks-per-project", None, 1, "Most tasks running at once in one project (the others wait in order).",
+         _flag_coercer("tasks-per-project", _positive_int)],
+        ["tasks-max", None, 4, "Most tasks running at once in all.", _flag_coercer("tasks-max", _positive_int)],
+        ["tasks-permissions", None, "reject", "Answer to agents' permission requests (reject, once, always) unless "
+         "the task says 'permissions:'.", _flag_coercer("tasks-permissions", _permissions)],
+        ["tasks-timeout", None, 3600.0, "Abort a task's session after this long unless the task says 'timeout:' "
+         "(0: never).", _flag_coercer("tasks-timeout", _duration_or_never)],
+        ["tasks-wait", None, 1800.0, "How long a task waits for its project to be running before it fails.",
+         _flag_coercer("tasks-wait", _positive_duration)],
+        ["state-dir", None, None, "Folder for the task journal [default: $XDG_STATE_HOME/opencoderouter]."],
     ]
 
     def __init__(self) -> None:
@@ -264,6 +295,7 @@ class Options(usage.Options):
                 raise usage.UsageError(str(error)) from None
         self["projects"] = directories
         self["opencode-bin"] = _find_opencode(self["opencode-bin"], required=bool(directories))
+        self._check_tasks()
         if self["listen"] is None:
             self["listen"] = listen_endpoint(self["port"], self["hostname"])
         else:
@@ -304,6 +336,40 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
+
+
+    def _check_tasks(self) -> None:
+        """The task folder (created if missing), the state folder and the TickTick token, now rather than later."""
+        from .credentials import read_secret_file
+
+        if self["tasks-dir"] is not None:
+            folder = os.path.realpath(os.path.expanduser(self["tasks-dir"]))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                raise usage.UsageError(f"--tasks-dir: cannot use {self['tasks-dir']}: {error.strerror}") from None
+            if not os.access(folder, os.W_OK):
+                raise usage.UsageError(f"--tasks-dir: {self['tasks-dir']} is not writable (tasks move into it)")
+            self["tasks-dir"] = folder
+        if self["state-dir"] is None:
+            state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+            self["state-dir"] = os.path.join(state, "opencoderouter")
+        self["state-dir"] = os.path.realpath(os.path.expanduser(self["state-dir"]))
+        self["ticktick-token"] = None
+        if self["ticktick-token-file"] is not None:
+            try:
+                data = read_secret_file(self["ticktick-token-file"], "ticktick-token-file")
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
+            lines = [line.strip() for line in data.splitlines() if line.strip()]
+            token = lines[0] if lines else b""
+            if not token or any(c < 0x21 or c > 0x7E for c in token):
+                raise usage.UsageError(f"--ticktick-token-file: {self['ticktick-token-file']} must hold the access "
+                                       "token on its first line (printable, no spaces)")
+            self["ticktick-token"] = token.decode("ascii")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", self["ticktick-api"]):
+            raise usage.UsageError(f"--ticktick-api {self['ticktick-api']!r} is not a URL like "
+                                   "https://api.ticktick.com/open/v1")
 
 
 def _find_opencode(name: str, required: bool) -> str | None:

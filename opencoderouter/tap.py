@@ -31,9 +31,10 @@ from .loopback_http import loopback_agent, probe_client
 from .mdns import MdnsAdvertiser
 from .metrics import RouterMetrics
 from .proxy import BackendProxyFactory
-from .registry import Naming, Registry, slugify
+from .registry import Backend, Naming, Registry, slugify
 from .routing import ASSETS_SEGMENT, Router, RouterResource
 from .scanner import Prober, Scanner
+from .tasks.service import TaskService
 from .web import WebService
 
 __all__ = ["Options", "makeService"]
@@ -124,6 +125,7 @@ def makeService(options: Options) -> MultiService:
         snapshot_extras=lambda: {"lan": lan_view.to_json()},
     )
     lan_view.subscribe(lambda change: events.publish("lan", change))
+    tasks = _task_service(options, registry, backend_credentials, events)
     api = RouterAPI(
         registry,
         extra_health=lambda: {"ignored_other_owners": scanner.ignored_other_owners},
@@ -131,6 +133,7 @@ def makeService(options: Options) -> MultiService:
         mdns=options["mdns"],
         events=events,
         lan=lan_view,
+        tasks=tasks,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
     forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials,
@@ -179,6 +182,10 @@ def makeService(options: Options) -> MultiService:
         advertiser.setServiceParent(top)
     for service in lan_services:
         service.setServiceParent(top)
+    if tasks is not None:
+        tasks.session_link = lambda backend, session_id: _session_link(options, web, backend, session_id)
+        tasks.setName("tasks")
+        tasks.setServiceParent(top)
     top.addService(_ClosePoolOnStop(forwarder))
     top.addService(_CloseEventStreamsOnStop(events))
     return top
@@ -242,7 +249,57 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "lan": bool(options["lan-browse"] or options["dnssd-domain"]),
         # The page polls GET /api/instances for managed instances when this is true.
         "launcher": True,
+        # The Tasks section reads GET /api/tasks when this is true.
+        "tasks": bool(options["tasks-dir"] or options["ticktick-token"]),
     }
+
+
+def _session_link(options: Options, web: WebService, backend: Backend, session_id: str) -> str | None:
+    """The session in the web UI through this router (host mode, ``{label}.localhost``), if it listens on TCP."""
+    from .tasks.outcome import web_ui_link
+
+    port = _router_info(options, web).get("listen_port")
+    return web_ui_link(backend.host_label, port, backend.project_path, session_id) if port else None
+
+
+def _task_service(options: Options, registry: Registry, credentials: BackendCredentials,
+                  events: EventStream) -> TaskService | None:
+    """The autodispatch service when a task source is configured (``--tasks-dir``, ``--ticktick-token-file``)."""
+    from treq.client import HTTPClient
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from .tasks.budget import RateBudget
+    from .tasks.folder import FolderSource
+    from .tasks.journal import Journal, JournalError
+    from .tasks.service import TaskSettings, TaskSource
+    from .tasks.ticktick import TickTickClient, TickTickSource
+
+    if not options["tasks-dir"] and not options["ticktick-token"]:
+        return None
+    sources: list[TaskSource] = []
+    if options["tasks-dir"]:
+        sources.append(FolderSource(options["tasks-dir"]))
+    if options["ticktick-token"]:
+        # Kept-alive connections: one TLS handshake per few polls, not per request.
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1
+        client = TickTickClient(HTTPClient(Agent(reactor, connectTimeout=10.0, pool=pool)), reactor,
+                                options["ticktick-token"], options["ticktick-api"], RateBudget(reactor), pool=pool)
+        sources.append(TickTickSource(client, options["ticktick-project"], options["tasks-tag"],
+                                      interval=options["tasks-interval"]))
+    try:
+        journal = Journal(options["state-dir"])
+    except JournalError as error:
+        raise SystemExit(f"opencoderouter: {error}") from None
+
+    settings = TaskSettings(per_project=options["tasks-per-project"], max_running=options["tasks-max"],
+                            permissions=options["tasks-permissions"], timeout=options["tasks-timeout"],
+                            wait=options["tasks-wait"])
+    # Backends are on 127.0.0.1: no name resolution, no log line per connection.
+    http = HTTPClient(loopback_agent(reactor, 10.0))
+    return TaskService(journal, registry, reactor, http, sources, settings, credentials=credentials,
+                       publish=events.publish)
 
 
 class _CloseEventStreamsOnStop(MultiService):
