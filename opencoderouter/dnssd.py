@@ -422,7 +422,7 @@ class WideAreaRegistrar(Service):
         started.addErrback(lambda failure: log.failure("DNS-SD registration could not start", failure))
         self._started = started
 
-    def _begin(self, port: Any) -> None:
+    def _begin(self, port: object) -> None:
         bind = tcp_address(port)
         if bind is None:
             log.info("DNS-SD: nothing registered: the router does not listen on TCP ({address})", address=port)

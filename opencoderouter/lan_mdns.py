@@ -102,16 +102,18 @@ class ZeroconfBrowsing:
         """Open the sockets on ``interfaces`` and start browsing both service types."""
         from zeroconf import IPVersion
 
-        def browse(loop: ZeroconfLoop) -> Deferred[ZeroconfBrowsing]:
+        async def browse() -> ZeroconfBrowsing:
+            loop = await ZeroconfLoop.open(reactor, interfaces, ip_version=IPVersion.V4Only)
             browsing = cls(loop, report)
-
-            def failed(failure: Any) -> Any:
+            try:
+                await browsing._run(browsing._start_browser)
+            except BaseException:
                 # Do not leave the sockets and the loop thread behind.
-                return loop.close().addBoth(lambda _: failure)
+                await defer.DeferredList([loop.close()])
+                raise
+            return browsing
 
-            return browsing._run(browsing._start_browser).addCallbacks(lambda _: browsing, failed)
-
-        return ZeroconfLoop.open(reactor, interfaces, ip_version=IPVersion.V4Only).addCallback(browse)
+        return defer.ensureDeferred(browse())
 
     async def _start_browser(self) -> None:
         from zeroconf import DNSQuestionType

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -55,7 +55,11 @@ from .process_groups import (
     stop_group,
     wrapped_command,
 )
-from .registry import Naming, Registry
+from .registry import Backend, Naming, Registry
+
+if TYPE_CHECKING:
+    from .listeners import Listener
+    from .scanner import Prober
 
 log = Logger()
 
@@ -160,13 +164,13 @@ class Launcher(Service):
             self._reaper.tell("+", pgid)
 
     # -- registry observer: an adopted server that goes away is replaced by our own -----
-    def added(self, backend: Any) -> None:
+    def added(self, backend: Backend) -> None:
         """Nothing to do: adoption is decided when a directory is added."""
 
-    def updated(self, backend: Any) -> None:
+    def updated(self, backend: Backend) -> None:
         """Nothing to do."""
 
-    def removed(self, backend: Any) -> None:
+    def removed(self, backend: Backend) -> None:
         """The adopted server of one of our directories was pruned: start our own."""
         instance = self._instances.get(backend.project_path)
         if instance is None or instance.state is not LauncherState.ADOPTED or not self.running:
@@ -678,10 +682,10 @@ async def _as_coroutine(value: Any) -> Any:
 
 
 def served_port_finder(
-    registry: Any,
-    prober: Any,
+    registry: Registry,
+    prober: Prober,
     port_range: tuple[int, int],
-    list_listeners: Callable[[int, int], Any],
+    list_listeners: Callable[[int, int], dict[int, Listener] | None],
     uid: int | None = None,
 ) -> Callable[[str], Deferred[int | None]]:
     """A ``find_served`` for the Launcher: the registry first, else a fresh probe of the range's listeners.

@@ -301,7 +301,7 @@ class MdnsAdvertiser(Service):
         started.addErrback(lambda failure: log.failure("mDNS advertiser could not start", failure))
         self._started = started
 
-    def _begin(self, port: Any) -> None:
+    def _begin(self, port: object) -> None:
         if self._stopping:
             return
         bind = tcp_address(port)
