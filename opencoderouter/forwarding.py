@@ -38,6 +38,7 @@ from .pool import BackendPool, ConnectionAttempt
 from .registry import Backend
 from .responses import error_body, json_bytes
 from .upstream import BackendConnection, Framing, ResponseHead
+from .write_now import write_now
 
 log = Logger()
 
@@ -188,7 +189,7 @@ class _Exchange:
 
     __slots__ = ("forwarder", "request", "target", "mode", "upgrade", "state", "connection", "attempt",
                  "timer", "head", "body", "body_file", "body_length", "retried", "began", "kind", "decode",
-                 "client_chunks")
+                 "client_chunks", "held", "client")
 
     def __init__(self, forwarder: Forwarder, request: Request, target: BackendTarget, mode: str,
                  upgrade: bool) -> None:
@@ -212,6 +213,10 @@ class _Exchange:
         self.decode = False
         #: The client's body is chunked by twisted.web (a close-framed backend body to an HTTP/1.1 client).
         self.client_chunks = False
+        #: The response head, held until the body bytes that came with it, to leave in one send.
+        self.held = b""
+        #: The client's transport, when body bytes go to it unchanged (else through ``request.write``).
+        self.client: object | None = None
 
     # -- sending the request ------------------------------------------------------------------------
     def start(self, path: bytes, prefix: bytes) -> None:
@@ -369,7 +374,9 @@ class _Exchange:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
         assert channel is not None
-        channel.writeSequence(parts)
+        self.held = b"".join(parts)
+        if not self.client_chunks:
+            self.client = channel.transport
         connection = self.connection
         if connection is not None:
             if self.decode:
@@ -377,14 +384,34 @@ class _Exchange:
             request.registerProducer(connection.connection(), True)
 
     def response_body(self, data: bytes) -> None:
-        """Body bytes: on to the client as they came."""
-        if self.state is Exchange.STREAMING:
+        """Body bytes: on to the client as they came (with the held head, if it still waits)."""
+        if self.state is not Exchange.STREAMING:
+            return
+        client = self.client
+        if client is not None:
+            request = self.request
+            request.sentLength += len(data)
+            held = self.held
+            if held:
+                self.held = b""
+                data = held + data
+            write_now(client, data)
+        else:
+            self.flush()
             self.request.write(data)
+
+    def flush(self) -> None:
+        """The backend's read is handed on: send the head if it still waits for body bytes."""
+        held = self.held
+        if held:
+            self.held = b""
+            write_now(self.request.channel.transport, held)
 
     def response_end(self) -> None:
         """The body is complete: finish the client's response."""
         if self.state is not Exchange.STREAMING:
             return
+        self.flush()
         self.state = Exchange.DONE
         request = self.request
         if request.producer is not None:
@@ -407,6 +434,7 @@ class _Exchange:
             self.forwarder.note_error(self.target.port, message)
             self._answer_error(502, "bad_gateway", message)
         elif self.state is Exchange.STREAMING:
+            self.flush()
             self.state = Exchange.DONE
             request = self.request
             if request.producer is not None:

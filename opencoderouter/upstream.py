@@ -34,6 +34,8 @@ from twisted.internet.tcp import Connection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .write_now import write_now
+
 if TYPE_CHECKING:
     from .pool import BackendPool
 
@@ -100,6 +102,9 @@ class ResponseHandler(TypingProtocol):
 
     def body_progress(self) -> None:
         """The backend took more of the request body (it is alive)."""
+
+    def flush(self) -> None:
+        """The bytes of one read that came with the head are handed on: write what was held back."""
 
 
 class _HeadParser:
@@ -212,14 +217,12 @@ class BackendConnection(Protocol):
         # A slow client of the previous exchange may have left the connection paused.
         transport.resumeProducing()
         if body_file is not None:
-            transport.write(head)
+            write_now(transport, head)
             self._body_source = _BodyWriter(body_file, self, handler.body_progress)
             transport.registerProducer(self._body_source, True)
             self._body_source.resumeProducing()
-        elif body:
-            transport.writeSequence([head, body])
         else:
-            transport.write(head)
+            write_now(transport, head + body if body else head)
 
     def connection(self) -> Connection:
         """The TCP transport (a producer and consumer; ``ITransport`` declares less)."""
@@ -294,8 +297,11 @@ class BackendConnection(Protocol):
         handler.response_head(head)
         if head.framing is Framing.NONE or (head.framing is Framing.LENGTH and head.length == 0):
             self._end(buffer)
-        elif buffer:
+            return
+        if buffer:
             self._body(buffer)
+        if self.handler is handler:
+            handler.flush()
 
     def _body(self, data: bytes) -> None:
         head = self._head
@@ -473,7 +479,7 @@ class _BodyWriter:
                 self._done = True
                 self._connection.body_sent()
                 return
-            self._connection.connection().write(data)
+            write_now(self._connection.connection(), data)
             self._progress()
 
     def pauseProducing(self) -> None:
