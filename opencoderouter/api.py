@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 from klein import Klein
@@ -15,18 +14,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .agents import AgentWatcher, agents_entry, summary_json
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
 from .launcher import Instance, Launcher, LauncherError, LauncherState
 from .registry import Backend, Registry
-from .responses import error_body, json_response
+from .responses import error_body, json_response, rfc3339
 
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
-
-
-def rfc3339(timestamp: float) -> str:
-    """A UTC timestamp such as ``2026-02-28T18:10:00Z``."""
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def request_authority(request: IRequest) -> str:
@@ -76,6 +71,7 @@ class RouterAPI:
         launcher: Launcher | None = None,
         mdns: bool = False,
         events: Any = None,
+        agents: AgentWatcher | None = None,
     ) -> None:
         self.registry = registry
         self._extra_health = extra_health or dict
@@ -84,6 +80,8 @@ class RouterAPI:
         self.mdns = mdns
         #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
         self._events = events
+        #: The agent watcher: with it, backend objects carry their ``agents`` summary.
+        self.agents = agents
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -105,7 +103,35 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        return json_response(request, [backend_json(b, authority, self.mdns) for b in self.registry.backends()])
+        return json_response(request, [self._backend_json(b, authority) for b in self.registry.backends()])
+
+    def _backend_json(self, backend: Backend, authority: str) -> dict[str, Any]:
+        body = backend_json(backend, authority, self.mdns)
+        if self.agents is not None:
+            body["agents"] = summary_json(self.agents.state_of(backend.slug))
+        return body
+
+    @app.route("/agents", methods=["GET"])
+    def agents_list(self, request: IRequest) -> bytes:
+        """Every backend with its agent summary and sessions (most urgent first)."""
+        authority = request_authority(request)
+        return json_response(request, [self._agents_json(b, authority) for b in self.registry.backends()])
+
+    @app.route("/agents/<string:slug>", methods=["GET"])
+    def agents_of(self, request: IRequest, slug: str) -> bytes:
+        """One backend's agent summary and sessions."""
+        backend = self.registry.by_slug(slug)
+        if backend is None:
+            known = [b.slug for b in self.registry.backends()]
+            return json_response(request, error_body("not_found", slug=slug, known=known), 404)
+        return json_response(request, self._agents_json(backend, request_authority(request)))
+
+    def _agents_json(self, backend: Backend, authority: str) -> dict[str, Any]:
+        if self.agents is None:
+            body = agents_entry(backend, None, authority)
+            body["agents"]["reason"] = "the router does not follow agents (it was started with --agents=false)"
+            return body
+        return agents_entry(backend, self.agents.state_of(backend.slug), authority)
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -135,7 +161,7 @@ class RouterAPI:
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
         if backend is None:
             return json_response(request, {"error": "not_found", "query": query}, 404)
-        return json_response(request, backend_json(backend, request_authority(request), self.mdns))
+        return json_response(request, self._backend_json(backend, request_authority(request)))
 
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Instance) -> dict[str, Any]:

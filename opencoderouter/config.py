@@ -158,6 +158,8 @@ class Options(usage.Options):
         ["backend-timeout", None, 30.0, "Answer 504 when a backend sends no response headers within this long.",
          _flag_coercer("backend-timeout", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
+        ["agents", None, True, "Follow every backend's sessions for the dashboard and /api/agents (true/false).",
+         _flag_coercer("agents", parse_bool)],
         # -- security (see guard.py, auth.py, hosts.py, owners.py, channel.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
         ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],

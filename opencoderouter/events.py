@@ -96,6 +96,7 @@ class EventStream(Resource):
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
         mdns: bool = False,
+        snapshot_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -109,6 +110,8 @@ class EventStream(Resource):
         self._on_close = on_close
         #: With mDNS on, backend objects carry ``mdns_name`` (as in ``/api/backends``).
         self.mdns = mdns
+        #: More keys for every snapshot (e.g. ``agents``), from other parts of the router.
+        self.snapshot_extra = snapshot_extra
         self.clients: list[_Client] = []
         self._loop: LoopingCall | None = None
         self._subscribed = False
@@ -142,11 +145,14 @@ class EventStream(Resource):
 
     def _snapshot(self, client: _Client) -> dict[str, Any]:
         backends = self.registry.backends()
-        return {
+        snapshot = {
             "router": self.router_info(),
             "backends": [self._backend_json(b, client) for b in backends],
             "server_time": self.clock.seconds(),
         }
+        if self.snapshot_extra is not None:
+            snapshot.update(self.snapshot_extra())
+        return snapshot
 
     def _finished(self, result: Failure | None, client: _Client) -> None:
         # Fires on a clean finish and on a client disconnect alike: either way the stream is gone.

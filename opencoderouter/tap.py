@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from . import __version__
+from .agents import AgentWatcher, agent_client
 from .api import RouterAPI
 from .auth import Authentication, Authenticator, LoginForm
 from .channel import Limits, RouterSite
@@ -107,6 +108,21 @@ def makeService(options: Options) -> MultiService:
             interfaces=options["mdns-interface"],
             refresh_interval=options["scan-interval"],
         )
+    agents: AgentWatcher | None = None
+    if options["agents"]:
+        agent_http, agent_pool = agent_client(reactor)
+        watcher = agents = AgentWatcher(
+            registry,
+            reactor,
+            agent_http,
+            backend_credentials,
+            # Called only after start-up, so after ``events`` below exists.
+            on_change=lambda slugs: events.publish("agents", watcher.dashboard_json(slugs)),
+            pool=agent_pool,
+        )
+        agents.setName("agents")
+        agents.setServiceParent(top)
+        metrics.watch_agents(agents.counts)
     events = EventStream(
         registry,
         reactor,
@@ -115,6 +131,7 @@ def makeService(options: Options) -> MultiService:
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
         mdns=options["mdns"],
+        snapshot_extra=agents.dashboard_json if agents is not None else None,
     )
     api = RouterAPI(
         registry,
@@ -122,6 +139,7 @@ def makeService(options: Options) -> MultiService:
         launcher=launcher,
         mdns=options["mdns"],
         events=events,
+        agents=agents,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
     forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials,
@@ -192,6 +210,7 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "scan_interval": options["scan-interval"],
         "stale_after": options["stale-after"],
         "mdns": options["mdns"],
+        "agents": options["agents"],
         # The page polls GET /api/instances for managed instances when this is true.
         "launcher": True,
     }
