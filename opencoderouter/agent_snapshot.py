@@ -62,9 +62,9 @@ class BackendReader:
             headers.setRawHeaders(b"authorization", [self.authorization])
         return headers
 
-    def track(self, request: Deferred[Any]) -> Deferred[Any]:
+    def track(self, request: Deferred[Any], timeout: float | None = None) -> Deferred[Any]:
         """Bound ``request`` in time and remember it until it ends, so that :meth:`cancel_all` can cancel it."""
-        request.addTimeout(self.timeout, self.clock)
+        request.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         self._requests.add(request)
 
         def forget(result: Any) -> Any:
@@ -95,7 +95,7 @@ class BackendReader:
 
     @inlineCallbacks
     def snapshot(self, state: AgentState, max_sessions: int) -> Any:
-        """Read the snapshot for ``state``'s backend (fires with a :class:`Snapshot`)."""
+        """The first look for ``state``'s backend: statuses, pending requests, the newest sessions."""
         snapshot = Snapshot()
         project = state.project_path
         calls: list[Deferred[Any]] = []
@@ -111,25 +111,31 @@ class BackendReader:
             snapshot.permissions.extend(answers[index + 1])
             snapshot.questions.extend(answers[index + 2])
         snapshot.sessions = [s for s in answers[-1] if isinstance(s, dict)]
+        return snapshot
 
+    @inlineCallbacks
+    def details(self, state: AgentState, snapshot: Snapshot) -> Any:
+        """The second look, once ``snapshot`` is loaded: sessions it named but did not list, busy sessions'
+        todo lists, and the last message of sessions that failed before and of the newest idle ones."""
         listed_ids = {s.get("id") for s in snapshot.sessions}
         waiting = [e.get("sessionID") for e in snapshot.permissions + snapshot.questions if isinstance(e, dict)]
         missing = [i for i in dict.fromkeys([*snapshot.statuses, *waiting])
                    if isinstance(i, str) and i not in listed_ids][:_MISSING_SESSIONS]
         busy = list(snapshot.statuses)[:_TODOS]
         last = state.wanted_last_messages(snapshot, _LAST_MESSAGES)
-        extra = yield _all([self.get_json(f"/session/{quote(i, safe='')}", dict) for i in missing]
-                           + [self.get_json(f"/session/{quote(i, safe='')}/todo", list) for i in busy]
-                           + [self.get_json(f"/session/{quote(i, safe='')}/message", list, limit="1") for i in last],
-                           tolerant=True)
-        infos, todos, messages = extra[:len(missing)], extra[len(missing):len(missing) + len(busy)], \
-            extra[len(missing) + len(busy):]
-        snapshot.sessions.extend(info for info in infos if isinstance(info, dict))
-        snapshot.todos = {ident: todo for ident, todo in zip(busy, todos, strict=True) if todo is not None}
+        answers = yield _all([self.get_json(f"/session/{quote(i, safe='')}", dict) for i in missing]
+                             + [self.get_json(f"/session/{quote(i, safe='')}/todo", list) for i in busy]
+                             + [self.get_json(f"/session/{quote(i, safe='')}/message", list, limit="1")
+                                for i in last],
+                             tolerant=True)
+        infos, todos, messages = answers[:len(missing)], answers[len(missing):len(missing) + len(busy)], \
+            answers[len(missing) + len(busy):]
+        details = Snapshot(sessions=[info for info in infos if isinstance(info, dict)])
+        details.todos = {ident: todo for ident, todo in zip(busy, todos, strict=True) if todo is not None}
         for ident, answer in zip(last, messages, strict=True):
             if answer and isinstance(answer[-1], dict) and isinstance(answer[-1].get("info"), dict):
-                snapshot.last_messages[ident] = answer[-1]["info"]
-        return snapshot
+                details.last_messages[ident] = answer[-1]["info"]
+        return details
 
 
 def _all(calls: list[Deferred[Any]], tolerant: bool = False) -> Deferred[list[Any]]:

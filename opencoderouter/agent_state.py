@@ -320,7 +320,8 @@ class Snapshot:
     questions: list[dict[str, Any]] = field(default_factory=list)
     #: Session objects (``GET /session``, newest first, and ``GET /session/{id}``).
     sessions: list[dict[str, Any]] = field(default_factory=list)
-    #: Session id → the ``info`` of its last message (``GET /session/{id}/message?limit=1``).
+    #: The second look (:meth:`AgentState.enrich`): session id → the ``info`` of its last message
+    #: (``GET /session/{id}/message?limit=1``).
     last_messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Session id → its todo list (``GET /session/{id}/todo``).
     todos: dict[str, Any] = field(default_factory=dict)
@@ -514,6 +515,11 @@ class AgentState:
             old = previous.get(ident)
             if old is not None:
                 session.last_activity = max(session.last_activity, old.last_activity)
+        for ident, session in self.sessions.items():
+            old = previous.get(ident)
+            # An error seen before stays until the second look reads the session's last message.
+            if old is not None and old.status is SessionStatus.ERROR and session.status is SessionStatus.IDLE:
+                session.status, session.error = SessionStatus.ERROR, old.error
         for entries, parse in ((snapshot.permissions, Permission.parse), (snapshot.questions, Question.parse)):
             for entry in map(_dict, entries):
                 owner = self.sessions.get(str(entry.get("sessionID")))
@@ -527,18 +533,33 @@ class AgentState:
                 if earlier is not None:
                     request.asked_at = earlier.asked_at
                 owner.add_request(request)
-        for session_id, info in snapshot.last_messages.items():
-            failed = self.sessions.get(session_id)
-            error = _dict(_dict(info).get("error"))
-            if failed is not None and failed.status is SessionStatus.IDLE and error \
-                    and _dict(info).get("role") == "assistant":
-                failed.failed(error)
-        for session_id, todos in snapshot.todos.items():
-            listed = self.sessions.get(session_id)
-            if listed is not None:
-                listed.set_todo(todos)
         self._trim()
         self.known, self.reason = True, None
+
+    def enrich(self, details: Snapshot) -> bool:
+        """Add what the second look found: titles of sessions the lists named, errors, todo lists; True if any."""
+        changed = False
+        for info in map(_dict, details.sessions):
+            session = self.sessions.get(str(info.get("id")))
+            if session is not None:
+                changed = session.update_info(info) or changed
+                self._note_directory(session.directory)
+        for session_id, info in details.last_messages.items():
+            ended = self.sessions.get(session_id)
+            if ended is None or ended.status not in (SessionStatus.IDLE, SessionStatus.ERROR):
+                continue  # it started a turn since: it has moved on
+            error = _dict(_dict(info).get("error")) if _dict(info).get("role") == "assistant" else {}
+            before = (ended.status, ended.error)
+            if error:
+                ended.failed(error)
+            else:
+                ended.status, ended.error = SessionStatus.IDLE, None
+            changed = changed or before != (ended.status, ended.error)
+        for session_id, todos in details.todos.items():
+            listed = self.sessions.get(session_id)
+            if listed is not None:
+                changed = listed.set_todo(todos) or changed
+        return changed
 
     def wanted_last_messages(self, snapshot: Snapshot, limit: int) -> list[str]:
         """Idle sessions whose last message should be read for an error: the ones failed before, then the newest."""

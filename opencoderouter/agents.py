@@ -8,8 +8,9 @@ reconciles from the snapshot endpoints (``/session/status``, ``/permission``, ``
 directory, ``/session``, and for a few sessions their last message and todo list); events that
 arrive meanwhile are applied again on top of the snapshot, so nothing is lost in between.
 
-Failure handling: a refused or cut stream is retried after 0.25 s doubling to 2 s while the
-registry says the backend is up (a new sighting reconnects at once); 35 s without a heartbeat
+Failure handling: a refused or cut stream is retried after 0.25 s doubling to 1 s until the registry
+removes the backend (a restarted server is followed again within about a second; the registry
+seeing it come back reconnects at once); 35 s without a heartbeat
 (OpenCode sends one every 10 s), an event over the size cap, bytes that are not server-sent
 events or JSON, a refused login or a snapshot that is not what OpenCode answers count as a
 broken stream: the backend is shown ``unknown``, the problem is logged once (until it recovers),
@@ -33,7 +34,6 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from .agent_snapshot import BackendReader, SnapshotError
@@ -50,10 +50,13 @@ log = Logger()
 HEARTBEAT_TIMEOUT = 35.0
 #: An event bigger than this marks the stream as broken (OpenCode's biggest are a tool's output or a diff).
 MAX_EVENT_BYTES = 4 * 1024 * 1024
-#: How long one snapshot request (or the stream's response head) may take.
+#: How long one snapshot request may take.
 REQUEST_TIMEOUT = 10.0
+#: How long the stream's response head may take. OpenCode sends it at once; a server that is
+#: starting accepts connections before it serves them (and drops them later), so retry soon instead.
+STREAM_HEAD_TIMEOUT = 1.5
 #: Reconnect delays: after a refused or cut connection, and after a broken stream.
-_QUICK_RETRY = doubling_backoff(0.25, 2.0)
+_QUICK_RETRY = doubling_backoff(0.25, 1.0)
 _SLOW_RETRY = doubling_backoff(1.0, 60.0)
 #: Changes a person sees go out this soon; a bare "last activity" change at most this often.
 STATE_DELAY = 0.05
@@ -79,7 +82,7 @@ def agent_client(reactor: Any, connect_timeout: float = 5.0) -> tuple[HTTPClient
 
 def _describe(failure: Failure) -> str:
     value = failure.value
-    if isinstance(value, defer.CancelledError):
+    if isinstance(value, (defer.CancelledError, defer.TimeoutError)):
         return "no answer in time"
     text = str(value).strip() or type(value).__name__
     return text if len(text) <= 200 else text[:199] + "…"
@@ -187,7 +190,8 @@ class _Watch:
         self.reader = BackendReader(self.watcher.client, self.watcher.clock, self.backend.port, authorization,
                                     self.watcher.request_timeout)
         request = self.reader.track(self.watcher.client.get(
-            self.reader.url("/global/event"), headers=self.reader.headers(b"text/event-stream"), unbuffered=True))
+            self.reader.url("/global/event"), headers=self.reader.headers(b"text/event-stream"), unbuffered=True),
+            timeout=self.watcher.stream_head_timeout)
         request.addCallbacks(lambda response: self._connected(generation, response),
                              lambda failure: self._failed(generation, failure))
         request.addErrback(lambda failure: log.failure("agent watcher: connecting to {slug} failed", failure,
@@ -220,6 +224,8 @@ class _Watch:
     def _failed(self, generation: int, failure: Failure) -> None:
         if generation != self.generation or self.stopped:
             return
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            self.attempt = 0  # it accepted the connection: it is there, or about to be
         self._drop(f"cannot reach it ({_describe(failure)})", slow=False)
 
     # -- the stream ----------------------------------------------------------------
@@ -282,9 +288,7 @@ class _Watch:
         """The stream of ``generation`` ended."""
         if generation != self.generation or self.stopped:
             return
-        how = "ended" if reason.check(ResponseDone) else "was cut" if reason.check(PotentialDataLoss) else \
-            f"was cut ({_describe(reason)})"
-        self._drop(f"its event stream {how}", slow=False)
+        self._drop("its event stream ended" if reason.check(ResponseDone) else "its event stream was cut", slow=False)
 
     def _drop(self, reason: str, slow: bool) -> None:
         self.generation += 1  # whatever the old stream still reports is ignored from here on
@@ -303,8 +307,8 @@ class _Watch:
             self.watcher.changed(self.slug, Change.STATE)
 
     def _schedule(self, slow: bool) -> None:
-        if self.stopped or not self.backend.up:
-            return  # a down backend is retried when the registry sees it again
+        if self.stopped:
+            return
         delay = (_SLOW_RETRY if slow else _QUICK_RETRY)(self.attempt)
         self.attempt += 1
         self._cancel_retry()
@@ -356,6 +360,14 @@ class _Watch:
             self.state.apply(payload, directory if isinstance(directory, str) else None, now)
         self.live = True
         self.watcher.changed(self.slug, Change.STATE)
+        # The second look (titles, errors, todo lists) only adds to what is shown.
+        try:
+            details = yield self.reader.details(self.state, snapshot)
+        except Exception:
+            log.failure("agent watcher: the second look at {slug} failed", slug=self.slug)
+            return
+        if generation == self.generation and not self.stopped and self.state.enrich(details):
+            self.watcher.changed(self.slug, Change.STATE)
 
     def _proven(self) -> None:
         """A heartbeat on a reconciled stream: it works, so the next problem is news and is retried quickly."""
@@ -374,8 +386,6 @@ class _Watch:
         if moved or came_back:
             self.attempt = 0
             self.start()
-        elif not backend.up and not self.live:
-            self._cancel_retry()  # retried when the registry sees it again
 
     def stop(self) -> Deferred[Any]:
         """Close everything; fires once the stream and every request have ended."""
@@ -402,6 +412,7 @@ class AgentWatcher(Service):
         max_event_bytes: int = MAX_EVENT_BYTES,
         max_sessions: int = 20,
         request_timeout: float = REQUEST_TIMEOUT,
+        stream_head_timeout: float = STREAM_HEAD_TIMEOUT,
     ) -> None:
         self.registry = registry
         self.clock = clock
@@ -413,6 +424,7 @@ class AgentWatcher(Service):
         self.max_event_bytes = max_event_bytes
         self.max_sessions = max_sessions
         self.request_timeout = request_timeout
+        self.stream_head_timeout = stream_head_timeout
         self.watches: dict[str, _Watch] = {}
         self.streams_open = 0
         self._dirty: dict[str, Change] = {}

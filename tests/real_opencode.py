@@ -207,7 +207,8 @@ class FakeModelServer:
     ``text`` streams :data:`REPLY_TEXT`; ``error400`` answers 400; ``slow`` streams a word every
     ``slow_interval`` seconds for ``slow_duration`` seconds; ``bash`` calls the bash tool with
     :data:`BASH_COMMAND`, then answers with text; ``question`` calls the question tool with
-    :data:`QUESTION`, then answers with text. Title requests are always answered fast.
+    :data:`QUESTION`, then answers with text (slowly when the prompt also has a slow marker).
+    Title requests are always answered fast.
     """
 
     def __init__(self, default_mode: str = "text", slow_duration: float = 130.0, slow_interval: float = 5.0,
@@ -263,13 +264,15 @@ class FakeModelServer:
         last_user = _content_text(users[-1]) if users else ""
         if MODE_ERROR in last_user:
             return "error400"
-        if MODE_SLOW in last_user or _SLOW_FOR.search(last_user):
-            return "slow"
+        slow = MODE_SLOW in last_user or _SLOW_FOR.search(last_user) is not None
         for marker, tool_mode in ((MODE_BASH, "bash"), (MODE_QUESTION, "question")):
             if marker in last_user:
-                # After the tool ran, its result is the last message: then answer with text.
-                return "text" if messages and messages[-1].get("role") == "tool" else tool_mode
-        return self.default_mode
+                # After the tool ran, its result is the last message: then answer with text (slowly with
+                # a slow marker too).
+                if messages and messages[-1].get("role") == "tool":
+                    return "slow" if slow else "text"
+                return tool_mode
+        return "slow" if slow else self.default_mode
 
 
 def _content_text(message: dict[str, Any]) -> str:

@@ -286,12 +286,16 @@ def test_a_snapshot_replaces_the_state_and_drops_stale_requests():
         sessions=[{"id": "ses_busy", "title": "Busy one", "directory": PROJECT, "time": {"updated": 1796168000077}},
                   {"id": "ses_idle", "title": "Idle one", "directory": PROJECT, "time": {"updated": 1796168000000}},
                   {"id": "ses_failed", "title": "Failed", "directory": PROJECT, "time": {"updated": 1796167000000}}],
+    )
+    details = Snapshot(
         last_messages={"ses_failed": {"role": "assistant", "error": {"name": "APIError",
                                                                       "data": {"message": "refused"}}}},
         todos={"ses_busy": [{"status": "completed"}, {"status": "pending"}]},
     )
     assert state.summary().state is BackendState.UNKNOWN and state.reason == "not connected yet"
     state.load(snapshot, 500.0)
+    assert state.wanted_last_messages(snapshot, 5) == ["ses_idle", "ses_failed"]
+    assert state.enrich(details) is True
     assert set(state.sessions) == {"ses_busy", "ses_idle", "ses_failed"}
     assert state.sessions["ses_busy"].status is SessionStatus.WORKING
     assert list(state.sessions["ses_busy"].permissions) == ["per_live"]
@@ -302,6 +306,20 @@ def test_a_snapshot_replaces_the_state_and_drops_stale_requests():
     assert (summary.state, summary.needs_you, summary.working, summary.errors, summary.sessions) == \
         (BackendState.NEEDS_YOU, 1, 1, 1, 3)
     assert [s.id for s in state.ordered()] == ["ses_busy", "ses_failed", "ses_idle"]
+
+
+def test_an_error_seen_before_a_reconnect_stays_until_the_second_look_says_otherwise():
+    state = known()
+    busy(state)
+    state.apply(event("session.error", sessionID="ses_a", error={"name": "APIError", "data": {"message": "x"}}),
+                PROJECT, 101)
+    listed = Snapshot(sessions=[{"id": "ses_a", "title": "t", "directory": PROJECT}])
+    state.load(listed, 200)
+    assert state.sessions["ses_a"].status is SessionStatus.ERROR
+    assert state.wanted_last_messages(listed, 5) == ["ses_a"]
+    # Its last message has no error (a turn ended well while the router was away).
+    assert state.enrich(Snapshot(last_messages={"ses_a": {"role": "assistant", "time": {"completed": 1}}})) is True
+    assert state.sessions["ses_a"].status is SessionStatus.IDLE and state.sessions["ses_a"].error is None
 
 
 def test_a_request_asked_before_a_reconnect_keeps_its_asked_time():
