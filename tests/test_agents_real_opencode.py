@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +31,7 @@ from .real_opencode import (
     OpenCodeInstance,
     opencode_binary,
 )
-from .support import REPO, RouterProcess, free_port_block, wait_for
+from .support import REPO, RouterProcess, free_port_block, subprocess_env, wait_for
 
 pytestmark = [
     pytest.mark.real_opencode,
@@ -268,6 +270,22 @@ def test_a_failing_model_shows_error_with_its_message(agents):
     # The idles that follow an error do not hide it.
     time.sleep(1.0)
     assert agents.session_of("beta", session_id)["status"] == "error"
+
+
+# -- the terminal view -----------------------------------------------------------------------------------
+def test_opencoderouter_status_shows_who_needs_you_with_the_command_and_the_link(agents):
+    session_id = agents.prompt("alpha", f"{MODE_BASH} for the terminal", "seen from ssh")
+    _, session = agents.until("alpha", session_id, lambda e, s: bool(s["permissions"]), what="the permission")
+    done = subprocess.run([sys.executable, "-m", "opencoderouter.status", "--router", agents.router.url],
+                          capture_output=True, text=True, timeout=30, env=subprocess_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("alpha") and "needs you (1)" in lines[1]
+    assert lines[2].startswith('  ! "seen from ssh"  needs you: bash: echo permitted > proof.txt')
+    assert lines[2].endswith(session["web_url"]) and ".localhost:" in session["web_url"]
+    permission = session["permissions"][0]["id"]
+    agents.request("POST", f"/alpha/permission/{permission}/reply", {"reply": "reject"}, headers=agents.browser_origin())
+    agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
 
 
 # -- restarts (these come last) ----------------------------------------------------------------------------
