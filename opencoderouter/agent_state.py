@@ -592,7 +592,9 @@ class AgentState:
         if not self.known:
             return Summary(BackendState.UNKNOWN, sessions=len(self.sessions), reason=self.reason)
         sessions = self.sessions.values()
-        working = sum(1 for s in sessions if s.status in (SessionStatus.WORKING, SessionStatus.RETRYING))
+        # A session waiting for a person counts as needing you, not as working.
+        working = sum(1 for s in sessions
+                      if s.status in (SessionStatus.WORKING, SessionStatus.RETRYING) and not s.needs_you)
         needs_you = sum(s.needs_you for s in sessions)
         errors = sum(1 for s in sessions if s.status is SessionStatus.ERROR)
         state = (BackendState.NEEDS_YOU if needs_you else BackendState.ERROR if errors

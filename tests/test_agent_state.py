@@ -159,7 +159,7 @@ def test_permission_and_question_need_you_until_answered_and_ending_the_turn_cle
         PROJECT, 102)
     summary = state.summary()
     assert (summary.state, summary.needs_you, summary.label()) == \
-        (BackendState.NEEDS_YOU, 2, "needs you (2) · working (1)")
+        (BackendState.NEEDS_YOU, 2, "needs you (2)")
     view = state.sessions["ses_a"].to_json()
     assert view["permissions"][0]["asking"] == "bash: rm -rf build/" and view["permissions"][0]["always"] == ["rm *"]
     assert view["questions"][0]["questions"][0]["options"] == ["Red", "Blue"]
@@ -304,7 +304,7 @@ def test_a_snapshot_replaces_the_state_and_drops_stale_requests():
     assert state.sessions["ses_failed"].error == ("APIError", "refused")
     summary = state.summary()
     assert (summary.state, summary.needs_you, summary.working, summary.errors, summary.sessions) == \
-        (BackendState.NEEDS_YOU, 1, 1, 1, 3)
+        (BackendState.NEEDS_YOU, 1, 0, 1, 3)
     assert [s.id for s in state.ordered()] == ["ses_busy", "ses_failed", "ses_idle"]
 
 

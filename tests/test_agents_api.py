@@ -46,7 +46,7 @@ def test_api_agents_lists_every_backend_with_summary_and_sessions():
     assert code == 200
     assert [entry["slug"] for entry in body] == ["alpha", "beta", "locked"]
     alpha, beta, locked = body
-    assert alpha["agents"] == {"state": "needs_you", "label": "needs you (1) · working (1)", "working": 1,
+    assert alpha["agents"] == {"state": "needs_you", "label": "needs you (1)", "working": 0,
                                "needs_you": 1, "errors": 0, "sessions": 1, "reason": None}
     [session] = alpha["sessions"]
     assert session["title"] == "Deploy <script>x</script>" and session["status"] == "working"
@@ -81,7 +81,7 @@ def test_backend_entries_carry_the_agent_summary():
     _, backends = answer(stub, "http://127.0.0.1:8080/backends")
     assert [b["agents"]["state"] for b in backends] == ["needs_you", "idle", "unknown"]
     _, resolved = answer(stub, "http://127.0.0.1:8080/resolve?name=alpha")
-    assert resolved["agents"]["label"] == "needs you (1) · working (1)"
+    assert resolved["agents"]["label"] == "needs you (1)"
 
 
 def test_without_the_watcher_backends_have_no_summary_and_agents_are_unknown():

@@ -8,9 +8,9 @@ streams). The restart tests come last: they restart the router and ``beta``. Eve
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
+from .chromium import headless_chromium, needs_chromium, severe_console_entries
 from .real_opencode import (
     BASH_COMMAND,
     MODE_BASH,
@@ -39,8 +40,6 @@ pytestmark = [
     pytest.mark.skipif(opencode_binary() is None, reason="real opencode not installed (run tests/setup/install-opencode.sh)"),
 ]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -213,7 +212,7 @@ def test_a_permission_needs_you_within_1_s_and_a_reply_through_the_router_resume
         assert session["status"] == "working" and session["title"] == "permission test"
         [permission] = session["permissions"]
         assert permission["id"] == asked["id"] and permission["asking"] == f"bash: {BASH_COMMAND}"
-        assert agents.agent("alpha")["agents"]["label"] == "needs you (1) · working (1)"
+        assert agents.agent("alpha")["agents"]["label"] == "needs you (1)"
 
         # Answered through the router as the dashboard does: path mode, the router's Origin, JSON.
         directory = quote(session["directory"], safe="")
@@ -288,6 +287,61 @@ def test_opencoderouter_status_shows_who_needs_you_with_the_command_and_the_link
     agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
 
 
+# -- the dashboard, in Chromium -------------------------------------------------------------------------
+@needs_chromium
+def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_session_in_the_web_ui(agents, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def state_of(driver: Any, slug: str) -> tuple[str, list[str]]:
+        return driver.execute_script(
+            "const rows = [...document.querySelectorAll('#rows tr[data-slug]')];"
+            "const r = rows.find((r) => r.getAttribute('data-slug') === arguments[0]);"
+            "return [r ? r.querySelector('.badge').textContent : null, rows.map((r) => r.getAttribute('data-slug'))];",
+            slug)
+
+    router = agents.router
+    with headless_chromium(tmp_path / "chromium", 1440, 900) as browser:
+        browser.get(router.url + "/")
+        wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+        wait.until(lambda d: state_of(d, "alpha")[0] not in (None, "unknown"))
+        browser.execute_script("window.__not_reloaded = true")
+        session_id = agents.prompt("alpha", f"{MODE_BASH} for the browser", "seen in the browser")
+        wait.until(lambda d: state_of(d, "alpha")[0] == "needs you (1)")
+        assert state_of(browser, "alpha")[1][0] == "alpha", "the row that needs you comes first"
+        assert browser.execute_script("return window.__not_reloaded") is True
+        assert browser.title == "(1) OpenCodeRouter"
+        row = browser.find_element("css selector", "#rows tr[data-slug='alpha']")
+        assert row.find_element("css selector", ".ask .asking").text == f"bash: {BASH_COMMAND}"
+        link = row.find_element("css selector", "a.session-link")
+        assert link.text == "seen in the browser"
+        encoded = base64.urlsafe_b64encode(str(agents.dirs["alpha"]).encode()).rstrip(b"=").decode()
+        label = agents.request("GET", "/api/backends")[1][0]["domain"].removesuffix(".local")
+        assert link.get_attribute("href") == f"http://{label}.localhost:{router.port}/{encoded}/session/{session_id}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-agents-real.png"))
+        assert severe_console_entries(browser) == []
+
+        # One click: the real OpenCode web UI, through the router's host mode, on that session.
+        dashboard = browser.current_window_handle
+        link.click()
+        wait.until(lambda d: len(d.window_handles) == 2)
+        browser.switch_to.window([h for h in browser.window_handles if h != dashboard][0])
+        WebDriverWait(browser, 60, poll_frequency=0.2).until(
+            lambda d: "seen in the browser" in d.find_element("tag name", "body").text)
+        assert browser.title == "OpenCode" and session_id in browser.current_url
+        browser.save_screenshot(str(ARTIFACTS / "web-ui-session-real.png"))
+        browser.close()
+        browser.switch_to.window(dashboard)
+
+        # Answered from the row: the badge moves on without a reload.
+        browser.find_element("css selector", "#rows tr[data-slug='alpha'] button.reply-reject").click()
+        wait.until(lambda d: state_of(d, "alpha")[0] not in ("needs you (1)",))
+        agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
+        wait.until(lambda d: state_of(d, "alpha")[0] in ("idle", "error"))
+        assert browser.title == "OpenCodeRouter"
+        assert [e for e in severe_console_entries(browser) if router.url in e["message"]] == []
+
+
 # -- restarts (these come last) ----------------------------------------------------------------------------
 def test_a_router_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_back(agents):
     waiting = agents.prompt("alpha", f"{MODE_BASH} wait for me", "waits across a restart")
@@ -349,29 +403,3 @@ def test_a_backend_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_b
     except AssertionError as error:
         raise AssertionError(f"{error}; last seen: {seen}") from None
     assert time.monotonic() - back <= 2.0, f"right after {time.monotonic() - back:.2f}s"
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    """A fresh headless Chromium that talks only to the loopback."""
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver (tests/setup/install-system-deps.sh)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,800", f"--user-data-dir={tmp_path / 'chromium'}",
-                 # Every name resolves to nothing but the loopback names the test uses.
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-

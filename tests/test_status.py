@@ -44,7 +44,7 @@ AGENTS = [
         id="ses_3", title="Clean \x1b[31mup", status="working", needs_you=1,
         permissions=[{"id": "per_1", "asking": "bash: rm -rf build/"}],
         web_url="http://webapp-alice.localhost:8080/L3NydmVy/session/ses_3")],
-        label="needs you (1) · working (1)", needs_you=1, working=1),
+        label="needs you (1)", needs_you=1),
     entry("broken", "error", [session(id="ses_4", title="Deploy", status="error",
                                       last_error={"name": "APIError", "message": "fake model refuses"})],
           label="error", errors=1),
@@ -59,7 +59,7 @@ def test_the_table_puts_who_needs_you_first_and_says_what_is_asked():
         ["webapp", "broken", "api", "docs", "locked-30012", "5"]
     assert lines[0].split() == ["AGENT", "STATE", "SESSIONS", "PROJECT"]
     webapp = lines.index(next(line for line in lines if line.startswith("webapp")))
-    assert "needs you (1) · working (1)" in lines[webapp] and "/srv/webapp" in lines[webapp]
+    assert "needs you (1)" in lines[webapp] and "/srv/webapp" in lines[webapp]
     assert lines[webapp + 1] == ('  ! "Clean  [31mup"  needs you: bash: rm -rf build/  12 s ago  '
                                  "http://webapp-alice.localhost:8080/L3NydmVy/session/ses_3")
     text = "\n".join(lines)
@@ -68,7 +68,7 @@ def test_the_table_puts_who_needs_you_first_and_says_what_is_asked():
     assert '  > "Refactor"  working · todo 2/5' in text
     assert "Fix the login" not in text, "idle sessions are left out"
     assert "(locked: the router follows a password-protected server only with --opencode-password-file)" in text
-    assert lines[-1] == "5 backends: 1 waiting for you, 2 working, 1 failed"
+    assert lines[-1] == "5 backends: 1 waiting for you, 1 working, 1 failed"
 
 
 def test_all_lists_idle_sessions_too_and_an_empty_router_says_so():
