@@ -70,7 +70,7 @@ class SSEReader:
             return
         name = line.split(b":", 1)[0]
         if name not in _FIELDS:
-            raise StreamError(f"a line that is not server-sent events: {line[:40]!r}")
+            raise StreamError("a line that is not server-sent events")
 
     def _check_size(self, unfinished: int) -> None:
         """The event so far plus ``unfinished`` bytes of a line must fit the cap."""
