@@ -488,6 +488,14 @@ class AgentState:
             return Change.NONE
         return Change.STATE if session.set_todo(props.get("todos")) else Change.ACTIVITY
 
+    def touch(self, session_id: str, now: float) -> bool:
+        """A sign of life from ``session_id`` (a text delta); True when it is a session we follow."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        session.last_activity = now
+        return True
+
     def _on_activity(self, props: dict[str, Any], directory: str | None, now: float) -> Change:
         ident = props.get("sessionID") or _dict(props.get("part")).get("sessionID") \
             or _dict(props.get("info")).get("sessionID")

@@ -58,6 +58,10 @@ STREAM_HEAD_TIMEOUT = 1.5
 #: Reconnect delays: after a refused or cut connection, and after a broken stream.
 _QUICK_RETRY = doubling_backoff(0.25, 1.0)
 _SLOW_RETRY = doubling_backoff(1.0, 60.0)
+#: A busy stream is read at most this often (see :class:`_Stream`).
+READ_BATCH = 0.2
+#: Snapshots read at the same time (a router restart with 50 backends reads them a few at a time).
+CONCURRENT_SNAPSHOTS = 4
 #: Changes a person sees go out this soon; a bare "last activity" change at most this often.
 STATE_DELAY = 0.05
 ACTIVITY_DELAY = 5.0
@@ -89,14 +93,25 @@ def _describe(failure: Failure) -> str:
 
 
 class _Stream(Protocol):
-    """The body of one ``/global/event`` response, handed to its watch frame by frame."""
+    """The body of one ``/global/event`` response, handed to its watch frame by frame.
 
-    def __init__(self, watch: _Watch, generation: int, max_event_bytes: int) -> None:
+    A busy stream (a turn's text deltas, one small write each) is read in batches: after a read
+    that came soon after the previous one, reading pauses for ``batch`` seconds and the kernel
+    gathers what arrives meanwhile, so dozens of deltas a second cost a few wake-ups, not dozens.
+    A quiet stream is read at once: a permission asked during a quiet spell is seen immediately.
+    """
+
+    def __init__(self, watch: _Watch, generation: int, max_event_bytes: int, clock: IReactorTime,
+                 batch: float) -> None:
         self.watch = watch
         self.generation = generation
         self.reader = SSEReader(self._frame, max_event_bytes)
         self.closed: Deferred[None] = Deferred()
         self.broken = False
+        self.clock = clock
+        self.batch = batch
+        self._last_read = float("-inf")
+        self._resume: IDelayedCall | None = None
 
     def _frame(self, data: bytes) -> None:
         self.watch.frame(self.generation, data)
@@ -105,6 +120,11 @@ class _Stream(Protocol):
         """Feed the reader; a stream that breaks the rules is dropped."""
         if self.broken:
             return
+        now = self.clock.seconds()
+        if now - self._last_read < self.batch and self._resume is None and self.transport is not None:
+            IPushProducer(self.transport).pauseProducing()
+            self._resume = self.clock.callLater(self.batch, self._read_again)
+        self._last_read = now
         try:
             self.reader.feed(data)
         except StreamError as error:
@@ -115,13 +135,25 @@ class _Stream(Protocol):
             log.failure("agent watcher: an event of backend {slug} could not be handled", slug=self.watch.slug)
             self.watch.broken(self.generation, "its event stream sent an event the router could not handle")
 
+    def _read_again(self) -> None:
+        self._resume = None
+        if self.transport is not None and not self.closed.called:
+            IPushProducer(self.transport).resumeProducing()
+
+    def _cancel_resume(self) -> None:
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
+
     def close(self) -> None:
         """Drop the connection (``closed`` fires when it is gone)."""
+        self._cancel_resume()
         if self.transport is not None and not self.closed.called:
             IPushProducer(self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Tell the watch; fire ``closed``."""
+        self._cancel_resume()
         try:
             self.watch.lost(self.generation, reason)
         finally:
@@ -210,7 +242,7 @@ class _Watch:
                 reason = f"GET /global/event answered {response.code} {content_type.decode('latin-1')[:40]}"
             self.broken(generation, reason)
             return
-        stream = _Stream(self, generation, self.watcher.max_event_bytes)
+        stream = _Stream(self, generation, self.watcher.max_event_bytes, self.watcher.clock, self.watcher.read_batch)
         self.stream = stream
         self.watcher.streams_open += 1
         stream.closed.addBoth(self._stream_closed)
@@ -238,8 +270,9 @@ class _Watch:
         if _DELTA in data:
             match = _SESSION_ID.search(data)
             if match is not None:
-                self._apply({"type": "message.part.delta", "properties": {"sessionID": match.group(1).decode()}},
-                            None)
+                # Only the session's activity time moves: nothing to replay after a snapshot.
+                if self.state.touch(match.group(1).decode(), self.watcher.clock.seconds()) and self.live:
+                    self.watcher.changed(self.slug, Change.ACTIVITY)
                 return
         try:
             event = json.loads(data)
@@ -345,7 +378,7 @@ class _Watch:
             return
         self._replay = []
         try:
-            snapshot = yield self.reader.snapshot(self.state, self.watcher.max_sessions)
+            snapshot = yield self.watcher.snapshots.run(self._look, generation, "snapshot")
         except Exception as error:
             if generation == self.generation and not self.stopped:
                 reason = str(error) if isinstance(error, SnapshotError) else f"its snapshot failed ({error})"
@@ -362,12 +395,20 @@ class _Watch:
         self.watcher.changed(self.slug, Change.STATE)
         # The second look (titles, errors, todo lists) only adds to what is shown.
         try:
-            details = yield self.reader.details(self.state, snapshot)
+            details = yield self.watcher.snapshots.run(self._look, generation, "details", snapshot)
         except Exception:
             log.failure("agent watcher: the second look at {slug} failed", slug=self.slug)
             return
         if generation == self.generation and not self.stopped and self.state.enrich(details):
             self.watcher.changed(self.slug, Change.STATE)
+
+    def _look(self, generation: int, which: str, snapshot: Any = None) -> Deferred[Any]:
+        """Read the snapshot (or its details) now that it is our turn, unless the stream is gone meanwhile."""
+        if generation != self.generation or self.stopped:
+            return defer.fail(defer.CancelledError())
+        if which == "snapshot":
+            return self.reader.snapshot(self.state, self.watcher.max_sessions)
+        return self.reader.details(self.state, snapshot)
 
     def _proven(self) -> None:
         """A heartbeat on a reconciled stream: it works, so the next problem is news and is retried quickly."""
@@ -413,6 +454,7 @@ class AgentWatcher(Service):
         max_sessions: int = 20,
         request_timeout: float = REQUEST_TIMEOUT,
         stream_head_timeout: float = STREAM_HEAD_TIMEOUT,
+        read_batch: float = READ_BATCH,
     ) -> None:
         self.registry = registry
         self.clock = clock
@@ -425,6 +467,8 @@ class AgentWatcher(Service):
         self.max_sessions = max_sessions
         self.request_timeout = request_timeout
         self.stream_head_timeout = stream_head_timeout
+        self.read_batch = read_batch
+        self.snapshots = defer.DeferredSemaphore(CONCURRENT_SNAPSHOTS)
         self.watches: dict[str, _Watch] = {}
         self.streams_open = 0
         self._dirty: dict[str, Change] = {}
@@ -494,8 +538,8 @@ class AgentWatcher(Service):
     # -- change notices ---------------------------------------------------------------------
     def changed(self, slug: str, change: Change) -> None:
         """Note a change; ``on_change`` hears of it soon (at once for what people see, else within 5 s)."""
-        if self.on_change is None or change is Change.NONE:
-            return
+        if self.on_change is None or change is Change.NONE or self._dirty.get(slug, Change.NONE) >= change:
+            return  # nothing new, or already on its way
         self._dirty[slug] = max(self._dirty.get(slug, Change.NONE), change)
         delay = STATE_DELAY if change is Change.STATE else ACTIVITY_DELAY
         due = self.clock.seconds() + delay

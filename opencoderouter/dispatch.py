@@ -9,7 +9,8 @@ A task is the spec's convention: optional YAML front matter (``project`` require
     ---
     Fix the login timeout bug in the auth module.
 
-Flow, all through the router: ``GET /api/resolve`` → ``POST {url}session`` → open ``{url}event``
+Flow, all through the router: ``GET /api/resolve`` (its agent summary: a note when the project's
+other sessions are busy, waiting for a person or failed) → ``POST {url}session`` → open ``{url}event``
 (before prompting, so no event is missed) → ``POST {url}session/{id}/prompt_async`` → follow this
 session's events until ``session.idle`` (done) or ``session.error`` (failed). A dropped event stream
 is reopened with backoff and reconciled with ``/session/status`` and the session's messages.
@@ -412,6 +413,11 @@ class Dispatcher:
         self.base_url = body["url"] if body["url"].endswith("/") else body["url"] + "/"
         self.directory = body["project_path"]
         self._say(f"project {self.task.project!r} → {body.get('slug')} at {self.base_url} ({self.directory})")
+        # The router's agent watcher knows what the project's other sessions are doing.
+        agents = body.get("agents")
+        if isinstance(agents, dict) and agents.get("state") in ("needs_you", "working", "error"):
+            self._say(f"note: this project's other sessions: {str(agents.get('label'))[:80]} "
+                      "(opencoderouter-status shows them)")
 
     @inlineCallbacks
     def _known_projects(self, router: str) -> Any:
