@@ -122,7 +122,7 @@ class BackendReader:
         missing = [i for i in dict.fromkeys([*snapshot.statuses, *waiting])
                    if isinstance(i, str) and i not in listed_ids][:_MISSING_SESSIONS]
         busy = list(snapshot.statuses)[:_TODOS]
-        last = state.wanted_last_messages(snapshot, _LAST_MESSAGES)
+        last = state.wanted_last_messages(snapshot, _LAST_MESSAGES, self.clock.seconds())
         answers = yield _all([self.get_json(f"/session/{quote(i, safe='')}", dict) for i in missing]
                              + [self.get_json(f"/session/{quote(i, safe='')}/todo", list) for i in busy]
                              + [self.get_json(f"/session/{quote(i, safe='')}/message", list, limit="1")

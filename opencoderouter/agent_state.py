@@ -29,6 +29,8 @@ from .responses import rfc3339
 MAX_SESSIONS = 20
 #: Pending permission requests plus questions kept per session.
 MAX_PENDING = 10
+#: A session idle for longer than this (seconds) is not looked at for an error after a restart.
+RECENT = 86400.0
 #: Directories (other than the project's) whose snapshots are asked for after a reconnect.
 MAX_DIRECTORIES = 8
 _MAX_TITLE = 200
@@ -101,7 +103,7 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-@dataclass
+@dataclass(slots=True)
 class Permission:
     """A permission request waiting for a reply."""
 
@@ -140,7 +142,7 @@ class Permission:
                 "always": list(self.always), "asked_at": rfc3339(self.asked_at)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QuestionItem:
     """One question of a ``question`` tool call."""
 
@@ -150,7 +152,7 @@ class QuestionItem:
     multiple: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class Question:
     """A question (one or more items) waiting for an answer."""
 
@@ -190,7 +192,7 @@ class Question:
                                "multiple": i.multiple} for i in self.items]}
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """One session as the dashboard shows it."""
 
@@ -419,6 +421,11 @@ class AgentState:
             session.directory = directory
         return session
 
+    def _shared(self, session: Session) -> None:
+        """Sessions of the project's directory share its string (a thousand sessions, one copy)."""
+        if session.directory is not None and session.directory == self.project_path:
+            session.directory = self.project_path
+
     def _note_directory(self, directory: str | None) -> None:
         if directory is None or directory == self.project_path:
             return
@@ -434,6 +441,7 @@ class AgentState:
         if session is None:
             return Change.NONE
         changed = session.update_info(info)
+        self._shared(session)
         session.last_activity = max(session.last_activity, now)
         return Change.STATE if changed or is_new else Change.ACTIVITY
 
@@ -519,6 +527,7 @@ class AgentState:
                 continue
             session = self.sessions.setdefault(ident, Session(ident))
             session.update_info(info)
+            self._shared(session)
             self._note_directory(session.directory)
             old = previous.get(ident)
             if old is not None:
@@ -569,11 +578,13 @@ class AgentState:
                 changed = listed.set_todo(todos) or changed
         return changed
 
-    def wanted_last_messages(self, snapshot: Snapshot, limit: int) -> list[str]:
-        """Idle sessions whose last message should be read for an error: the ones failed before, then the newest."""
+    def wanted_last_messages(self, snapshot: Snapshot, limit: int, now: float | None = None) -> list[str]:
+        """Idle sessions whose last message should be read for an error: the ones failed before, then the
+        newest (with ``now``: only those active within the last day)."""
         busy = set(snapshot.statuses)
         failed = [s.id for s in self.sessions.values() if s.status is SessionStatus.ERROR and s.id not in busy]
-        recent = [_ident(_dict(info).get("id")) for info in snapshot.sessions]
+        recent = [_ident(_dict(info).get("id")) for info in snapshot.sessions
+                  if now is None or (_epoch(_dict(_dict(info).get("time")).get("updated")) or now) >= now - RECENT]
         wanted: list[str] = []
         for ident in failed + [r for r in recent if r]:
             if ident not in wanted and ident not in busy:

@@ -61,7 +61,7 @@ _SLOW_RETRY = doubling_backoff(1.0, 60.0)
 #: A busy stream is read at most this often (see :class:`_Stream`).
 READ_BATCH = 0.2
 #: Snapshots read at the same time (a router restart with 50 backends reads them a few at a time).
-CONCURRENT_SNAPSHOTS = 4
+CONCURRENT_SNAPSHOTS = 2
 #: Changes a person sees go out this soon; a bare "last activity" change at most this often.
 STATE_DELAY = 0.05
 ACTIVITY_DELAY = 5.0
@@ -77,7 +77,7 @@ _QUIET = frozenset({"server.heartbeat", "server.connected"})
 def agent_client(reactor: Any, connect_timeout: float = 5.0) -> tuple[HTTPClient, HTTPConnectionPool]:
     """The watcher's treq client (loopback, no name resolution, no cookies) and its connection pool."""
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 2
+    pool.maxPersistentPerHost = 1
     # Closed well before OpenCode would drop an idle connection.
     pool.cachedConnectionTimeout = 4
     pool.retryAutomatically = False
