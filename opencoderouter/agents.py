@@ -470,6 +470,8 @@ class AgentWatcher(Service):
         self.read_batch = read_batch
         self.snapshots = defer.DeferredSemaphore(CONCURRENT_SNAPSHOTS)
         self.watches: dict[str, _Watch] = {}
+        #: Streams of removed backends still closing (stopService waits for them too).
+        self._stopping: set[Deferred[Any]] = set()
         self.streams_open = 0
         self._dirty: dict[str, Change] = {}
         self._flush: IDelayedCall | None = None
@@ -506,7 +508,8 @@ class AgentWatcher(Service):
             self._flush.cancel()
         self._flush = None
         watches, self.watches = list(self.watches.values()), {}
-        done: Deferred[Any] = defer.DeferredList([watch.stop() for watch in watches], consumeErrors=True)
+        done: Deferred[Any] = defer.DeferredList([watch.stop() for watch in watches] + list(self._stopping),
+                                                 consumeErrors=True)
         if self.pool is not None:
             pool = self.pool
             done.addCallback(lambda _: pool.closeCachedConnections())
@@ -532,7 +535,9 @@ class AgentWatcher(Service):
         """Stop following ``backend``."""
         watch = self.watches.pop(backend.slug, None)
         if watch is not None:
-            watch.stop()
+            stopping = watch.stop()
+            self._stopping.add(stopping)
+            stopping.addBoth(lambda _: self._stopping.discard(stopping))
             self._dirty.pop(backend.slug, None)
 
     # -- change notices ---------------------------------------------------------------------
