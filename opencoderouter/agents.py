@@ -42,7 +42,7 @@ from .backoff import doubling_backoff
 from .forwarding import BackendCredentials
 from .loopback_http import loopback_agent, probe_client
 from .registry import Backend, Registry
-from .sse import SSEReader, StreamError
+from .sse import EventStreamBody
 
 log = Logger()
 
@@ -58,7 +58,7 @@ STREAM_HEAD_TIMEOUT = 1.5
 #: Reconnect delays: after a refused or cut connection, and after a broken stream.
 _QUICK_RETRY = doubling_backoff(0.25, 1.0)
 _SLOW_RETRY = doubling_backoff(1.0, 60.0)
-#: A busy stream is read at most this often (see :class:`_Stream`).
+#: A busy stream is read at most this often (see :class:`~.sse.EventStreamBody`).
 READ_BATCH = 0.2
 #: Snapshots read at the same time (a router restart with 50 backends reads them a few at a time).
 CONCURRENT_SNAPSHOTS = 2
@@ -90,75 +90,6 @@ def _describe(failure: Failure) -> str:
         return "no answer in time"
     text = str(value).strip() or type(value).__name__
     return text if len(text) <= 200 else text[:199] + "…"
-
-
-class _Stream(Protocol):
-    """The body of one ``/global/event`` response, handed to its watch frame by frame.
-
-    A busy stream (a turn's text deltas, one small write each) is read in batches: after a read
-    that came soon after the previous one, reading pauses for ``batch`` seconds and the kernel
-    gathers what arrives meanwhile, so dozens of deltas a second cost a few wake-ups, not dozens.
-    A quiet stream is read at once: a permission asked during a quiet spell is seen immediately.
-    """
-
-    def __init__(self, watch: _Watch, generation: int, max_event_bytes: int, clock: IReactorTime,
-                 batch: float) -> None:
-        self.watch = watch
-        self.generation = generation
-        self.reader = SSEReader(self._frame, max_event_bytes)
-        self.closed: Deferred[None] = Deferred()
-        self.broken = False
-        self.clock = clock
-        self.batch = batch
-        self._last_read = float("-inf")
-        self._resume: IDelayedCall | None = None
-
-    def _frame(self, data: bytes) -> None:
-        self.watch.frame(self.generation, data)
-
-    def dataReceived(self, data: bytes) -> None:
-        """Feed the reader; a stream that breaks the rules is dropped."""
-        if self.broken:
-            return
-        now = self.clock.seconds()
-        if now - self._last_read < self.batch and self._resume is None and self.transport is not None:
-            IPushProducer(self.transport).pauseProducing()
-            self._resume = self.clock.callLater(self.batch, self._read_again)
-        self._last_read = now
-        try:
-            self.reader.feed(data)
-        except StreamError as error:
-            self.broken = True
-            self.watch.broken(self.generation, f"its event stream sent {error}")
-        except Exception:
-            self.broken = True
-            log.failure("agent watcher: an event of backend {slug} could not be handled", slug=self.watch.slug)
-            self.watch.broken(self.generation, "its event stream sent an event the router could not handle")
-
-    def _read_again(self) -> None:
-        self._resume = None
-        if self.transport is not None and not self.closed.called:
-            IPushProducer(self.transport).resumeProducing()
-
-    def _cancel_resume(self) -> None:
-        if self._resume is not None and self._resume.active():
-            self._resume.cancel()
-        self._resume = None
-
-    def close(self) -> None:
-        """Drop the connection (``closed`` fires when it is gone)."""
-        self._cancel_resume()
-        if self.transport is not None and not self.closed.called:
-            IPushProducer(self.transport).stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Tell the watch; fire ``closed``."""
-        self._cancel_resume()
-        try:
-            self.watch.lost(self.generation, reason)
-        finally:
-            if not self.closed.called:
-                self.closed.callback(None)
 
 
 class _Discard(Protocol):
@@ -195,7 +126,7 @@ class _Watch:
         self.slug = backend.slug
         self.state = AgentState(backend.project_path, max_sessions=watcher.max_sessions)
         self.generation = 0
-        self.stream: _Stream | None = None
+        self.stream: EventStreamBody | None = None
         self.live = False
         self.attempt = 0
         self.stopped = False
@@ -242,7 +173,11 @@ class _Watch:
                 reason = f"GET /global/event answered {response.code} {content_type.decode('latin-1')[:40]}"
             self.broken(generation, reason)
             return
-        stream = _Stream(self, generation, self.watcher.max_event_bytes, self.watcher.clock, self.watcher.read_batch)
+        stream = EventStreamBody(
+            lambda data: self.frame(generation, data),
+            lambda reason: self.broken(generation, f"its event stream sent {reason}"),
+            lambda reason: self.lost(generation, reason),
+            self.watcher.max_event_bytes, self.watcher.clock, self.watcher.read_batch)
         self.stream = stream
         self.watcher.streams_open += 1
         stream.closed.addBoth(self._stream_closed)

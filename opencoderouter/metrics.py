@@ -17,7 +17,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from . import __version__
-from .agent_state import BackendState, SessionStatus
+from .agent_sessions import SessionStatus
+from .agent_state import BackendState
 from .launcher import LauncherState
 from .registry import Registry
 

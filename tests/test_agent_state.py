@@ -9,15 +9,8 @@ from typing import Any
 
 import pytest
 
-from opencoderouter.agent_state import (
-    MAX_PENDING,
-    AgentState,
-    BackendState,
-    Change,
-    SessionStatus,
-    Snapshot,
-    web_path,
-)
+from opencoderouter.agent_sessions import MAX_PENDING, SessionStatus, web_path
+from opencoderouter.agent_state import AgentState, BackendState, Change, Snapshot
 from opencoderouter.sse import SSEReader, StreamError
 
 #: Every ``/global/event`` frame of a recorded session with the real OpenCode 1.18.33 (a fake model;

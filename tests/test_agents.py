@@ -10,7 +10,8 @@ from twisted.logger import globalLogPublisher
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
-from opencoderouter.agent_state import BackendState, SessionStatus
+from opencoderouter.agent_sessions import SessionStatus
+from opencoderouter.agent_state import BackendState
 from opencoderouter.forwarding import BackendCredentials, basic_header
 from opencoderouter.testing import FakeOpenCode, opencode_json
 
