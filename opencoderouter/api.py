@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
@@ -14,6 +13,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .agents import AgentWatcher, agents_entry, summary_json
 from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
@@ -21,17 +21,12 @@ from .hosts import is_authority
 from .launcher import Launcher
 from .links import tunnel_url, web_url
 from .registry import Backend, Registry
-from .responses import error_body, json_response
+from .responses import error_body, json_response, rfc3339
 
 if TYPE_CHECKING:
     from .tasks.service import TaskService
 
 _TASKS_OFF = "autodispatch is off: start the router with --tasks-dir DIR or --ticktick-token-file FILE"
-
-
-def rfc3339(timestamp: float) -> str:
-    """A UTC timestamp such as ``2026-02-28T18:10:00Z``."""
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def request_authority(request: IRequest) -> str:
@@ -88,6 +83,7 @@ class RouterAPI:
         events: Any = None,
         lan: Any = None,
         tasks: TaskService | None = None,
+        agents: AgentWatcher | None = None,
     ) -> None:
         self.registry = registry
         self._extra_health = extra_health or dict
@@ -100,6 +96,8 @@ class RouterAPI:
         self.lan = lan
         #: The autodispatch service (``/api/tasks``), when a task source is configured.
         self.tasks = tasks
+        #: The agent watcher: with it, backend objects carry their ``agents`` summary.
+        self.agents = agents
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -121,7 +119,35 @@ class RouterAPI:
     def backends(self, request: IRequest) -> bytes:
         """Every backend, sorted by slug."""
         authority = request_authority(request)
-        return json_response(request, [backend_json(b, authority, self.mdns) for b in self.registry.backends()])
+        return json_response(request, [self._backend_json(b, authority) for b in self.registry.backends()])
+
+    def _backend_json(self, backend: Backend, authority: str) -> dict[str, Any]:
+        body = backend_json(backend, authority, self.mdns)
+        if self.agents is not None:
+            body["agents"] = summary_json(self.agents.state_of(backend.slug))
+        return body
+
+    @app.route("/agents", methods=["GET"])
+    def agents_list(self, request: IRequest) -> bytes:
+        """Every backend with its agent summary and sessions (most urgent first)."""
+        authority = request_authority(request)
+        return json_response(request, [self._agents_json(b, authority) for b in self.registry.backends()])
+
+    @app.route("/agents/<string:slug>", methods=["GET"])
+    def agents_of(self, request: IRequest, slug: str) -> bytes:
+        """One backend's agent summary and sessions."""
+        backend = self.registry.by_slug(slug)
+        if backend is None:
+            known = [b.slug for b in self.registry.backends()]
+            return json_response(request, error_body("not_found", slug=slug, known=known), 404)
+        return json_response(request, self._agents_json(backend, request_authority(request)))
+
+    def _agents_json(self, backend: Backend, authority: str) -> dict[str, Any]:
+        if self.agents is None:
+            body = agents_entry(backend, None, authority)
+            body["agents"]["reason"] = "the router does not follow agents (it was started with --agents=false)"
+            return body
+        return agents_entry(backend, self.agents.state_of(backend.slug), authority)
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -173,7 +199,7 @@ class RouterAPI:
         if backend is None:
             return json_response(request, {"error": "not_found", "query": query}, 404)
         authority = request_authority(request)
-        body = backend_json(backend, authority, self.mdns)
+        body = self._backend_json(backend, authority)
         # ``url`` stays path mode (automation); a person opens the host-mode name (the web UI needs it).
         body["web_url"] = web_url(backend, authority, self.mdns) or tunnel_url(backend, authority)
         return json_response(request, body)

@@ -194,6 +194,8 @@ class Options(usage.Options):
          _flag_coercer("dnssd-interval", _positive_duration)],
         ["dnssd-update-key", None, None, "TSIG key file (tsig-keygen's format): register our projects in "
          "--dnssd-domain with DNS UPDATE."],
+        ["agents", None, True, "Follow every backend's sessions for the dashboard and /api/agents (true/false).",
+         _flag_coercer("agents", parse_bool)],
         # -- security (see guard.py, auth.py, hosts.py, owners.py, channel.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
         ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],

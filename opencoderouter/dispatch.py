@@ -9,7 +9,8 @@ A task is the spec's convention: optional YAML front matter (``project`` require
     ---
     Fix the login timeout bug in the auth module.
 
-Flow, all through the router: ``GET /api/resolve`` → ``POST {url}session`` → open ``{url}event``
+Flow, all through the router: ``GET /api/resolve`` (its agent summary: a note when the project's
+other sessions are busy, waiting for a person or failed) → ``POST {url}session`` → open ``{url}event``
 (before prompting, so no event is missed) → ``POST {url}session/{id}/prompt_async`` → follow this
 session's events until ``session.idle`` (done) or ``session.error`` (failed). A dropped event stream
 is reopened with backoff and reconciled with ``/session/status`` and the session's messages.
@@ -215,6 +216,8 @@ class Target:
     slug: str | None = None
     #: ``Authorization`` value for ``base_url``'s origin only (a locked backend's password, in-process).
     authorization: str | None = None
+    #: Worth saying before the task starts (e.g. what the project's other sessions are doing).
+    note: str | None = None
 
 
 #: Finds the Target of a task, or raises DispatchError (``not_found`` when the project is not running).
@@ -507,6 +510,8 @@ class Dispatcher:
         self.base_url = target.base_url if target.base_url.endswith("/") else target.base_url + "/"
         self.directory = target.directory
         self._say(f"project {self.task.project!r} → {target.slug} at {self.base_url} ({self.directory})")
+        if target.note:
+            self._say(f"note: {target.note}")
 
     @inlineCallbacks
     def _resolve_through_router(self) -> Any:
@@ -531,7 +536,12 @@ class Dispatcher:
         if code != 200 or not isinstance(body, dict) or not body.get("url") or not body.get("project_path"):
             raise DispatchError(EXIT_UNREACHABLE, f"the router at {router} answered {code} to {url}: {str(body)[:200]}",
                                 "unreachable")
-        return Target(base_url=body["url"], directory=body["project_path"], slug=body.get("slug"))
+        # The router's agent watcher knows what the project's other sessions are doing.
+        agents = body.get("agents")
+        note = None
+        if isinstance(agents, dict) and agents.get("state") in ("needs_you", "working", "error"):
+            note = f"this project's other sessions: {str(agents.get('label'))[:80]} (opencoderouter-status shows them)"
+        return Target(base_url=body["url"], directory=body["project_path"], slug=body.get("slug"), note=note)
 
     @inlineCallbacks
     def _known_projects(self, router: str) -> Any:

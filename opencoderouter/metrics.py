@@ -17,6 +17,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from . import __version__
+from .agent_sessions import SessionStatus
+from .agent_state import BackendState
 from .child import LauncherState
 from .registry import Registry
 
@@ -30,6 +32,10 @@ PROBE_OUTCOMES = ("opencode", "not_opencode", "timeout", "refused", "error")
 SCAN_KINDS = ("full", "quick")
 #: Launcher instance states (the launcher's own list).
 INSTANCE_STATES = tuple(state.value for state in LauncherState)
+#: Agent session statuses, backend agent states and kinds of pending request (the agent watcher's).
+SESSION_STATUSES = tuple(status.value for status in SessionStatus)
+AGENT_STATES = tuple(state.value for state in BackendState)
+PENDING_KINDS = ("permission", "question")
 
 # Proxied requests range from a health check (ms) to an SSE stream held for hours.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
@@ -83,6 +89,29 @@ class _BackendCollector:
             for label, count in sorted(restarts.items()):
                 counter.add_metric([label], count)
             yield counter
+
+
+class _AgentCollector:
+    """Reads the agent watcher's counts at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the agent gauges (every label value, zeros included)."""
+        counts = self._counts()
+        for name, help_text, label, values, prefix in (
+            ("opencoderouter_agent_sessions", "Followed sessions by status.", "status", SESSION_STATUSES, "sessions"),
+            ("opencoderouter_agent_pending", "Permission requests and questions waiting for a person.", "kind",
+             PENDING_KINDS, "pending"),
+            ("opencoderouter_agent_backends", "Followed backends by agent state.", "state", AGENT_STATES, "backends"),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=[label])
+            for value in values:
+                family.add_metric([value], counts.get(f"{prefix}:{value}", 0))
+            yield family
+        yield GaugeMetricFamily("opencoderouter_agent_streams", "Open /global/event streams to backends.",
+                                value=counts.get("streams", 0))
 
 
 class RouterMetrics:
@@ -213,6 +242,11 @@ class RouterMetrics:
         """Report launcher instances by state, and their restarts, from ``instances()`` at every scrape."""
         self._backends.instances = instances
         self._backends.slug_label = self.slug_label
+
+    # -- agent watcher hooks -----------------------------------------------
+    def watch_agents(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Report the agent watcher's sessions, pending requests, backends and streams from ``counts()``."""
+        self.collector_registry.register(_AgentCollector(counts))
 
     # -- exposition --------------------------------------------------------
     def render(self) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -39,6 +40,11 @@ def json_response(request: IRequest, body: Any, code: int = 200) -> bytes:
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
     return json_bytes(body)
+
+
+def rfc3339(timestamp: float) -> str:
+    """A UTC timestamp such as ``2026-02-28T18:10:00Z`` (how JSON answers write times)."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def error_body(error: str, message: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from . import __version__
+from .agents import AgentWatcher, agent_client
 from .api import RouterAPI
 from .auth import Authentication, Authenticator, LoginForm
 from .channel import Limits, RouterSite
@@ -114,6 +115,21 @@ def makeService(options: Options) -> MultiService:
             refresh_interval=options["scan-interval"],
         )
     lan_view, lan_services = _lan_directory(options, registry, reactor, lambda: web)
+    agents: AgentWatcher | None = None
+    if options["agents"]:
+        agent_http, agent_pool = agent_client(reactor)
+        watcher = agents = AgentWatcher(
+            registry,
+            reactor,
+            agent_http,
+            backend_credentials,
+            # Called only after start-up, so after ``events`` below exists.
+            on_change=lambda slugs: events.publish("agents", watcher.dashboard_json(slugs)),
+            pool=agent_pool,
+        )
+        agents.setName("agents")
+        agents.setServiceParent(top)
+        metrics.watch_agents(agents.counts)
     events = EventStream(
         registry,
         reactor,
@@ -122,7 +138,7 @@ def makeService(options: Options) -> MultiService:
         on_open=metrics.dashboard_stream_opened,
         on_close=metrics.dashboard_stream_closed,
         mdns=options["mdns"],
-        snapshot_extras=lambda: {"lan": lan_view.to_json()},
+        snapshot_extras=lambda: {"lan": lan_view.to_json(), **(agents.dashboard_json() if agents is not None else {})},
     )
     lan_view.subscribe(lambda change: events.publish("lan", change))
     tasks = _task_service(options, registry, backend_credentials, events)
@@ -134,6 +150,7 @@ def makeService(options: Options) -> MultiService:
         events=events,
         lan=lan_view,
         tasks=tasks,
+        agents=agents,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
     forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials,
@@ -247,6 +264,7 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         "lan_links": options["mdns"] and parse_endpoint(options["listen"]).beyond_loopback,
         # The "On the network" section shows when something feeds the LAN directory.
         "lan": bool(options["lan-browse"] or options["dnssd-domain"]),
+        "agents": options["agents"],
         # The page polls GET /api/instances for managed instances when this is true.
         "launcher": True,
         # The Tasks section reads GET /api/tasks when this is true.

@@ -15,17 +15,25 @@ What it answers (OpenCode's JSON shapes; errors are ``{"name": ..., "data": {"me
 - ``POST /pty``: a new terminal id; ``GET /pty/{id}/connect``: its WebSocket, which echoes every text
   and binary message, answers pings, closes with code 1000 and reason "bye" when sent ``__close__``,
   and answers the client's close handshake. An unknown id is 404, a GET without an upgrade 400.
-- ``POST /session`` (a new session, title from the body), ``GET /session/status`` (the busy ones),
+- ``POST /session`` (a new session, title from the body), ``GET /session`` (sessions, newest first; ``?directory=``
+  and ``?limit=`` filter), ``GET /session/status`` (the busy ones),
   ``POST /session/{id}/prompt_async`` (204, then a turn: ``session.status`` busy,
   ``message.part.delta`` with ``reply_text``, ``session.status`` idle, ``session.idle``),
   ``POST /session/{id}/abort``; every ``POST /session/{id}/...`` of an unknown session is 404.
+- ``GET /permission`` and ``GET /question``: the pending requests (``?directory=`` filters by their session's
+  directory); ``POST /permission/{id}/reply`` (``{"reply": "once"|"always"|"reject"}``), ``POST
+  /question/{id}/reply`` and ``/reject`` answer one (``permission.replied`` / ``question.replied`` /
+  ``question.rejected``, then the turn ends: a reject without a message or a rejected question ends it at
+  once, otherwise the text delta comes first), an unknown id is 404. ``ask_permission(session_id, ...)`` and
+  ``ask_question(session_id, questions)`` make the session busy and emit the request, as a tool would.
 - Every other path, with any method: 200 ``text/html``, the web UI's page.
 - With ``password``, every request but ``OPTIONS`` needs Basic auth as ``username`` (or
   ``?auth_token=`` holding the base64 credentials), else 401 with a ``WWW-Authenticate`` challenge.
 
 State tests may read (and change): ``sessions`` (id -> session JSON), ``busy`` (ids of busy
-sessions), ``streams`` (the open event streams as ``(request, wrapped)``), ``requests_seen``
-(``(method, raw URI, raw headers)`` of every request, in order), ``ptys`` (terminal id -> its open
+sessions), ``permissions`` and ``questions`` (id -> pending request), ``streams`` (the open event
+streams as ``(request, wrapped)``), ``requests_seen`` (``(method, raw URI, raw headers)`` of every
+request, in order), ``ptys`` (terminal id -> its open
 WebSocket connections), ``heartbeat``, ``reply_text``. ``emit(type, properties)`` sends an event to
 every open stream; ``close_streams()`` ends them all and stops the heartbeat.
 
@@ -160,6 +168,8 @@ class FakeOpenCode(Resource):
         self._credentials = base64.b64encode(f"{username}:{password}".encode()).decode() if password else None
         self.sessions: dict[str, dict[str, Any]] = {}
         self.busy: set[str] = set()
+        self.permissions: dict[str, dict[str, Any]] = {}
+        self.questions: dict[str, dict[str, Any]] = {}
         self.streams: list[tuple[IRequest, bool]] = []
         self.requests_seen: list[tuple[bytes, bytes, dict[bytes, list[bytes]]]] = []
         self.ptys: dict[str, list[PtyEcho]] = {}
@@ -175,7 +185,12 @@ class FakeOpenCode(Resource):
             Route("POST", "/pty", self._new_pty),
             Route("GET", "/pty/{pty_id}/connect", self._pty_connect),
             Route("POST", "/session", self._new_session),
+            Route("GET", "/session", self._list_sessions),
             Route("GET", "/session/status", self._status),
+            Route("GET", "/permission", lambda request: self._pending(request, self.permissions)),
+            Route("GET", "/question", lambda request: self._pending(request, self.questions)),
+            Route("POST", "/permission/{request_id}/reply", self._permission_reply),
+            Route("POST", "/question/{request_id}/{answer}", self._question_answer),
             Route("POST", "/session/{session_id}/prompt_async", self.prompt_async),
             Route("POST", "/session/{session_id}/abort", self.abort),
             Route("POST", "/session/{session_id}/{action}", self._other_session_action),
@@ -318,6 +333,16 @@ class FakeOpenCode(Resource):
         self.sessions[session_id] = session
         return opencode_json(request, session)
 
+    def _list_sessions(self, request: IRequest) -> bytes:
+        directory = request.args.get(b"directory")
+        listed = sorted(self.sessions.values(), key=lambda s: s["time"]["updated"], reverse=True)
+        if directory:
+            listed = [s for s in listed if s["directory"] == directory[0].decode("utf-8", "replace")]
+        limit = (request.args.get(b"limit") or [b""])[0]
+        if limit.isdigit():
+            listed = listed[: int(limit)]
+        return opencode_json(request, listed)
+
     def _status(self, request: IRequest) -> bytes:
         return opencode_json(request, {session_id: {"type": "busy"} for session_id in self.busy})
 
@@ -346,6 +371,83 @@ class FakeOpenCode(Resource):
             "sessionID": session_id, "messageID": "msg_fake", "partID": "prt_fake", "field": "text",
             "delta": self.reply_text,
         })
+        self.busy.discard(session_id)
+        self.emit("session.status", {"sessionID": session_id, "status": {"type": "idle"}})
+        self.emit("session.idle", {"sessionID": session_id})
+
+    # -- permissions and questions -----------------------------------------------
+    def ask_permission(self, session_id: str, permission: str = "bash", command: str = "rm -rf build") -> str:
+        """A tool of ``session_id`` asks for permission (the session is busy until it is answered); its id."""
+        request_id = f"per_fake{next(self._ids):08d}"
+        request = {"id": request_id, "sessionID": session_id, "permission": permission, "patterns": [command],
+                   "metadata": {"command": command}, "always": [command.split(" ")[0] + " *"],
+                   "tool": {"messageID": "msg_fake", "callID": "call_fake"}}
+        self.permissions[request_id] = request
+        self.busy.add(session_id)
+        self.emit("session.status", {"sessionID": session_id, "status": {"type": "busy"}})
+        self.emit("permission.asked", request)
+        return request_id
+
+    def ask_question(self, session_id: str, questions: list[dict[str, Any]]) -> str:
+        """The question tool of ``session_id`` asks ``questions`` (the session is busy until answered); its id."""
+        request_id = f"que_fake{next(self._ids):08d}"
+        request = {"id": request_id, "sessionID": session_id, "questions": questions,
+                   "tool": {"messageID": "msg_fake", "callID": "call_fake_question"}}
+        self.questions[request_id] = request
+        self.busy.add(session_id)
+        self.emit("session.status", {"sessionID": session_id, "status": {"type": "busy"}})
+        self.emit("question.asked", request)
+        return request_id
+
+    def _pending(self, request: IRequest, pending: dict[str, dict[str, Any]]) -> bytes:
+        directory = request.args.get(b"directory")
+        listed = list(pending.values())
+        if directory:
+            wanted = directory[0].decode("utf-8", "replace")
+            listed = [r for r in listed if self.sessions.get(r["sessionID"], {}).get("directory", self.directory)
+                      == wanted]
+        return opencode_json(request, listed)
+
+    def _permission_reply(self, request: IRequest, request_id: str) -> bytes:
+        if request_id not in self.permissions:
+            return opencode_json(request, {"_tag": "PermissionNotFoundError", "requestID": request_id,
+                                           "message": f"Permission request not found: {request_id}"}, 404)
+        try:
+            body = json.loads(request.content.read() or b"{}")
+        except ValueError:
+            body = None
+        reply = body.get("reply") if isinstance(body, dict) else None
+        if reply not in ("once", "always", "reject"):
+            return opencode_error(request, "BadRequest", f'Expected "once" | "always" | "reject", got {reply!r}', 400)
+        pending = self.permissions.pop(request_id)
+        self.emit("permission.replied", {"sessionID": pending["sessionID"], "requestID": request_id, "reply": reply})
+        ends_now = reply == "reject" and not (isinstance(body, dict) and body.get("message"))
+        self.clock.callLater(0, self._end_turn, pending["sessionID"], not ends_now)
+        return opencode_json(request, True)
+
+    def _question_answer(self, request: IRequest, request_id: str, answer: str) -> bytes:
+        if answer not in ("reply", "reject"):
+            return self._web_ui(request)
+        pending = self.questions.pop(request_id, None)
+        if pending is None:
+            return opencode_error(request, "NotFoundError", f"Question request not found: {request_id}", 404)
+        if answer == "reply":
+            try:
+                body = json.loads(request.content.read() or b"{}")
+            except ValueError:
+                body = {}
+            answers = body.get("answers") if isinstance(body, dict) else None
+            self.emit("question.replied", {"sessionID": pending["sessionID"], "requestID": request_id,
+                                           "answers": answers})
+        else:
+            self.emit("question.rejected", {"sessionID": pending["sessionID"], "requestID": request_id})
+        self.clock.callLater(0, self._end_turn, pending["sessionID"], answer == "reply")
+        return opencode_json(request, True)
+
+    def _end_turn(self, session_id: str, answer_first: bool) -> None:
+        if answer_first:
+            self.emit("message.part.delta", {"sessionID": session_id, "messageID": "msg_fake", "partID": "prt_fake",
+                                             "field": "text", "delta": self.reply_text})
         self.busy.discard(session_id)
         self.emit("session.status", {"sessionID": session_id, "status": {"type": "idle"}})
         self.emit("session.idle", {"sessionID": session_id})

@@ -48,6 +48,11 @@ _SLOW_FOR = re.compile(r"\[fake-model:slow=(\d+(?:\.\d+)?)\]")
 #: The model calls the bash tool with BASH_COMMAND first (a permission request when bash is "ask").
 MODE_BASH = "[fake-model:bash]"
 BASH_COMMAND = "echo permitted > proof.txt"
+#: The model calls the question tool with QUESTION first (a ``question.asked``), then answers with text.
+MODE_QUESTION = "[fake-model:question]"
+QUESTION = {"question": "Which colour do you prefer?", "header": "Colour",
+            "options": [{"label": "Red", "description": "A warm colour"},
+                        {"label": "Blue", "description": "A cool colour"}]}
 #: What the fake model answers in the normal mode.
 REPLY_TEXT = "Hello from the fake model."
 
@@ -201,7 +206,9 @@ class FakeModelServer:
     Modes (per request, from a marker in the last user message, else ``default_mode``):
     ``text`` streams :data:`REPLY_TEXT`; ``error400`` answers 400; ``slow`` streams a word every
     ``slow_interval`` seconds for ``slow_duration`` seconds; ``bash`` calls the bash tool with
-    :data:`BASH_COMMAND`, then answers with text. Title requests are always answered fast.
+    :data:`BASH_COMMAND`, then answers with text; ``question`` calls the question tool with
+    :data:`QUESTION`, then answers with text (slowly when the prompt also has a slow marker).
+    Title requests are always answered fast.
     """
 
     def __init__(self, default_mode: str = "text", slow_duration: float = 130.0, slow_interval: float = 5.0,
@@ -257,12 +264,15 @@ class FakeModelServer:
         last_user = _content_text(users[-1]) if users else ""
         if MODE_ERROR in last_user:
             return "error400"
-        if MODE_SLOW in last_user or _SLOW_FOR.search(last_user):
-            return "slow"
-        if MODE_BASH in last_user:
-            # After the tool ran, its result is the last message: then answer with text.
-            return "text" if messages and messages[-1].get("role") == "tool" else "bash"
-        return self.default_mode
+        slow = MODE_SLOW in last_user or _SLOW_FOR.search(last_user) is not None
+        for marker, tool_mode in ((MODE_BASH, "bash"), (MODE_QUESTION, "question")):
+            if marker in last_user:
+                # After the tool ran, its result is the last message: then answer with text (slowly with
+                # a slow marker too).
+                if messages and messages[-1].get("role") == "tool":
+                    return "slow" if slow else "text"
+                return tool_mode
+        return "slow" if slow else self.default_mode
 
 
 def _content_text(message: dict[str, Any]) -> str:
@@ -309,10 +319,13 @@ class _ModelHandler(BaseHTTPRequestHandler):
         try:
             if mode == "title":
                 self._chunk("Fake task title")
-            elif mode == "bash":
-                arguments = json.dumps({"command": BASH_COMMAND, "description": "Write proof.txt"})
-                self._chunk(None, tool_call={"index": 0, "id": "call_fake_1", "type": "function",
-                                             "function": {"name": "bash", "arguments": arguments}})
+            elif mode in ("bash", "question"):
+                if mode == "bash":
+                    call_id, arguments = "call_fake_1", {"command": BASH_COMMAND, "description": "Write proof.txt"}
+                else:
+                    call_id, arguments = "call_fake_question", {"questions": [QUESTION]}
+                self._chunk(None, tool_call={"index": 0, "id": call_id, "type": "function",
+                                             "function": {"name": mode, "arguments": json.dumps(arguments)}})
                 self._chunk(None, finish="tool_calls")
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -67,11 +67,21 @@ def row(driver: Any, slug: str) -> Any:
 
 
 def status_of(driver: Any, slug: str) -> str | None:
-    """The status pill's text in ``slug``'s row, or None without a row (read atomically in the page)."""
+    """The liveness pill's text in ``slug``'s row, or None without a row (read atomically in the page)."""
     return driver.execute_script(
         "const r = [...document.querySelectorAll('#rows tr[data-slug]')]"
         ".find((r) => r.getAttribute('data-slug') === arguments[0]);"
-        "return r ? r.querySelector('.pill').textContent : null;",
+        "return r ? r.querySelector('.pill.liveness').textContent : null;",
+        slug,
+    )
+
+
+def badge_of(driver: Any, slug: str) -> str | None:
+    """The agent state badge's text in ``slug``'s row, or None without a row."""
+    return driver.execute_script(
+        "const r = [...document.querySelectorAll('#rows tr[data-slug]')]"
+        ".find((r) => r.getAttribute('data-slug') === arguments[0]);"
+        "return r ? r.querySelector('.badge').textContent : null;",
         slug,
     )
 
@@ -107,6 +117,8 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
     appeared_after = time.monotonic() - started
     assert browser.execute_script("return window.__not_reloaded") is True
     hostile_slug = http_json(router.url + "/api/backends")[1]["slug"]
+    # Its agents are followed too (the row is rebuilt once, when their state arrives).
+    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: badge_of(d, hostile_slug) == "idle")
     hostile_row = row(browser, hostile_slug)
 
     # Its hostile folder name is shown as text, never parsed as markup.
@@ -156,6 +168,8 @@ def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_fa
     browser.get(router.url + "/")
     WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: status_of(d, "alpha") == "up")
     assert severe_console_entries(browser) == []
+    # The links fold behind the row: open it, then click.
+    row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.open-links summary").click()
     link = row(browser, "alpha").find_element(By.CSS_SELECTOR, f"a.link-{kind}")
     target = link.get_attribute("href")
     if kind == "path":

@@ -205,6 +205,20 @@ async def test_project_given_as_a_path_resolves_by_path(harness):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_note_says_when_the_projects_other_sessions_wait_for_a_person(harness):
+    h = harness("reply")
+    plain = h.stub._backend
+    h.stub._backend = lambda: {**plain(), "agents": {"state": "needs_you", "label": "needs you (1)"}}
+    result = await h.dispatch()
+    assert result.exit_code == EXIT_DONE
+    assert "note: this project's other sessions: needs you (1) (opencoderouter-status shows them)" in h.err.getvalue()
+    h.stub._backend = lambda: {**plain(), "agents": {"state": "idle", "label": "idle"}}
+    h.err.truncate(0)
+    await h.dispatch()
+    assert "note:" not in h.err.getvalue()
+
+
+@pytest_twisted.ensureDeferred
 async def test_router_that_is_not_listening_exits_4():
     err = io.StringIO()
     router = f"http://127.0.0.1:{free_port()}"

@@ -121,7 +121,7 @@ def test_unknown_paths_answer_the_web_ui_for_any_method(tmp_path: Path, clock: C
 
 def test_a_known_path_with_another_method_answers_the_web_ui(tmp_path: Path, clock: Clock) -> None:
     client = Client(FakeOpenCode(str(tmp_path), clock=clock))
-    for method, path in [("POST", "/global/health"), ("GET", "/session"), ("DELETE", "/pty")]:
+    for method, path in [("POST", "/global/health"), ("PUT", "/session"), ("DELETE", "/pty")]:
         response = client.request(method, path)
         assert (response.code, client.body(response)) == (200, WEB_UI)
 

@@ -1,0 +1,54 @@
+"""Headless Chromium for the agent dashboard tests (Debian's chromium + chromium-driver, via Selenium)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def available() -> bool:
+    """True when Chromium, its driver and Selenium are all installed."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
+
+
+needs_chromium = pytest.mark.skipif(not available(), reason="needs selenium and Debian's chromium and chromium-driver "
+                                                            "(tests/setup/install-system-deps.sh)")
+
+
+@contextmanager
+def headless_chromium(profile: Path, width: int = 1280, height: int = 800) -> Iterator[Any]:
+    """A fresh headless Chromium that resolves no name but the loopback's; quit afterwards."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--window-size={width},{height}", f"--user-data-dir={profile}",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def severe_console_entries(driver: Any) -> list[dict[str, Any]]:
+    """The page's console errors."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]

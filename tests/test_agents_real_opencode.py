@@ -1,0 +1,405 @@
+"""Agent awareness against the real ``opencode serve`` 1.18.33, through a real router.
+
+One router and two real servers (``alpha``, ``beta``; each its own HOME) are shared by the module;
+the model is :class:`tests.real_opencode.FakeModelServer` (bash and question tool calls, a 400, slow
+streams). The restart tests come last: they restart the router and ``beta``. Everything talks to
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from .chromium import headless_chromium, needs_chromium, severe_console_entries
+from .real_opencode import (
+    BASH_COMMAND,
+    MODE_BASH,
+    MODE_ERROR,
+    MODE_QUESTION,
+    FakeModelServer,
+    OpenCodeInstance,
+    opencode_binary,
+)
+from .support import REPO, RouterProcess, free_port_block, subprocess_env, wait_for
+
+pytestmark = [
+    pytest.mark.real_opencode,
+    pytest.mark.slow,
+    pytest.mark.skipif(opencode_binary() is None, reason="real opencode not installed (run tests/setup/install-opencode.sh)"),
+]
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+class EventTap:
+    """Reads one backend's ``/global/event`` directly (not through the router), keeping every frame with its time."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.connection.request("GET", "/global/event")
+        self.response = self.connection.getresponse()
+        self.frames: list[tuple[float, dict[str, Any]]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                line = self.response.fp.readline()
+                if not line:
+                    return
+                if line.startswith(b"data: "):
+                    self.frames.append((time.monotonic(), json.loads(line[6:])))
+        except (OSError, ValueError):
+            return
+
+    def wait(self, kind: str, match: Callable[[dict[str, Any]], bool] = lambda p: True,
+             timeout: float = 30) -> tuple[float, dict[str, Any]]:
+        """The first frame of payload type ``kind`` whose properties ``match``: (when it came, the frame)."""
+        def found() -> tuple[float, dict[str, Any]] | None:
+            for at, frame in list(self.frames):
+                payload = frame.get("payload", {})
+                if payload.get("type") == kind and match(payload.get("properties", {})):
+                    return at, frame
+            return None
+        return wait_for(found, timeout=timeout, interval=0.01, what=f"{kind} on the backend's stream")
+
+    def close(self) -> None:
+        try:
+            self.connection.sock.shutdown(2)
+        except OSError:
+            pass
+        self.connection.close()
+
+
+class Agents:
+    """The module's router, backends and model."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.model = FakeModelServer(slow_duration=30.0, slow_interval=0.25).start()
+        self.first = free_port_block(4)
+        self.dirs = {"alpha": base / "alpha", "beta": base / "beta"}
+        for directory in self.dirs.values():
+            directory.mkdir(parents=True)
+        self.servers = {name: self.start_server(name) for name in self.dirs}
+        self.router: RouterProcess | None = None
+        self.start_router()
+
+    def start_server(self, name: str) -> OpenCodeInstance:
+        port = self.first + list(self.dirs).index(name)
+        return OpenCodeInstance(self.dirs[name], self.base / f"home-{name}", self.model.url, port=port)
+
+    def start_router(self, port: int | None = None) -> None:
+        self.router = RouterProcess("--scan-start", str(self.first), "--scan-end", str(self.first + 3),
+                                    "--scan-interval", "1s", "--probe-timeout", "3s", "--stale-after", "60s",
+                                    port=port)
+        wait_for(lambda: {a["slug"]: a["agents"]["state"] for a in self.agents()}.keys() >= set(self.dirs)
+                 and all(a["agents"]["state"] != "unknown" for a in self.agents()),
+                 timeout=30, interval=0.1, what="both backends followed")
+
+    # -- talking to the router -------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                timeout: float = 15) -> tuple[int, Any]:
+        assert self.router is not None
+        connection = http.client.HTTPConnection("127.0.0.1", self.router.port, timeout=timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            connection.request(method, path, body=data, headers={"Content-Type": "application/json",
+                                                                  **(headers or {})})
+            response = connection.getresponse()
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+        finally:
+            connection.close()
+
+    def agents(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/agents", timeout=5)[1]
+
+    def agent(self, slug: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/agents/{slug}", timeout=5)[1]
+
+    def session_of(self, slug: str, session_id: str) -> dict[str, Any] | None:
+        return next((s for s in self.agent(slug)["sessions"] if s["id"] == session_id), None)
+
+    def until(self, slug: str, session_id: str, wanted: Callable[[dict[str, Any], dict[str, Any]], bool],
+              timeout: float = 30, what: str = "the session's state") -> tuple[float, dict[str, Any]]:
+        """Poll /api/agents/{slug} until ``wanted(backend entry, session)``: (when, session)."""
+        def check() -> tuple[float, dict[str, Any]] | None:
+            entry = self.agent(slug)
+            session = next((s for s in entry["sessions"] if s["id"] == session_id), None)
+            return (time.monotonic(), session) if session is not None and wanted(entry, session) else None
+        return wait_for(check, timeout=timeout, interval=0.02, what=what)
+
+    def prompt(self, slug: str, text: str, title: str) -> str:
+        code, session = self.request("POST", f"/{slug}/session", {"title": title})
+        assert code == 200, session
+        code, answer = self.request("POST", f"/{slug}/session/{session['id']}/prompt_async",
+                                    {"parts": [{"type": "text", "text": text}]})
+        assert code in (200, 204), answer
+        return session["id"]
+
+    def browser_origin(self) -> dict[str, str]:
+        """What a browser on the dashboard sends with a state-changing fetch."""
+        assert self.router is not None
+        return {"Origin": self.router.url, "Host": f"127.0.0.1:{self.router.port}"}
+
+    def close(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+        for server in self.servers.values():
+            server.stop()
+        self.model.stop()
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
+    made = Agents(tmp_path_factory.mktemp("agents-real"))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+# -- the real server's shapes ----------------------------------------------------------------------
+def test_the_real_servers_stream_and_snapshots_have_the_shapes_the_watcher_reads(agents):
+    tap = EventTap(agents.servers["alpha"].port)
+    try:
+        _, connected = tap.wait("server.connected", timeout=5)
+        assert set(connected) == {"payload"}, "server-level events carry no directory"
+    finally:
+        tap.close()
+    port = agents.servers["alpha"].port
+    for path, kind in (("/session/status", dict), ("/permission", list), ("/question", list),
+                       (f"/session?directory={quote(str(agents.dirs['alpha']))}&roots=true&limit=20", list)):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("content-type", "").startswith("application/json")
+        assert isinstance(json.loads(response.read()), kind), path
+        connection.close()
+    entry = agents.agent("alpha")
+    assert entry["agents"]["state"] == "idle" and entry["project_path"] == str(agents.dirs["alpha"])
+
+
+# -- permission ------------------------------------------------------------------------------------
+def test_a_permission_needs_you_within_1_s_and_a_reply_through_the_router_resumes_the_turn(agents):
+    tap = EventTap(agents.servers["alpha"].port)
+    try:
+        session_id = agents.prompt("alpha", f"{MODE_BASH} [fake-model:slow=1.5] write the proof", "permission test")
+        asked_at, frame = tap.wait("permission.asked", lambda p: p.get("sessionID") == session_id)
+        asked = frame["payload"]["properties"]
+        # The real event's shape, as the notes and the state model have it.
+        assert asked["permission"] == "bash" and asked["patterns"] == [BASH_COMMAND]
+        assert asked["metadata"]["command"] == BASH_COMMAND and asked["id"].startswith("per")
+        assert frame["directory"] == str(agents.dirs["alpha"])
+        shown_at, session = agents.until(
+            "alpha", session_id, lambda e, s: e["agents"]["state"] == "needs_you" and s["permissions"],
+            what="needs you on /api/agents")
+        assert shown_at - asked_at <= 1.0, f"shown {shown_at - asked_at:.2f}s after permission.asked"
+        assert session["status"] == "working" and session["title"] == "permission test"
+        [permission] = session["permissions"]
+        assert permission["id"] == asked["id"] and permission["asking"] == f"bash: {BASH_COMMAND}"
+        assert agents.agent("alpha")["agents"]["label"] == "needs you (1)"
+
+        # Answered through the router as the dashboard does: path mode, the router's Origin, JSON.
+        directory = quote(session["directory"], safe="")
+        code, body = agents.request("POST", f"/alpha/permission/{permission['id']}/reply?directory={directory}",
+                                    {"reply": "once"}, headers=agents.browser_origin())
+        assert (code, body) == (200, True)
+        tap.wait("permission.replied", lambda p: p.get("requestID") == permission["id"])
+        agents.until("alpha", session_id, lambda e, s: s["status"] == "working" and not s["permissions"],
+                     timeout=5, what="working again after the reply")
+        agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", timeout=30, what="idle at the end")
+        assert (agents.dirs["alpha"] / "proof.txt").read_text() == "permitted\n"
+        assert agents.agent("alpha")["agents"]["state"] == "idle"
+    finally:
+        tap.close()
+
+
+def test_a_reply_from_another_sites_page_is_refused_by_the_router(agents):
+    code, body = agents.request("POST", "/alpha/permission/per_nope/reply", {"reply": "once"},
+                                headers={"Origin": "http://evil.example", "Host": f"127.0.0.1:{agents.router.port}"})
+    assert code == 403 and body["error"] == "forbidden_origin"
+
+
+# -- question --------------------------------------------------------------------------------------
+def test_a_question_needs_you_and_an_answer_through_the_router_ends_it(agents):
+    tap = EventTap(agents.servers["beta"].port)
+    try:
+        session_id = agents.prompt("beta", f"{MODE_QUESTION} ask me", "question test")
+        asked_at, frame = tap.wait("question.asked", lambda p: p.get("sessionID") == session_id)
+        shown_at, session = agents.until("beta", session_id, lambda e, s: bool(s["questions"]),
+                                         what="the question on /api/agents")
+        assert shown_at - asked_at <= 1.0
+        [question] = session["questions"]
+        assert question["id"] == frame["payload"]["properties"]["id"]
+        assert question["asking"] == "question: Which colour do you prefer?"
+        assert question["questions"] == [{"header": "Colour", "question": "Which colour do you prefer?",
+                                          "options": ["Red", "Blue"], "multiple": False}]
+        assert agents.agent("beta")["agents"]["state"] == "needs_you"
+        code, body = agents.request("POST", f"/beta/question/{question['id']}/reply", {"answers": [["Blue"]]},
+                                    headers=agents.browser_origin())
+        assert (code, body) == (200, True)
+        tap.wait("question.replied", lambda p: p.get("requestID") == question["id"])
+        agents.until("beta", session_id, lambda e, s: s["status"] == "idle" and not s["questions"],
+                     what="idle once answered")
+    finally:
+        tap.close()
+
+
+# -- a failing model -------------------------------------------------------------------------------------
+def test_a_failing_model_shows_error_with_its_message(agents):
+    session_id = agents.prompt("beta", f"{MODE_ERROR} please fail", "failing test")
+    _, session = agents.until("beta", session_id, lambda e, s: s["status"] == "error", what="error")
+    assert session["last_error"] == {"name": "APIError", "message": "fake model refuses this request"}
+    assert agents.agent("beta")["agents"]["state"] == "error"
+    # The idles that follow an error do not hide it.
+    time.sleep(1.0)
+    assert agents.session_of("beta", session_id)["status"] == "error"
+
+
+# -- the terminal view -----------------------------------------------------------------------------------
+def test_opencoderouter_status_shows_who_needs_you_with_the_command_and_the_link(agents):
+    session_id = agents.prompt("alpha", f"{MODE_BASH} for the terminal", "seen from ssh")
+    _, session = agents.until("alpha", session_id, lambda e, s: bool(s["permissions"]), what="the permission")
+    done = subprocess.run([sys.executable, "-m", "opencoderouter.status", "--router", agents.router.url],
+                          capture_output=True, text=True, timeout=30, env=subprocess_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("alpha") and "needs you (1)" in lines[1]
+    assert lines[2].startswith('  ! "seen from ssh"  needs you: bash: echo permitted > proof.txt')
+    assert lines[2].endswith(session["web_url"]) and ".localhost:" in session["web_url"]
+    permission = session["permissions"][0]["id"]
+    agents.request("POST", f"/alpha/permission/{permission}/reply", {"reply": "reject"}, headers=agents.browser_origin())
+    agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
+
+
+# -- the dashboard, in Chromium -------------------------------------------------------------------------
+@needs_chromium
+def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_session_in_the_web_ui(agents, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def state_of(driver: Any, slug: str) -> tuple[str, list[str]]:
+        return driver.execute_script(
+            "const rows = [...document.querySelectorAll('#rows tr[data-slug]')];"
+            "const r = rows.find((r) => r.getAttribute('data-slug') === arguments[0]);"
+            "return [r ? r.querySelector('.badge').textContent : null, rows.map((r) => r.getAttribute('data-slug'))];",
+            slug)
+
+    router = agents.router
+    with headless_chromium(tmp_path / "chromium", 1440, 900) as browser:
+        browser.get(router.url + "/")
+        wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+        wait.until(lambda d: state_of(d, "alpha")[0] not in (None, "unknown"))
+        browser.execute_script("window.__not_reloaded = true")
+        session_id = agents.prompt("alpha", f"{MODE_BASH} for the browser", "seen in the browser")
+        wait.until(lambda d: state_of(d, "alpha")[0] == "needs you (1)")
+        assert state_of(browser, "alpha")[1][0] == "alpha", "the row that needs you comes first"
+        assert browser.execute_script("return window.__not_reloaded") is True
+        assert browser.title == "(1) OpenCodeRouter"
+        row = browser.find_element("css selector", "#rows tr[data-slug='alpha']")
+        assert row.find_element("css selector", ".ask .asking").text == f"bash: {BASH_COMMAND}"
+        link = row.find_element("css selector", "a.session-link")
+        assert link.text == "seen in the browser"
+        encoded = base64.urlsafe_b64encode(str(agents.dirs["alpha"]).encode()).rstrip(b"=").decode()
+        label = agents.request("GET", "/api/backends")[1][0]["domain"].removesuffix(".local")
+        assert link.get_attribute("href") == f"http://{label}.localhost:{router.port}/{encoded}/session/{session_id}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-agents-real.png"))
+        assert severe_console_entries(browser) == []
+
+        # One click: the real OpenCode web UI, through the router's host mode, on that session.
+        dashboard = browser.current_window_handle
+        link.click()
+        wait.until(lambda d: len(d.window_handles) == 2)
+        browser.switch_to.window([h for h in browser.window_handles if h != dashboard][0])
+        WebDriverWait(browser, 60, poll_frequency=0.2).until(
+            lambda d: "seen in the browser" in d.find_element("tag name", "body").text)
+        assert browser.title == "OpenCode" and session_id in browser.current_url
+        browser.save_screenshot(str(ARTIFACTS / "web-ui-session-real.png"))
+        browser.close()
+        browser.switch_to.window(dashboard)
+
+        # Answered from the row: the badge moves on without a reload.
+        browser.find_element("css selector", "#rows tr[data-slug='alpha'] button.reply-reject").click()
+        wait.until(lambda d: state_of(d, "alpha")[0] not in ("needs you (1)",))
+        agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
+        wait.until(lambda d: state_of(d, "alpha")[0] in ("idle", "error"))
+        assert browser.title == "OpenCodeRouter"
+        assert [e for e in severe_console_entries(browser) if router.url in e["message"]] == []
+
+
+# -- restarts (these come last) ----------------------------------------------------------------------------
+def test_a_router_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_back(agents):
+    waiting = agents.prompt("alpha", f"{MODE_BASH} wait for me", "waits across a restart")
+    agents.until("alpha", waiting, lambda e, s: bool(s["permissions"]), what="the permission before the restart")
+    busy = agents.prompt("beta", "[fake-model:slow=12] keep going", "runs across a restart")
+    agents.until("beta", busy, lambda e, s: s["status"] == "working", what="working before the restart")
+    failed = agents.prompt("beta", f"{MODE_ERROR} fail before the restart", "fails before a restart")
+    agents.until("beta", failed, lambda e, s: s["status"] == "error", what="error before the restart")
+
+    port = agents.router.port
+    agents.router.stop()
+    agents.router = RouterProcess("--scan-start", str(agents.first), "--scan-end", str(agents.first + 3),
+                                  "--scan-interval", "1s", "--probe-timeout", "3s", "--stale-after", "60s",
+                                  port=port, wait=False)
+    agents.router.wait_healthy()
+    back = time.monotonic()
+
+    def right() -> bool:
+        alpha, beta = agents.agent("alpha"), agents.agent("beta")
+        by_id = {s["id"]: s for s in alpha["sessions"] + beta["sessions"]}
+        return (alpha["agents"]["state"] == "needs_you" and bool(by_id.get(waiting, {}).get("permissions"))
+                and by_id.get(busy, {}).get("status") == "working" and by_id.get(failed, {}).get("status") == "error")
+
+    wait_for(right, timeout=10, interval=0.05, what="the state from the snapshots after the restart")
+    assert time.monotonic() - back <= 2.0, f"right after {time.monotonic() - back:.2f}s"
+    session = agents.session_of("alpha", waiting)
+    assert session["title"] == "waits across a restart" and session["permissions"][0]["asking"] == \
+        f"bash: {BASH_COMMAND}"
+    assert agents.session_of("beta", failed)["last_error"]["message"] == "fake model refuses this request"
+    # Clean up: reject the waiting permission (the turn ends), let the slow one finish.
+    permission = session["permissions"][0]
+    agents.request("POST", f"/alpha/permission/{permission['id']}/reply", {"reply": "reject"},
+                   headers=agents.browser_origin())
+    agents.until("alpha", waiting, lambda e, s: s["status"] == "idle", what="idle after the reject")
+    agents.until("beta", busy, lambda e, s: s["status"] == "idle", timeout=30, what="the slow turn's end")
+
+
+def test_a_backend_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_back(agents):
+    busy = agents.prompt("beta", "[fake-model:slow=20] the server will die", "dies mid-turn")
+    agents.until("beta", busy, lambda e, s: s["status"] == "working", what="working before the kill")
+    agents.servers["beta"].kill()
+    wait_for(lambda: agents.agent("beta")["agents"]["state"] == "unknown", timeout=10, interval=0.05,
+             what="unknown once the server is gone")
+    agents.servers["beta"] = agents.start_server("beta")
+    back = time.monotonic()
+
+    seen: list[Any] = []
+
+    def right() -> bool:
+        entry = agents.agent("beta")
+        seen[:] = [entry]
+        session = next((s for s in entry["sessions"] if s["id"] == busy), None)
+        # The restarted server lost the turn: the session is idle now, and the router says so.
+        return entry["agents"]["state"] != "unknown" and entry["agents"]["working"] == 0 \
+            and session is not None and session["status"] == "idle"
+
+    try:
+        wait_for(right, timeout=15, interval=0.05, what="the state after the backend restart")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last seen: {seen}") from None
+    assert time.monotonic() - back <= 2.0, f"right after {time.monotonic() - back:.2f}s"
