@@ -1,9 +1,12 @@
 """Agent awareness against the real ``opencode serve`` 1.18.33, through a real router.
 
-One router and two real servers (``alpha``, ``beta``; each its own HOME) are shared by the module;
-the model is :class:`tests.real_opencode.FakeModelServer` (bash and question tool calls, a 400, slow
-streams). The restart tests come last: they restart the router and ``beta``. Everything talks to
-127.0.0.1 only.
+The scene of tests/agents_real.py (one router and two real servers, ``alpha`` and ``beta``, each its
+own HOME; the fake model) is shared by the module. The restart tests come last: they restart the
+router and ``beta``. Everything talks to 127.0.0.1 only.
+
+These tests check which state the router shows, never how soon: their waits are hang guards
+(``HANG_GUARD``). How soon (issue 15: 1 s after a request is asked, 2 s after a restart) is measured
+by bench/agents_latency.py on the same scene.
 """
 
 from __future__ import annotations
@@ -13,26 +16,17 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from .agents_real import HANG_GUARD, Agents, EventTap
 from .chromium import headless_chromium, needs_chromium, severe_console_entries
-from .real_opencode import (
-    BASH_COMMAND,
-    MODE_BASH,
-    MODE_ERROR,
-    MODE_QUESTION,
-    FakeModelServer,
-    OpenCodeInstance,
-    opencode_binary,
-)
-from .support import REPO, RouterProcess, free_port_block, subprocess_env, wait_for
+from .real_opencode import BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_QUESTION, opencode_binary
+from .support import REPO, subprocess_env, wait_for
 
 pytestmark = [
     pytest.mark.real_opencode,
@@ -41,127 +35,6 @@ pytestmark = [
 ]
 
 ARTIFACTS = REPO / "test-artifacts"
-
-
-class EventTap:
-    """Reads one backend's ``/global/event`` directly (not through the router), keeping every frame with its time."""
-
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        self.connection.request("GET", "/global/event")
-        self.response = self.connection.getresponse()
-        self.frames: list[tuple[float, dict[str, Any]]] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                line = self.response.fp.readline()
-                if not line:
-                    return
-                if line.startswith(b"data: "):
-                    self.frames.append((time.monotonic(), json.loads(line[6:])))
-        except (OSError, ValueError):
-            return
-
-    def wait(self, kind: str, match: Callable[[dict[str, Any]], bool] = lambda p: True,
-             timeout: float = 30) -> tuple[float, dict[str, Any]]:
-        """The first frame of payload type ``kind`` whose properties ``match``: (when it came, the frame)."""
-        def found() -> tuple[float, dict[str, Any]] | None:
-            for at, frame in list(self.frames):
-                payload = frame.get("payload", {})
-                if payload.get("type") == kind and match(payload.get("properties", {})):
-                    return at, frame
-            return None
-        return wait_for(found, timeout=timeout, interval=0.01, what=f"{kind} on the backend's stream")
-
-    def close(self) -> None:
-        try:
-            self.connection.sock.shutdown(2)
-        except OSError:
-            pass
-        self.connection.close()
-
-
-class Agents:
-    """The module's router, backends and model."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.model = FakeModelServer(slow_duration=30.0, slow_interval=0.25).start()
-        self.first = free_port_block(4)
-        self.dirs = {"alpha": base / "alpha", "beta": base / "beta"}
-        for directory in self.dirs.values():
-            directory.mkdir(parents=True)
-        self.servers = {name: self.start_server(name) for name in self.dirs}
-        self.router: RouterProcess | None = None
-        self.start_router()
-
-    def start_server(self, name: str) -> OpenCodeInstance:
-        port = self.first + list(self.dirs).index(name)
-        return OpenCodeInstance(self.dirs[name], self.base / f"home-{name}", self.model.url, port=port)
-
-    def start_router(self, port: int | None = None) -> None:
-        self.router = RouterProcess("--scan-start", str(self.first), "--scan-end", str(self.first + 3),
-                                    "--scan-interval", "1s", "--probe-timeout", "3s", "--stale-after", "60s",
-                                    port=port)
-        wait_for(lambda: {a["slug"]: a["agents"]["state"] for a in self.agents()}.keys() >= set(self.dirs)
-                 and all(a["agents"]["state"] != "unknown" for a in self.agents()),
-                 timeout=30, interval=0.1, what="both backends followed")
-
-    # -- talking to the router -------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                timeout: float = 15) -> tuple[int, Any]:
-        assert self.router is not None
-        connection = http.client.HTTPConnection("127.0.0.1", self.router.port, timeout=timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            connection.request(method, path, body=data, headers={"Content-Type": "application/json",
-                                                                  **(headers or {})})
-            response = connection.getresponse()
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-        finally:
-            connection.close()
-
-    def agents(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/agents", timeout=5)[1]
-
-    def agent(self, slug: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/agents/{slug}", timeout=5)[1]
-
-    def session_of(self, slug: str, session_id: str) -> dict[str, Any] | None:
-        return next((s for s in self.agent(slug)["sessions"] if s["id"] == session_id), None)
-
-    def until(self, slug: str, session_id: str, wanted: Callable[[dict[str, Any], dict[str, Any]], bool],
-              timeout: float = 30, what: str = "the session's state") -> tuple[float, dict[str, Any]]:
-        """Poll /api/agents/{slug} until ``wanted(backend entry, session)``: (when, session)."""
-        def check() -> tuple[float, dict[str, Any]] | None:
-            entry = self.agent(slug)
-            session = next((s for s in entry["sessions"] if s["id"] == session_id), None)
-            return (time.monotonic(), session) if session is not None and wanted(entry, session) else None
-        return wait_for(check, timeout=timeout, interval=0.02, what=what)
-
-    def prompt(self, slug: str, text: str, title: str) -> str:
-        code, session = self.request("POST", f"/{slug}/session", {"title": title})
-        assert code == 200, session
-        code, answer = self.request("POST", f"/{slug}/session/{session['id']}/prompt_async",
-                                    {"parts": [{"type": "text", "text": text}]})
-        assert code in (200, 204), answer
-        return session["id"]
-
-    def browser_origin(self) -> dict[str, str]:
-        """What a browser on the dashboard sends with a state-changing fetch."""
-        assert self.router is not None
-        return {"Origin": self.router.url, "Host": f"127.0.0.1:{self.router.port}"}
-
-    def close(self) -> None:
-        if self.router is not None:
-            self.router.stop()
-        for server in self.servers.values():
-            server.stop()
-        self.model.stop()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +50,7 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
 def test_the_real_servers_stream_and_snapshots_have_the_shapes_the_watcher_reads(agents):
     tap = EventTap(agents.servers["alpha"].port)
     try:
-        _, connected = tap.wait("server.connected", timeout=5)
+        _, connected = tap.wait("server.connected")
         assert set(connected) == {"payload"}, "server-level events carry no directory"
     finally:
         tap.close()
@@ -195,20 +68,19 @@ def test_the_real_servers_stream_and_snapshots_have_the_shapes_the_watcher_reads
 
 
 # -- permission ------------------------------------------------------------------------------------
-def test_a_permission_needs_you_within_1_s_and_a_reply_through_the_router_resumes_the_turn(agents):
+def test_a_permission_shows_needs_you_with_the_command_and_a_reply_through_the_router_resumes_the_turn(agents):
     tap = EventTap(agents.servers["alpha"].port)
     try:
         session_id = agents.prompt("alpha", f"{MODE_BASH} [fake-model:slow=1.5] write the proof", "permission test")
-        asked_at, frame = tap.wait("permission.asked", lambda p: p.get("sessionID") == session_id)
+        _, frame = tap.wait("permission.asked", lambda p: p.get("sessionID") == session_id)
         asked = frame["payload"]["properties"]
         # The real event's shape, as the notes and the state model have it.
         assert asked["permission"] == "bash" and asked["patterns"] == [BASH_COMMAND]
         assert asked["metadata"]["command"] == BASH_COMMAND and asked["id"].startswith("per")
         assert frame["directory"] == str(agents.dirs["alpha"])
-        shown_at, session = agents.until(
+        _, session = agents.until(
             "alpha", session_id, lambda e, s: e["agents"]["state"] == "needs_you" and s["permissions"],
             what="needs you on /api/agents")
-        assert shown_at - asked_at <= 1.0, f"shown {shown_at - asked_at:.2f}s after permission.asked"
         assert session["status"] == "working" and session["title"] == "permission test"
         [permission] = session["permissions"]
         assert permission["id"] == asked["id"] and permission["asking"] == f"bash: {BASH_COMMAND}"
@@ -221,8 +93,8 @@ def test_a_permission_needs_you_within_1_s_and_a_reply_through_the_router_resume
         assert (code, body) == (200, True)
         tap.wait("permission.replied", lambda p: p.get("requestID") == permission["id"])
         agents.until("alpha", session_id, lambda e, s: s["status"] == "working" and not s["permissions"],
-                     timeout=5, what="working again after the reply")
-        agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", timeout=30, what="idle at the end")
+                     what="working again after the reply")
+        agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle at the end")
         assert (agents.dirs["alpha"] / "proof.txt").read_text() == "permitted\n"
         assert agents.agent("alpha")["agents"]["state"] == "idle"
     finally:
@@ -240,10 +112,9 @@ def test_a_question_needs_you_and_an_answer_through_the_router_ends_it(agents):
     tap = EventTap(agents.servers["beta"].port)
     try:
         session_id = agents.prompt("beta", f"{MODE_QUESTION} ask me", "question test")
-        asked_at, frame = tap.wait("question.asked", lambda p: p.get("sessionID") == session_id)
-        shown_at, session = agents.until("beta", session_id, lambda e, s: bool(s["questions"]),
-                                         what="the question on /api/agents")
-        assert shown_at - asked_at <= 1.0
+        _, frame = tap.wait("question.asked", lambda p: p.get("sessionID") == session_id)
+        _, session = agents.until("beta", session_id, lambda e, s: bool(s["questions"]),
+                                  what="the question on /api/agents")
         [question] = session["questions"]
         assert question["id"] == frame["payload"]["properties"]["id"]
         assert question["asking"] == "question: Which colour do you prefer?"
@@ -302,7 +173,7 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
     router = agents.router
     with headless_chromium(tmp_path / "chromium", 1440, 900) as browser:
         browser.get(router.url + "/")
-        wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+        wait = WebDriverWait(browser, HANG_GUARD, poll_frequency=0.05)
         wait.until(lambda d: state_of(d, "alpha")[0] not in (None, "unknown"))
         browser.execute_script("window.__not_reloaded = true")
         session_id = agents.prompt("alpha", f"{MODE_BASH} for the browser", "seen in the browser")
@@ -326,7 +197,7 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
         link.click()
         wait.until(lambda d: len(d.window_handles) == 2)
         browser.switch_to.window([h for h in browser.window_handles if h != dashboard][0])
-        WebDriverWait(browser, 60, poll_frequency=0.2).until(
+        WebDriverWait(browser, 2 * HANG_GUARD, poll_frequency=0.2).until(
             lambda d: "seen in the browser" in d.find_element("tag name", "body").text)
         assert browser.title == "OpenCode" and session_id in browser.current_url
         browser.save_screenshot(str(ARTIFACTS / "web-ui-session-real.png"))
@@ -343,63 +214,34 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
 
 
 # -- restarts (these come last) ----------------------------------------------------------------------------
-def test_a_router_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_back(agents):
-    waiting = agents.prompt("alpha", f"{MODE_BASH} wait for me", "waits across a restart")
-    agents.until("alpha", waiting, lambda e, s: bool(s["permissions"]), what="the permission before the restart")
-    busy = agents.prompt("beta", "[fake-model:slow=12] keep going", "runs across a restart")
-    agents.until("beta", busy, lambda e, s: s["status"] == "working", what="working before the restart")
-    failed = agents.prompt("beta", f"{MODE_ERROR} fail before the restart", "fails before a restart")
-    agents.until("beta", failed, lambda e, s: s["status"] == "error", what="error before the restart")
-
-    port = agents.router.port
-    agents.router.stop()
-    agents.router = RouterProcess("--scan-start", str(agents.first), "--scan-end", str(agents.first + 3),
-                                  "--scan-interval", "1s", "--probe-timeout", "3s", "--stale-after", "60s",
-                                  port=port, wait=False)
-    agents.router.wait_healthy()
-    back = time.monotonic()
-
-    def right() -> bool:
-        alpha, beta = agents.agent("alpha"), agents.agent("beta")
-        by_id = {s["id"]: s for s in alpha["sessions"] + beta["sessions"]}
-        return (alpha["agents"]["state"] == "needs_you" and bool(by_id.get(waiting, {}).get("permissions"))
-                and by_id.get(busy, {}).get("status") == "working" and by_id.get(failed, {}).get("status") == "error")
-
-    wait_for(right, timeout=10, interval=0.05, what="the state from the snapshots after the restart")
-    assert time.monotonic() - back <= 2.0, f"right after {time.monotonic() - back:.2f}s"
-    session = agents.session_of("alpha", waiting)
+def test_a_router_restart_mid_turn_shows_the_state_from_the_servers_snapshots(agents):
+    turn = agents.start_mid_turn(slow=12)
+    agents.restart_router()
+    # The new router remembers nothing: what it shows comes from the servers' snapshots.
+    wait_for(lambda: agents.shows_mid_turn(turn), timeout=HANG_GUARD, interval=0.05,
+             what="the state from the snapshots after the restart")
+    session = agents.session_of("alpha", turn.waiting)
     assert session["title"] == "waits across a restart" and session["permissions"][0]["asking"] == \
         f"bash: {BASH_COMMAND}"
-    assert agents.session_of("beta", failed)["last_error"]["message"] == "fake model refuses this request"
+    assert agents.session_of("beta", turn.failed)["last_error"]["message"] == "fake model refuses this request"
     # Clean up: reject the waiting permission (the turn ends), let the slow one finish.
-    permission = session["permissions"][0]
-    agents.request("POST", f"/alpha/permission/{permission['id']}/reply", {"reply": "reject"},
-                   headers=agents.browser_origin())
-    agents.until("alpha", waiting, lambda e, s: s["status"] == "idle", what="idle after the reject")
-    agents.until("beta", busy, lambda e, s: s["status"] == "idle", timeout=30, what="the slow turn's end")
+    agents.reject("alpha", session["permissions"][0]["id"])
+    agents.until("alpha", turn.waiting, lambda e, s: s["status"] == "idle", what="idle after the reject")
+    agents.until("beta", turn.busy, lambda e, s: s["status"] == "idle", what="the slow turn's end")
 
 
-def test_a_backend_restart_mid_turn_shows_the_right_state_within_2_s_of_coming_back(agents):
+def test_a_backend_restart_mid_turn_shows_the_lost_turn_idle_once_the_server_is_back(agents):
     busy = agents.prompt("beta", "[fake-model:slow=20] the server will die", "dies mid-turn")
     agents.until("beta", busy, lambda e, s: s["status"] == "working", what="working before the kill")
     agents.servers["beta"].kill()
-    wait_for(lambda: agents.agent("beta")["agents"]["state"] == "unknown", timeout=10, interval=0.05,
+    wait_for(lambda: agents.agent("beta")["agents"]["state"] == "unknown", timeout=HANG_GUARD, interval=0.05,
              what="unknown once the server is gone")
     agents.servers["beta"] = agents.start_server("beta")
-    back = time.monotonic()
 
+    # The restarted server lost the turn: the session is idle now, and the router says so.
     seen: list[Any] = []
-
-    def right() -> bool:
-        entry = agents.agent("beta")
-        seen[:] = [entry]
-        session = next((s for s in entry["sessions"] if s["id"] == busy), None)
-        # The restarted server lost the turn: the session is idle now, and the router says so.
-        return entry["agents"]["state"] != "unknown" and entry["agents"]["working"] == 0 \
-            and session is not None and session["status"] == "idle"
-
     try:
-        wait_for(right, timeout=15, interval=0.05, what="the state after the backend restart")
+        wait_for(lambda: agents.shows_lost_turn("beta", busy, seen), timeout=HANG_GUARD, interval=0.05,
+                 what="the state after the backend restart")
     except AssertionError as error:
         raise AssertionError(f"{error}; last seen: {seen}") from None
-    assert time.monotonic() - back <= 2.0, f"right after {time.monotonic() - back:.2f}s"
