@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""OpenCodeRouter benchmarks: proxy overhead, SSE fan-out, discovery, idle cost, scans, start-up.
+"""OpenCodeRouter benchmarks: proxy overhead, SSE fan-out, discovery, idle cost, scans, start-up, agents.
 
     python bench/run.py                 # full run (~40 min)
     python bench/run.py --quick         # shorter windows and fewer runs (~5 min)
@@ -59,7 +59,7 @@ from common import (  # noqa: E402
 )
 from targets import by_pinning, sse_counts, targets  # noqa: E402
 
-SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "profile", "pypy")
+SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "agents", "profile", "pypy")
 #: The profile runs with --profile (or --only profile), PyPy with --pypy (or --only pypy).
 DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in ("profile", "pypy"))
 #: Sections measured once per pinning (pinned and not pinned); the others once, pinned when pinning is on.
@@ -102,6 +102,9 @@ class Settings:
         self.idle_backends = (0, 10, 50)
         self.startup_samples = 3 if quick else 7
         self.scan_repeat = 2 if quick else 5
+        #: Samples of bench/agents_latency.py: prompts per "asked -> shown" figure, restarts per restart figure.
+        self.agents_prompts = 3 if quick else 5
+        self.agents_restarts = 1 if quick else 3
         self.place(pins[0])
 
     def place(self, pin: bool) -> None:
@@ -673,6 +676,15 @@ def bench_scan(s: Settings, work: Path) -> dict[str, Any]:
     return result
 
 
+def bench_agents(s: Settings, work: Path) -> dict[str, Any]:
+    """How soon /api/agents shows a request or a restart's state, on the real opencode (bench/agents_latency.py)."""
+    if not s.real:
+        return {"skipped": "--no-real (the scene runs the real opencode serve)"}
+    import agents_latency
+
+    return agents_latency.measure(work, prompts=s.agents_prompts, restarts=s.agents_restarts)
+
+
 # -- report ----------------------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, dict):
@@ -817,6 +829,13 @@ def report(results: dict[str, Any]) -> str:
             lines.append("  inclusive: " + ", ".join(f"{f['frame']} {f['percent']}%"
                                                      for f in prof["top_inclusive_router_code"][:8]))
         lines.append("")
+    agents = results.get("agents")
+    if agents:
+        import agents_latency
+
+        lines += ([f"Agents: skipped, {agents['skipped']}"] if "skipped" in agents
+                  else agents_latency.table(agents))
+        lines.append("")
     start = results.get("startup")
     if start:
         lines.append(f"Start-up to first /api/health: {_fmt(start['summary'])} s "
@@ -891,8 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     sections: dict[str, Callable[[Settings, Path], dict[str, Any]]] = {
         "startup": bench_startup, "proxy": bench_proxy, "sse": bench_sse,
-        "discovery": bench_discovery, "idle": bench_idle, "scan": bench_scan, "profile": bench_profile,
-        "pypy": bench_pypy,
+        "discovery": bench_discovery, "idle": bench_idle, "scan": bench_scan, "agents": bench_agents,
+        "profile": bench_profile, "pypy": bench_pypy,
     }
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
