@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
 from .agent_snapshot import BackendReader, SnapshotError
@@ -52,11 +52,15 @@ HEARTBEAT_TIMEOUT = 35.0
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 #: How long one snapshot request may take.
 REQUEST_TIMEOUT = 10.0
-#: How long the stream's response head may take. OpenCode sends it at once; a server that is
-#: starting accepts connections before it serves them (and drops them later), so retry soon instead.
-STREAM_HEAD_TIMEOUT = 1.5
-#: Reconnect delays: after a refused or cut connection, and after a broken stream.
-_QUICK_RETRY = doubling_backoff(0.25, 1.0)
+#: How long the stream's response head may take at first. OpenCode sends it at once; a server that
+#: is starting accepts connections before it serves them (and drops them later), so retry soon
+#: instead. Each head that times out in a row doubles the bound (up to REQUEST_TIMEOUT), so a server
+#: that is slow but serving still gets through.
+STREAM_HEAD_TIMEOUT = 0.5
+#: Reconnect delays: after a refused or cut connection (a refused connect on the loopback costs
+#: next to nothing, and a restarted server is followed again within half a second), and after a
+#: broken stream.
+_QUICK_RETRY = doubling_backoff(0.25, 0.5)
 _SLOW_RETRY = doubling_backoff(1.0, 60.0)
 #: A busy stream is read at most this often (see :class:`~.sse.EventStreamBody`).
 READ_BATCH = 0.2
@@ -82,6 +86,15 @@ def agent_client(reactor: Any, connect_timeout: float = 5.0) -> tuple[HTTPClient
     pool.cachedConnectionTimeout = 4
     pool.retryAutomatically = False
     return probe_client(loopback_agent(reactor, connect_timeout, pool=pool)), pool
+
+
+def _head_timed_out(failure: Failure) -> bool:
+    """True when the request was cancelled by its time bound (treq reports it inside ResponseNeverReceived)."""
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return True
+    if failure.check(ResponseNeverReceived):
+        return any(reason.check(defer.TimeoutError, defer.CancelledError) for reason in failure.value.reasons)
+    return False
 
 
 def _describe(failure: Failure) -> str:
@@ -129,6 +142,8 @@ class _Watch:
         self.stream: EventStreamBody | None = None
         self.live = False
         self.attempt = 0
+        #: Stream heads that timed out in a row (each doubles the next one's bound).
+        self.head_timeouts = 0
         self.stopped = False
         self._retry: IDelayedCall | None = None
         self._heartbeat: IDelayedCall | None = None
@@ -154,7 +169,7 @@ class _Watch:
                                     self.watcher.request_timeout)
         request = self.reader.track(self.watcher.client.get(
             self.reader.url("/global/event"), headers=self.reader.headers(b"text/event-stream"), unbuffered=True),
-            timeout=self.watcher.stream_head_timeout)
+            timeout=min(self.watcher.stream_head_timeout * 2 ** self.head_timeouts, self.watcher.request_timeout))
         request.addCallbacks(lambda response: self._connected(generation, response),
                              lambda failure: self._failed(generation, failure))
         request.addErrback(lambda failure: log.failure("agent watcher: connecting to {slug} failed", failure,
@@ -164,6 +179,7 @@ class _Watch:
         if generation != self.generation or self.stopped:
             response.deliverBody(_Discard(0))
             return
+        self.head_timeouts = 0
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if response.code != 200 or not content_type.startswith(b"text/event-stream"):
             response.deliverBody(_Discard())
@@ -191,8 +207,9 @@ class _Watch:
     def _failed(self, generation: int, failure: Failure) -> None:
         if generation != self.generation or self.stopped:
             return
-        if failure.check(defer.TimeoutError, defer.CancelledError):
+        if _head_timed_out(failure):
             self.attempt = 0  # it accepted the connection: it is there, or about to be
+            self.head_timeouts = min(self.head_timeouts + 1, 8)
         self._drop(f"cannot reach it ({_describe(failure)})", slow=False)
 
     # -- the stream ----------------------------------------------------------------

@@ -189,15 +189,15 @@ def test_events_during_the_snapshot_are_applied_on_top_of_it():
     assert state.known and request_id in state.sessions[sid].permissions
 
 
-def test_retries_back_off_to_one_a_second_while_the_backend_refuses_and_a_sighting_reconnects_at_once():
+def test_retries_back_off_to_twice_a_second_while_the_backend_refuses_and_a_sighting_reconnects_at_once():
     h = Harness()
     h.serve("alpha")
     h.stop_serving(30000)
     h.loopback.requests.clear()
     h.advance(10)
-    # 0.25, 0.5, then every second: a restarted server is followed again within about a second.
+    # 0.25, then every half second: a restarted server is followed again within half a second.
     attempts = [p for p in h.requested(30000) if p == "/global/event"]
-    assert 10 <= len(attempts) <= 12
+    assert 19 <= len(attempts) <= 21
     h.registry.record_scan([])  # the scan no longer sees it: down
     h.clock.advance(0.3)
     # It comes back: the registry says so, and the watcher connects at once (not at its next retry).
@@ -362,3 +362,33 @@ def test_metrics_counts_cover_sessions_requests_backends_and_streams():
     counts = h.watcher.counts()
     assert counts["streams"] == 1 and counts["sessions:working"] == 1 and counts["pending:permission"] == 1
     assert counts["backends:needs_you"] == 1 and counts["backends:unknown"] == 1
+
+
+def test_a_stream_head_that_never_comes_is_retried_soon_with_a_doubling_bound():
+    h = Harness()
+    fake = h.serve("alpha")
+    opened: list[IRequest] = []
+    ready = [False]
+
+    def starting(request: IRequest) -> Any:
+        if ready[0]:
+            return fake.event_stream(request, wrapped=True)
+        opened.append(request)  # accepted, never answered: a server still starting
+        return NOT_DONE_YET
+
+    fake.route("GET", "/global/event", starting)
+    fake.close_streams()
+    h.advance(0.4)  # the first retry comes after 0.25 s; its head may take 0.5 s
+    assert len(opened) == 1
+    h.advance(0.9)  # timed out at 0.75 s, retried 0.25 s later (at 1 s): this head may take 1 s
+    assert len(opened) == 2
+    h.advance(0.6)  # at 1.9 s the second head is still within its doubled bound
+    assert len(opened) == 2, "the second head got its doubled bound"
+    h.advance(0.7)  # timed out at 2 s, retried at 2.25 s
+    assert len(opened) == 3
+    assert h.state("alpha").summary().state is BackendState.UNKNOWN
+    # The server is ready now: the next head comes, and the bound is back to its first value.
+    ready[0] = True
+    h.advance(2.0 + 0.25 + 0.1)
+    assert h.state("alpha").known
+    assert h.watcher.watches["alpha"].head_timeouts == 0

@@ -16,7 +16,6 @@ import http.client
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -137,9 +136,21 @@ def test_a_failing_model_shows_error_with_its_message(agents):
     _, session = agents.until("beta", session_id, lambda e, s: s["status"] == "error", what="error")
     assert session["last_error"] == {"name": "APIError", "message": "fake model refuses this request"}
     assert agents.agent("beta")["agents"]["state"] == "error"
-    # The idles that follow an error do not hide it.
-    time.sleep(1.0)
-    assert agents.session_of("beta", session_id)["status"] == "error"
+    # The idles that follow an error do not hide it. The server's own stream shows the idle; a title
+    # change sent after it, once the router shows it, proves the router has read past that idle too.
+    tap = EventTap(agents.servers["beta"].port)
+    try:
+        tap.wait("server.connected")
+        wait_for(lambda: session_id not in agents.request("GET", "/beta/session/status")[1], timeout=HANG_GUARD,
+                 what="the server to consider the failed turn over (idle)")
+        code, _ = agents.request("PATCH", f"/beta/session/{session_id}", {"title": "failing test, seen"})
+        assert code == 200
+        tap.wait("session.updated", lambda p: p.get("info", {}).get("title") == "failing test, seen")
+        _, session = agents.until("beta", session_id, lambda e, s: s["title"] == "failing test, seen",
+                                  what="the new title on /api/agents")
+    finally:
+        tap.close()
+    assert session["status"] == "error"
 
 
 # -- the terminal view -----------------------------------------------------------------------------------
