@@ -125,7 +125,11 @@ class FakeOpenCodeProcess:
             env=subprocess_env(**({"HOME": "/tmp"} if as_user else {}), **(env or {})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        self.port = self._wait_listening()
+        try:
+            self.port = self._wait_listening()
+        except BaseException:
+            self.stop()  # never leave a half-started child behind
+            raise
 
     def _wait_listening(self) -> int:
         assert self.process.stdout is not None
@@ -168,7 +172,11 @@ class RouterProcess:
         )
         self.url = f"http://127.0.0.1:{self.port}"
         if wait:
-            self.wait_healthy()
+            try:
+                self.wait_healthy()
+            except BaseException:
+                self.stop()  # never leave a half-started router behind
+                raise
 
     def wait_healthy(self, timeout: float = 15) -> None:
         """Block until /api/health answers."""
