@@ -26,7 +26,8 @@ from .netns import (
     zeroconf_info,
 )
 
-pytestmark = pytest.mark.slow
+# The namespaces and avahi-daemon are set up once for the module: its tests run on one xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mdns_netns")]
 
 _WHY_NOT = netns_unavailable()
 if _WHY_NOT:

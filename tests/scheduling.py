@@ -1,0 +1,104 @@
+"""How the suite spreads over pytest-xdist workers (``-n N --dist loadgroup``, as ``make test`` runs it).
+
+- A test marked ``long`` (minutes of real time: the 150 s SSE stream, the 130 s model turn) is a work
+  unit of its own. Long tests are handed out first, so each starts at once on its own worker, and a
+  worker running one is given no other work until it has finished: nothing queues behind it.
+- Tests marked ``xdist_group("name")`` come next, each group as one unit on one worker: the modules
+  that share an expensive module fixture (the real OpenCode pipeline, the mDNS namespaces, a router
+  stack) set it up once.
+- Everything else follows in file order, one test at a time to whichever worker is free.
+
+The workers collect the tests; the controller that hands them out sees only their node ids. xdist's
+own ``loadgroup`` passes the group by appending ``@name`` to the node id, which pytest 9.2 no longer
+lets it do (pytest-dev/pytest-xdist#1386: the marks are then silently ignored). So the workers write
+each marked test's unit to a JSON file (the same content from every worker) and the controller reads
+it when it schedules. Without ``--dist loadgroup`` nothing is reordered or grouped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadScopeScheduling
+from xdist.workermanage import WorkerController
+
+#: Where the workers write the units (set by the controller, inherited by the workers it starts).
+UNITS_FILE = "OPENCODEROUTER_TEST_UNITS"
+#: The unit name of a ``long`` test starts with this.
+LONG_UNIT = "long:"
+
+
+def unit_of(item: pytest.Item) -> str | None:
+    """The work unit an item belongs to (None: a unit of its own, spread freely)."""
+    if item.get_closest_marker("long") is not None:
+        return LONG_UNIT + item.nodeid
+    group = item.get_closest_marker("xdist_group")
+    if group is not None:
+        return "group:" + str(group.args[0] if group.args else group.kwargs.get("name", "default"))
+    return None
+
+
+def _rank(item: pytest.Item) -> int:
+    unit = unit_of(item)
+    if unit is None:
+        return 2
+    return 0 if unit.startswith(LONG_UNIT) else 1
+
+
+def order_and_publish(items: list[pytest.Item]) -> None:
+    """In a worker: long tests first, then the groups, then the rest (stable); write the units for the controller."""
+    path = os.environ.get(UNITS_FILE)
+    if path is None:
+        return
+    items.sort(key=_rank)
+    units = {item.nodeid: unit for item in items if (unit := unit_of(item)) is not None}
+    scratch = f"{path}.{os.getpid()}"
+    Path(scratch).write_text(json.dumps(units))
+    os.replace(scratch, path)  # every worker writes the same content; a reader never sees half of it
+
+
+class LongTestsOwnWorker(LoadScopeScheduling):
+    """Units as the workers published them, handed out in collection order; a long unit keeps its worker to itself."""
+
+    def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
+        super().__init__(config, log)
+        self.units: dict[str, str] | None = None
+
+    def _split_scope(self, nodeid: str) -> str:
+        if self.units is None:
+            self.units = json.loads(Path(os.environ[UNITS_FILE]).read_text())
+        return self.units.get(nodeid, nodeid)
+
+    def _reschedule(self, node: WorkerController) -> None:
+        if self._running_long_test(node):
+            return
+        super()._reschedule(node)
+
+    def _running_long_test(self, node: WorkerController) -> bool:
+        return any(scope.startswith(LONG_UNIT) and not all(done.values())
+                   for scope, done in self.assigned_work.get(node, {}).items())
+
+
+class SchedulingPlugin:
+    """Registered by conftest in the controller when pytest-xdist runs with ``--dist loadgroup``."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ocr-test-units-"))
+        os.environ[UNITS_FILE] = str(self.folder / "units.json")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Producer) -> LongTestsOwnWorker:
+        """Our scheduler instead of xdist's LoadGroupScheduling."""
+        config.option.loadscopereorder = False  # the workers' collection order is the order of the work
+        return LongTestsOwnWorker(config, log)
+
+    def pytest_unconfigure(self) -> None:
+        """Remove the units file."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.environ.pop(UNITS_FILE, None)
