@@ -101,6 +101,8 @@ class RouterChannel(HTTPChannel):
     state = ChannelState.HTTP
     #: ``http`` or ``https``, decided once per connection (``isSecure`` adapts interfaces: slow).
     scheme = b"http"
+    #: The address the connection arrived on (a Host naming it is one of the router's own).
+    local_host: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,7 +130,9 @@ class RouterChannel(HTTPChannel):
         super().connectionMade()
         from twisted.internet.interfaces import ISSLTransport
 
+        assert self.transport is not None
         self.scheme = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
+        self.local_host = getattr(self.transport.getHost(), "host", None)
         self._start_head_deadline()
 
     def dataReceived(self, data: bytes) -> None:
@@ -165,7 +169,7 @@ class RouterChannel(HTTPChannel):
         self._stop_head_deadline()
         self.setTimeout(None)
         held, self._held, self._held_size = b"".join(self._held), [], 0
-        connection = self._connection()
+        connection = self.connection()
         # The channel was the transport's producer (and may have paused it for pipelined bytes).
         connection.unregisterProducer()
         self._spliced_to = protocol
@@ -174,7 +178,7 @@ class RouterChannel(HTTPChannel):
             protocol.dataReceived(held)
         connection.resumeProducing()
 
-    def _connection(self) -> FileDescriptor:
+    def connection(self) -> FileDescriptor:
         """The client connection: a TCP/UNIX transport, producer and consumer (``ITransport`` says less)."""
         assert self.transport is not None
         return cast(FileDescriptor, self.transport)
@@ -259,8 +263,7 @@ class RouterChannel(HTTPChannel):
         if self.router is None or len(self._request_line) < 2:
             return None
         host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
-        local = getattr(self.transport.getHost(), "host", None) if self.transport is not None else None
-        return self.router.classify(host, self._request_line[1], local)
+        return self.router.classify(host, self._request_line[1], self.local_host)
 
     def refuse_large_body(self) -> None:
         """413: the body for one of the router's own endpoints is larger than ``max_body``."""
@@ -275,7 +278,7 @@ class RouterChannel(HTTPChannel):
             self._held.append(data)
             self._held_size += len(data)
             if self._held_size > _HELD_LIMIT and self.transport is not None:
-                self._connection().pauseProducing()  # requestDone resumes it
+                self.connection().pauseProducing()  # requestDone resumes it
             return
         super().rawDataReceived(data)
 
@@ -297,7 +300,7 @@ class RouterChannel(HTTPChannel):
         if self.state is not ChannelState.HTTP:
             self.setTimeout(None)  # nor by HTTPChannel's idle timeout, which requestDone re-armed
             return
-        if self.transport is None or self._connection().disconnecting or not self.persistent:
+        if self.transport is None or self.connection().disconnecting or not self.persistent:
             return
         if held:
             self.dataReceived(held)

@@ -1,394 +1,67 @@
-"""Forwarding to backends: HTTP/1.1 over a persistent pool, streaming both ways, 502/504 as JSON.
+"""Forwarding one request to its backend and its response back, over the router's connection pool.
 
-Twisted's stock ``ReverseProxyResource`` speaks HTTP/1.0 with a new connection per request, never
-tells the backend that the client went away, answers 501 on a refused connection and collapses
-duplicate headers. The :class:`Forwarder` forwards through one shared ``Agent`` + ``HTTPConnectionPool``:
+Per request the forwarder does what a proxy must and little else: it writes the rewritten request
+head (what stays the same for a backend is built once, see :class:`BackendTarget`) and the body to
+a pooled connection (:mod:`.upstream`), writes the backend's response head to the client itself,
+and passes body bytes on as they arrive, with the client's connection pausing the backend's when
+the client reads slowly. A chunked body (an SSE stream) keeps the backend's own chunk framing.
 
-- request bodies: twisted.web has already spooled the body (to a temporary file above 100 kB) when
-  ``render`` runs; ``_SpooledBody`` streams it from there with the backend's backpressure;
-- responses: ``_BodyRelay`` writes each chunk to the client as it arrives and registers the backend
-  connection as the client's producer, so a slow client pauses the backend;
-- a client disconnect closes the backend connection at once; a backend that dies mid-response
-  closes the client connection (no clean end of the chunked body);
-- ``Upgrade: websocket`` requests are forwarded by :mod:`.websocket` (it uses this pool's endpoints).
-
-Private Twisted APIs (each needed because Agent offers no public hook; all of them are checked by
-``tests/test_twisted_internals.py`` so a Twisted upgrade that changes them fails loudly):
-``_newclient.HTTP11ClientProtocol`` and its ``_parser.connHeaders`` (the backend's ``Connection``
-header, to drop the headers it names), ``client._HTTP11ClientFactory`` and ``pool._factory`` (to
-build those protocols and keep the pool from logging every connection), and
-``Agent._requestWithEndpoint`` (to skip re-parsing the URI per request).
+Guarantees: a client that goes away closes its backend connection at once; a backend that dies
+mid-response ends the client's response visibly (its connection is closed: no final chunk, or
+fewer bytes than ``Content-Length``); no response headers within ``--backend-timeout`` is a 504
+(uploading the body counts as progress), a refused or broken backend a 502, both as JSON.
+A request that fails on a reused connection before any answer byte, and may be repeated (an
+idempotent method), is tried once more on a fresh connection.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import (
-    URI,
-    Agent,
-    HTTPConnectionPool,
-    PotentialDataLoss,
-    ResponseDone,
-    _HTTP11ClientFactory,
-)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IRequest, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
-from .headers import channel_scheme, copy_response_headers, forward_request_headers
+from .channel import server_request
+from .headers import REQUEST_SKIP, RESPONSE_SKIP, channel_scheme, connection_tokens, end_to_end, forwarded_fields
+from .metrics import ProxyMeter, RouterMetrics, stream_kind
 from .registry import Backend
 from .responses import error_body, json_bytes
+from .upstream import BackendConnection, BackendPool, Framing, ResponseHead, _Connecting
 
 log = Logger()
 
-NO_BODY_CODES = (204, 304)
-_READ_SIZE = 65536
+#: A request method token (RFC 9110); anything else is a 400 before it reaches a backend.
+_METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: Methods a client may expect to be repeated safely after a connection broke before any answer.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: Bodies up to this size go out with the head in one write; larger ones stream from their spool file.
+_INLINE_BODY = 65536
 
 
 class Exchange(enum.Enum):
     """Where one forwarded request stands."""
 
+    CONNECTING = "connecting"
     WAITING = "waiting"
     STREAMING = "streaming"
+    SPLICED = "spliced"
     DONE = "done"
-    TIMED_OUT = "timed_out"
     CLIENT_GONE = "client_gone"
 
 
-def error_answer(request: IRequest, code: int, error: str, message: str, backend: str) -> None:
-    """Answer ``request`` with a JSON error (headers not yet sent), replacing any headers set so far."""
-    body = json_bytes(error_body(error, backend=backend, message=message))
-    request.setResponseCode(code)
-    request.responseHeaders = Headers(
-        {b"content-type": [b"application/json"], b"cache-control": [b"no-store"],
-         b"content-length": [b"%d" % len(body)]}
-    )
-    connection = request.getHeader(b"connection")
-    if connection and b"close" in connection.lower():
-        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-    request.write(body)
-    request.finish()
-
-
-def describe_failure(reason: Failure, name: str, port: int) -> str:
-    """A sentence saying why a backend gave no response."""
-    where = f"backend {name} on 127.0.0.1:{port}"
-    if reason.check(ConnectionRefusedError):
-        return f"{where} refused the connection (is it still running?)"
-    if reason.check(ConnectError):
-        return f"{where} could not be reached: {reason.getErrorMessage()}"
-    inner = getattr(reason.value, "reasons", None)
-    if inner:
-        details = "; ".join(f.getErrorMessage() or f.type.__name__ for f in inner)
-        return f"{where} closed the connection without a valid response ({details})"
-    return f"{where} failed: {reason.getErrorMessage() or reason.type.__name__}"
-
-
-# -- the HTTP client ----------------------------------------------------------------------------
-
-
-class _CapturingClientProtocol(HTTP11ClientProtocol):
-    """Fires with (response, its connection headers), so ``Connection: X`` can strip X from it."""
-
-    def request(self, request: Any) -> Deferred[Any]:
-        """Issue ``request``; the result is (response, connection headers) (Agent passes it through)."""
-        result = super().request(request)
-        parser = getattr(self, "_parser", None)
-        if parser is not None:
-
-            def attach(response: Any) -> Any:
-                return response, parser.connHeaders
-
-            result.addCallback(attach)
-        return result
-
-
-class _ProxyClientFactory(_HTTP11ClientFactory):
-    """Builds capturing protocols and logs nothing per backend connection."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        """A capturing HTTP/1.1 client protocol."""
-        return _CapturingClientProtocol(self._quiescentCallback)
-
-
-def backend_pool(reactor: Any, idle_timeout: float = 4.0, per_backend: int = 128) -> HTTPConnectionPool:
-    """A persistent pool whose idle connections close long before a backend drops them (OpenCode: > 25 s)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _ProxyClientFactory
-    pool.cachedConnectionTimeout = idle_timeout
-    pool.maxPersistentPerHost = per_backend
-    return pool
-
-
-class _BackendAgent(Agent):
-    """An Agent for ``127.0.0.1:port`` targets with endpoints and URIs cached per port."""
-
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> None:
-        super().__init__(reactor, connectTimeout=connect_timeout, pool=pool)
-        self._reactor_tcp = reactor
-        self._connect_timeout = connect_timeout
-        self._targets: dict[int, tuple[tuple[bytes, bytes, int], TCP4ClientEndpoint, URI]] = {}
-
-    def endpoint(self, port: int) -> TCP4ClientEndpoint:
-        """The (cached) endpoint for a backend port."""
-        return self._target(port)[1]
-
-    def _target(self, port: int) -> tuple[tuple[bytes, bytes, int], TCP4ClientEndpoint, URI]:
-        target = self._targets.get(port)
-        if target is None:
-            endpoint = TCP4ClientEndpoint(self._reactor_tcp, "127.0.0.1", port, timeout=self._connect_timeout)
-            uri = URI.fromBytes(b"http://127.0.0.1:%d/" % port)
-            target = self._targets[port] = ((b"http", b"127.0.0.1", port), endpoint, uri)
-        return target
-
-    def forward(
-        self, port: int, method: bytes, target: bytes, headers: Headers, body: IBodyProducer | None
-    ) -> Deferred[tuple[IResponse, Headers]]:
-        """Send one request (``target`` validated, ``headers`` with Host); fires with (response, connection headers)."""
-        key, endpoint, uri = self._target(port)
-        # Agent.request would re-parse the URI and build a new endpoint for every request.
-        return self._requestWithEndpoint(key, endpoint, method, uri, headers, body, target)
-
-
-# -- request body ---------------------------------------------------------------------------------
-
-
-@implementer(IBodyProducer, IPushProducer)
-class _SpooledBody:
-    """Streams a request body twisted.web already received (memory or temp file) to the backend."""
-
-    def __init__(self, source: Any, length: int, progress: Callable[[], None]) -> None:
-        self.length = length
-        self._source = source
-        self._progress = progress
-        self._consumer: Any = None
-        self._done: Deferred[None] | None = None
-        self._paused = False
-        self._pumping = False
-
-    @classmethod
-    def of(cls, request: IRequest, progress: Callable[[], None]) -> _SpooledBody | None:
-        """A producer for the request's body, or None when it has none."""
-        content = request.content
-        if content is None:
-            return None
-        position = content.tell()
-        length = content.seek(0, 2) - position
-        content.seek(position)
-        if length <= 0:
-            return None
-        return cls(content, length, progress)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        """Start writing to ``consumer`` (the backend connection registers us as its producer)."""
-        self._consumer = consumer
-        done = self._done = Deferred(lambda _: self.stopProducing())
-        self._pump()
-        return done
-
-    def _pump(self) -> None:
-        # The consumer pauses us from inside write() once its buffer is full; resumeProducing
-        # brings us back here when it drained.
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and self._done is not None:
-                data = self._source.read(_READ_SIZE)
-                if not data:
-                    done, self._done = self._done, None
-                    done.callback(None)
-                    return
-                self._consumer.write(data)
-                self._progress()
-        except Exception:
-            done, self._done = self._done, None
-            if done is not None:
-                done.errback(Failure())
-        finally:
-            self._pumping = False
-
-    def pauseProducing(self) -> None:
-        """The backend is not reading: stop."""
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        """The backend drained its buffer: continue."""
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        """Abandon the body (the request was cancelled or failed)."""
-        self._done = None
-
-
-# -- one forwarded request ----------------------------------------------------------------------
-
-
-class _BodyRelay(Protocol):
-    """Writes the backend's response body to the client as it arrives."""
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-
-    def connectionMade(self) -> None:
-        """A slow client pauses the backend connection through this producer."""
-        self.exchange.body_started(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        """Pass each chunk on at once (SSE events must not wait)."""
-        self.exchange.request.write(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        """The body ended: cleanly, or truncated."""
-        self.exchange.body_ended(reason)
-
-
-class _Discard(Protocol):
-    """Takes a response body nobody wants and closes its connection."""
-
-    def connectionMade(self) -> None:
-        """Close the backend connection rather than read the body."""
-        self.transport.stopProducing()
-
-
-class _Exchange:
-    """One request forwarded to a backend and its response relayed back."""
-
-    __slots__ = ("proxy", "request", "port", "name", "pending", "timer", "body_transport", "state")
-
-    def __init__(self, proxy: Forwarder, request: IRequest, port: int, name: str) -> None:
-        self.proxy = proxy
-        self.request = request
-        self.port = port
-        self.name = name
-        self.pending: Deferred[tuple[IResponse, Headers]] | None = None
-        self.timer: Any = None
-        self.body_transport: Any = None
-        self.state = Exchange.WAITING
-
-    def start(self, target: bytes, prefix: bytes) -> None:
-        """Send the request; the answer arrives in ``got_response`` or ``failed``."""
-        request = self.request
-        headers = forward_request_headers(request, self.port, prefix, channel_scheme(request))
-        body = _SpooledBody.of(request, self.progress)
-        self.timer = self.proxy.reactor.callLater(self.proxy.timeout, self.timed_out)
-        request.notifyFinish().addErrback(self.client_gone)
-        try:
-            pending = self.proxy.agent.forward(self.port, request.method, target, headers, body)
-        except ValueError as error:  # an unusable method token
-            self.timer.cancel()
-            self.state = Exchange.DONE
-            error_answer(request, 400, "bad_request", str(error), self.name)
-            return
-        self.pending = pending
-        pending.addCallbacks(self.got_response, self.failed)
-
-    def progress(self) -> None:
-        """The backend accepted more of the request body: it is alive, restart the header bound."""
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.proxy.timeout)
-
-    def timed_out(self) -> None:
-        """No response headers within the bound."""
-        self.timer = None
-        if self.state is Exchange.WAITING and self.pending is not None:
-            self.state = Exchange.TIMED_OUT
-            self.pending.cancel()
-
-    def got_response(self, answer: tuple[Any, Headers]) -> None:
-        """Relay the status and headers, then stream the body."""
-        response, conn_headers = answer
-        self.pending = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        request = self.request
-        if self.state is not Exchange.WAITING:
-            # Cannot happen through the Agent (cancelling fails the Deferred at once); be safe anyway.
-            response.deliverBody(_Discard())
-            return
-        self.state = Exchange.STREAMING
-        request.setResponseCode(response.code, response.phrase)
-        copy_response_headers(response.headers, conn_headers, request)
-        if request.method == b"HEAD":
-            # For HEAD the backend's Content-Length describes the body it would send: keep it.
-            lengths = response.headers.getRawHeaders(b"content-length")
-            if lengths:
-                request.responseHeaders._rawHeaders[b"Content-Length"] = list(lengths)
-        elif isinstance(response.length, int) and response.code not in NO_BODY_CODES:
-            request.responseHeaders._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
-        response.deliverBody(_BodyRelay(self))
-
-    def body_started(self, transport: Any) -> None:
-        """Let the client's connection pause and resume the backend's."""
-        self.body_transport = transport
-        self.request.registerProducer(transport, True)
-
-    def body_ended(self, reason: Failure) -> None:
-        """Finish the client's response, or close its connection if the body was cut short."""
-        self.body_transport = None
-        if self.state is not Exchange.STREAMING:
-            return
-        self.state = Exchange.DONE
-        request = self.request
-        request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            request.finish()
-        else:
-            # Closing (rather than ending the chunked body) tells the client the body is incomplete.
-            request.loseConnection()
-
-    def failed(self, reason: Failure) -> None:
-        """No response: 504 after the bound, 502 otherwise (unless the client already left)."""
-        self.pending = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        state, self.state = self.state, Exchange.DONE
-        if state is Exchange.CLIENT_GONE:
-            return
-        if state is Exchange.TIMED_OUT:
-            message = (
-                f"backend {self.name} on 127.0.0.1:{self.port} sent no response headers "
-                f"within {self.proxy.timeout:g}s"
-            )
-            self.proxy.note_error(self.port, message)
-            error_answer(self.request, 504, "gateway_timeout", message, self.name)
-            return
-        message = describe_failure(reason, self.name, self.port)
-        self.proxy.note_error(self.port, message)
-        error_answer(self.request, 502, "bad_gateway", message, self.name)
-
-    def client_gone(self, reason: Failure) -> None:
-        """The client disconnected: abort the backend request at once."""
-        state, self.state = self.state, Exchange.CLIENT_GONE
-        if state is Exchange.WAITING and self.pending is not None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            self.pending.cancel()
-        elif state is Exchange.STREAMING and self.body_transport is not None:
-            # The channel already dropped its producer with the connection; just close the backend.
-            self.body_transport.stopProducing()
-
-
-# -- backend credentials (OPENCODE_SERVER_PASSWORD) ---------------------------------------------
+def basic_header(username: str, password: str) -> bytes:
+    """``Basic base64(user:password)``."""
+    return b"Basic " + base64.b64encode(f"{username}:{password}".encode())
 
 
 class BackendCredentials:
@@ -416,13 +89,48 @@ class BackendCredentials:
         return basic_header(self.username, self.password)
 
 
-def basic_header(username: str, password: str) -> bytes:
-    """``Basic base64(user:password)``."""
-    return b"Basic " + base64.b64encode(f"{username}:{password}".encode())
+class BackendTarget:
+    """What forwarding to one backend needs, computed when the backend appears or changes."""
+
+    __slots__ = ("port", "slug", "host_line", "authorization", "meters")
+
+    def __init__(self, backend: Backend, authorization: bytes | None, meters: dict[str, ProxyMeter] | None) -> None:
+        self.port = backend.port
+        self.slug = backend.slug
+        self.host_line = b"Host: 127.0.0.1:%d\r\n" % backend.port
+        #: Our password for one of our own locked backends (replaces the client's Authorization).
+        self.authorization = authorization
+        #: Metric children by routing mode (``host``/``path``).
+        self.meters = meters
+
+
+def error_answer(request: IRequest, code: int, error: str, message: str, backend: str) -> None:
+    """Answer ``request`` with a JSON error (nothing sent yet), replacing any headers set so far."""
+    body = json_bytes(error_body(error, backend=backend, message=message))
+    request.setResponseCode(code)
+    server_request(request).responseHeaders = Headers(
+        {b"content-type": [b"application/json"], b"cache-control": [b"no-store"],
+         b"content-length": [b"%d" % len(body)]}
+    )
+    connection = request.getHeader(b"connection")
+    if connection and b"close" in connection.lower():
+        request.setHeader(b"connection", b"close")
+    request.write(body)
+    request.finish()
+
+
+def describe_failure(reason: Failure, name: str, port: int) -> str:
+    """A sentence saying why a backend could not be reached."""
+    where = f"backend {name} on 127.0.0.1:{port}"
+    if reason.check(ConnectionRefusedError):
+        return f"{where} refused the connection (is it still running?)"
+    if reason.check(ConnectError):
+        return f"{where} could not be reached: {reason.getErrorMessage()}"
+    return f"{where} failed: {reason.getErrorMessage() or type(reason.value).__name__}"
 
 
 class Forwarder:
-    """What every forwarded request shares: the reactor, the pool, the bounds, the backend password."""
+    """What every forwarded request shares: the pool, the bounds, the backend password, the metrics."""
 
     def __init__(
         self,
@@ -431,28 +139,34 @@ class Forwarder:
         idle_timeout: float = 4.0,
         connect_timeout: float = 5.0,
         credentials: BackendCredentials | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.timeout = backend_timeout
         self.connect_timeout = connect_timeout
-        self.pool = backend_pool(reactor, idle_timeout=idle_timeout)
-        self.agent = _BackendAgent(reactor, self.pool, connect_timeout)
+        self.pool = BackendPool(reactor, reactor, idle_timeout=idle_timeout, connect_timeout=connect_timeout)
         self.credentials = credentials or BackendCredentials()
+        self.metrics = metrics
+        self._targets: dict[tuple[object, ...], BackendTarget] = {}
         self._last_logged: dict[int, float] = {}
 
-    def endpoint(self, port: int) -> TCP4ClientEndpoint:
-        """The endpoint of a backend port (for connections outside the pool: WebSockets)."""
-        return self.agent.endpoint(port)
+    def target(self, backend: Backend) -> BackendTarget:
+        """The precomputed target of ``backend`` (made again only when what it depends on changes)."""
+        key = (backend.slug, backend.port, backend.locked, backend.router_credentials)
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) > 4096:
+                self._targets.clear()  # backends that changed port or went away; cheap to rebuild
+            meters = None
+            if self.metrics is not None:
+                meters = {mode: self.metrics.proxy_meter(backend.slug, mode) for mode in ("host", "path")}
+            target = self._targets[key] = BackendTarget(backend, self.credentials.credentials_for(backend), meters)
+        return target
 
-    def add_credentials(self, request: IRequest, backend: Backend) -> None:
-        """Put our password on a request for one of our own locked backends (when that is safe)."""
-        authorization = self.credentials.credentials_for(backend)
-        if authorization is not None:
-            request.requestHeaders.setRawHeaders(b"authorization", [authorization])
-
-    def forward(self, request: IRequest, port: int, name: str, target: bytes, prefix: bytes) -> None:
-        """Send ``request`` to the backend on ``port`` as ``target``; its answer is relayed to the client."""
-        _Exchange(self, request, port, name).start(target, prefix)
+    def forward(self, request: IRequest, target: BackendTarget, path: bytes, prefix: bytes, mode: str,
+                upgrade: bool = False) -> None:
+        """Send ``request`` to the backend as ``path``; its answer is relayed to the client."""
+        _Exchange(self, server_request(request), target, mode, upgrade).start(path, prefix)
 
     def note_error(self, port: int, message: str) -> None:
         """Log a backend failure, at most once per backend every 10 s (a dead backend is hammered)."""
@@ -462,5 +176,271 @@ class Forwarder:
             log.warn("{message}", message=message)
 
     def close(self) -> Deferred[None]:
-        """Close the cached idle backend connections; fires when they are closed."""
-        return self.pool.closeCachedConnections()
+        """Close the idle backend connections; fires when they are closed."""
+        return self.pool.close()
+
+
+class _Exchange:
+    """One request forwarded to a backend, its response relayed back."""
+
+    __slots__ = ("forwarder", "request", "target", "mode", "upgrade", "state", "connection", "attempt",
+                 "timer", "head", "body", "body_file", "body_length", "retried", "began", "kind", "decode",
+                 "client_chunks")
+
+    def __init__(self, forwarder: Forwarder, request: Request, target: BackendTarget, mode: str,
+                 upgrade: bool) -> None:
+        self.forwarder = forwarder
+        self.request = request
+        self.target = target
+        self.mode = mode
+        self.upgrade = upgrade
+        self.state = Exchange.CONNECTING
+        self.connection: BackendConnection | None = None
+        self.attempt: _Connecting | None = None
+        self.timer: IDelayedCall | None = None
+        self.head = b""
+        self.body: bytes | None = None
+        self.body_file: Any = None
+        self.body_length = 0
+        self.retried = False
+        self.began = 0.0
+        self.kind: str | None = None
+        #: The client cannot take chunked framing (HTTP/1.0): chunked bodies are decoded for it.
+        self.decode = False
+        #: The client's body is chunked by twisted.web (a close-framed backend body to an HTTP/1.1 client).
+        self.client_chunks = False
+
+    # -- sending the request ------------------------------------------------------------------------
+    def start(self, path: bytes, prefix: bytes) -> None:
+        """Build the request head and body, get a connection, send."""
+        request = self.request
+        forwarder = self.forwarder
+        self.began = forwarder.reactor.seconds()
+        if forwarder.metrics is not None:
+            self.kind = stream_kind(request)
+            if self.kind is not None:
+                forwarder.metrics.stream_opened(self.kind)
+        request.notifyFinish().addBoth(self._client_finished)
+        method = request.method
+        if not _METHOD.match(method):
+            self._answer_error(400, "bad_request", f"method {method[:40]!r} is not an HTTP method token")
+            return
+        content = request.content
+        length = 0
+        if content is not None:
+            position = content.tell()
+            length = content.seek(0, 2) - position
+            content.seek(position)
+        self.body_length = length
+        if 0 < length <= _INLINE_BODY:
+            assert content is not None
+            self.body = content.read(length)
+        elif length > _INLINE_BODY:
+            self.body_file = content
+        self.head = self._request_head(path, prefix, length)
+        self.timer = forwarder.reactor.callLater(forwarder.timeout, self._timed_out)
+        self._connect(fresh=self.upgrade)
+
+    def _request_head(self, path: bytes, prefix: bytes, length: int) -> bytes:
+        request, target = self.request, self.target
+        parts = [request.method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
+        credentials = target.authorization
+        for name, values in end_to_end(request.requestHeaders, REQUEST_SKIP):
+            if credentials is not None and name.lower() == b"authorization":
+                continue
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        if credentials is not None:
+            parts += (b"Authorization: ", credentials, b"\r\n")
+        for name, value in forwarded_fields(request, channel_scheme(request), prefix):
+            parts += (name, b": ", value, b"\r\n")
+        if length or request.method in (b"POST", b"PUT", b"PATCH"):
+            parts.append(b"Content-Length: %d\r\n" % length)
+        if self.upgrade:
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _connect(self, fresh: bool) -> None:
+        self.state = Exchange.CONNECTING
+        self.attempt = self.forwarder.pool.acquire(self.target.port, self._connected, self._connect_failed, fresh)
+
+    def _connected(self, connection: BackendConnection) -> None:
+        self.attempt = None
+        if self.state is not Exchange.CONNECTING:
+            connection.abort()
+            return
+        self.state = Exchange.WAITING
+        self.connection = connection
+        connection.send(self.head, self.body, self, head_request=self.request.method == b"HEAD",
+                        upgrade=self.upgrade, body_file=self.body_file, body_length=self.body_length)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.attempt = None
+        if self.state is not Exchange.CONNECTING:
+            return
+        message = describe_failure(reason, self.target.slug, self.target.port)
+        self.forwarder.note_error(self.target.port, message)
+        self._answer_error(502, "bad_gateway", message)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.state not in (Exchange.CONNECTING, Exchange.WAITING):
+            return
+        what = ("did not accept the connection" if self.state is Exchange.CONNECTING
+                else "sent no response headers")
+        self._drop_backend()
+        where = f"backend {self.target.slug} on 127.0.0.1:{self.target.port}"
+        message = f"{where} {what} within {self.forwarder.timeout:g}s"
+        self.forwarder.note_error(self.target.port, message)
+        self._answer_error(504, "gateway_timeout", message)
+
+    def body_progress(self) -> None:
+        """The backend took more of the request body: it is alive, restart the header bound."""
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.forwarder.timeout)
+
+    # -- the response -----------------------------------------------------------------------------------
+    def response_head(self, head: ResponseHead) -> None:
+        """Write the status line and the end-to-end headers to the client; the body follows."""
+        if self.state is not Exchange.WAITING:
+            return
+        self._cancel_timer()
+        self.state = Exchange.STREAMING
+        request = self.request
+        request.setResponseCode(head.code, head.reason or None)
+        request.startedWriting = 1  # the head is ours to write, exactly once
+        channel = request.channel
+        framing = head.framing
+        version = request.clientproto if request.clientproto in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
+        persistent = bool(getattr(channel, "persistent", False))
+        parts = [version, b" %d " % head.code, head.reason, b"\r\n"]
+        named = connection_tokens([value for name, value in head.headers if name.lower() == b"connection"])
+        skip = RESPONSE_SKIP | named if named else RESPONSE_SKIP
+        length_lines: list[bytes] = []
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in skip or lower.startswith(b"proxy-"):
+                if lower == b"content-length" and request.method == b"HEAD":
+                    length_lines.append(value)  # the length of the body a GET would get: kept
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if framing is Framing.NONE:
+            if length_lines:
+                parts += (b"Content-Length: ", length_lines[-1], b"\r\n")
+        elif framing is Framing.LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % (head.length or 0))
+        elif version == b"HTTP/1.1":
+            if framing is Framing.CHUNKED:
+                parts += (b"Transfer-Encoding: ", head.transfer_encoding or b"chunked", b"\r\n")
+            else:
+                # Ends when the backend closes: chunk it, so the client's connection can stay open.
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.client_chunks = True
+                request.chunked = 1
+        else:
+            # An HTTP/1.0 client: the body ends when we close its connection; chunked bodies are decoded.
+            self.decode = framing is Framing.CHUNKED
+            persistent = False
+            if channel is not None:
+                channel.persistent = False
+        if not persistent:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        assert channel is not None
+        channel.writeSequence(parts)
+        connection = self.connection
+        if connection is not None:
+            if self.decode:
+                connection.decode_chunks = True
+            request.registerProducer(connection.connection(), True)
+
+    def response_body(self, data: bytes) -> None:
+        """Body bytes: on to the client as they came."""
+        if self.state is Exchange.STREAMING:
+            self.request.write(data)
+
+    def response_end(self) -> None:
+        """The body is complete: finish the client's response."""
+        if self.state is not Exchange.STREAMING:
+            return
+        self.state = Exchange.DONE
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        self.connection = None
+        request.finish()
+
+    def response_failed(self, why: str, received_head: bool) -> None:
+        """The backend broke off: 502 before the head, a visibly cut response after it."""
+        connection, self.connection = self.connection, None
+        if self.state is Exchange.WAITING and not received_head:
+            if (connection is not None and connection.reused and connection.received == 0 and not self.retried
+                    and self.request.method in _IDEMPOTENT and self.body_file is None):
+                # A kept-alive connection the backend closed just as we used it: try once on a new one.
+                self.retried = True
+                self._connect(fresh=True)
+                return
+            self._cancel_timer()
+            message = f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}"
+            self.forwarder.note_error(self.target.port, message)
+            self._answer_error(502, "bad_gateway", message)
+        elif self.state is Exchange.STREAMING:
+            self.state = Exchange.DONE
+            request = self.request
+            if request.producer is not None:
+                request.unregisterProducer()
+            self.forwarder.note_error(self.target.port,
+                                      f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}")
+            # Closing (rather than ending the body) tells the client the response is incomplete.
+            request.loseConnection()
+
+    def switched(self, head: ResponseHead, rest: bytes) -> None:
+        """A 101 to the upgrade: relay it verbatim and splice the two connections."""
+        from .websocket import splice
+
+        connection = self.connection
+        if self.state is not Exchange.WAITING or connection is None:
+            return
+        self._cancel_timer()
+        self.state = Exchange.SPLICED
+        self.request.setResponseCode(101)
+        splice(self.request, connection, head.raw + rest)
+
+    # -- endings -----------------------------------------------------------------------------------------
+    def _answer_error(self, code: int, error: str, message: str) -> None:
+        self._cancel_timer()
+        self.state = Exchange.DONE
+        error_answer(self.request, code, error, message, self.target.slug)
+
+    def _drop_backend(self) -> None:
+        if self.attempt is not None:
+            self.attempt.cancel()
+            self.attempt = None
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+
+    def _cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _client_finished(self, result: object) -> None:
+        """The client's response ended: cleanly, or the client went away (then the backend goes too)."""
+        state = self.state
+        if state is not Exchange.DONE:
+            self.state = Exchange.CLIENT_GONE
+            self._cancel_timer()
+            self._drop_backend()
+        metrics = self.forwarder.metrics
+        if metrics is None:
+            return
+        if self.kind is not None:
+            metrics.stream_closed(self.kind)
+        meters = self.target.meters
+        if meters is not None:
+            request = self.request
+            status = request.code if request.startedWriting else None
+            meters[self.mode].finished(status, self.forwarder.reactor.seconds() - self.began,
+                                       request.sentLength, self.body_length)

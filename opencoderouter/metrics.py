@@ -13,16 +13,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 
 from . import __version__
-from .channel import server_request
 from .launcher import LauncherState
 from .registry import Registry
-from .routing import Route
 
 #: Distinct slugs that get their own series; later ones are counted under ``OTHER_SLUG``.
 MAX_SLUG_LABELS = 200
@@ -172,6 +168,10 @@ class RouterMetrics:
         self._child(self.request_duration, mode).observe(max(duration, 0.0))
         self.bytes_relayed_add(slug, response_bytes, request_bytes)
 
+    def proxy_meter(self, slug: str, mode: str) -> ProxyMeter:
+        """The metric children of one backend in one routing mode, bound once (forwarding keeps them)."""
+        return ProxyMeter(self, slug, _one_of(mode, ROUTING_MODES))
+
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: it is on every proxied request's path.
 
@@ -224,6 +224,34 @@ class RouterMetrics:
         return MetricsResource(self)
 
 
+class ProxyMeter:
+    """Counts one backend's proxied requests in one routing mode, with the label children looked up once."""
+
+    __slots__ = ("_metrics", "_label", "_mode", "_by_class", "_duration", "_to_client", "_to_backend")
+
+    def __init__(self, metrics: RouterMetrics, slug: str, mode: str) -> None:
+        self._metrics = metrics
+        self._label = metrics.slug_label(slug)
+        self._mode = mode
+        self._by_class: dict[str, Any] = {}
+        self._duration = metrics.request_duration.labels(mode)
+        self._to_client = metrics.bytes_relayed.labels(self._label, "to_client")
+        self._to_backend = metrics.bytes_relayed.labels(self._label, "to_backend")
+
+    def finished(self, status: int | None, duration: float, response_bytes: int, request_bytes: int) -> None:
+        """A proxied request ended (``status`` None when the client left before any answer)."""
+        kind = status_class(status)
+        child = self._by_class.get(kind)
+        if child is None:
+            child = self._by_class[kind] = self._metrics.requests.labels(self._label, self._mode, kind)
+        child.inc()
+        self._duration.observe(max(duration, 0.0))
+        if response_bytes > 0:
+            self._to_client.inc(response_bytes)
+        if request_bytes > 0:
+            self._to_backend.inc(request_bytes)
+
+
 class MetricsResource(Resource):
     """``GET /metrics``: the Prometheus text format."""
 
@@ -251,62 +279,3 @@ def stream_kind(request: IRequest) -> str | None:
     if b"text/event-stream" in (request.getHeader(b"accept") or b"").lower():
         return "sse"
     return None
-
-
-class MeteredProxyFactory:
-    """Wraps the proxy's factory so that every forwarded request is counted, whatever the proxy does inside.
-
-    Counts what the client saw: the status sent (None when the client left before any answer),
-    the time to the end of the response and the body bytes written. A proxy that knows more
-    (WebSocket frames relayed after the upgrade) adds it with ``RouterMetrics.bytes_relayed_add``.
-    """
-
-    def __init__(self, inner: Any, metrics: RouterMetrics, clock: IReactorTime) -> None:
-        self.inner = inner
-        self.metrics = metrics
-        self.clock = clock
-
-    def __call__(self, route: Route) -> IResource:
-        """The inner proxy's resource for this request, metered."""
-        assert route.backend is not None and route.mode is not None
-        return _Metered(self.inner(route), self, route.backend.slug, route.mode.value)
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (close(), pool, ...) is the inner factory's.
-        return getattr(self.inner, name)
-
-
-class _Metered(Resource):
-    """Renders the inner resource and reports the request when it ends."""
-
-    isLeaf = True
-
-    def __init__(self, inner: IResource, factory: MeteredProxyFactory, slug: str, mode: str) -> None:
-        super().__init__()
-        self.inner = inner
-        self.factory = factory
-        self.slug = slug
-        self.mode = mode
-
-    def render(self, request: IRequest) -> Any:
-        """Start the clock, hand the request on, report at its end."""
-        request = server_request(request)
-        metrics, began = self.factory.metrics, self.factory.clock.seconds()
-        kind = stream_kind(request)
-        try:
-            sent_body = int(request.getHeader(b"content-length") or 0)
-        except ValueError:
-            sent_body = 0
-        if kind is not None:
-            metrics.stream_opened(kind)
-
-        def ended(result: Failure | None) -> None:
-            if kind is not None:
-                metrics.stream_closed(kind)
-            status = request.code if getattr(request, "startedWriting", True) else None
-            duration = self.factory.clock.seconds() - began
-            metrics.request_finished(self.slug, self.mode, status, duration,
-                                     getattr(request, "sentLength", 0), sent_body)
-
-        request.notifyFinish().addBoth(ended)
-        return self.inner.render(request)

@@ -1,9 +1,10 @@
-"""The per-backend proxy resource: where a routed request is handed to forwarding or the WebSocket splice.
+"""The per-backend proxy resource: where a routed request is handed to forwarding.
 
 :class:`BackendResource` is a ``ReverseProxyResource`` (same constructor: host, port, path) whose
 ``render`` sends the request through the router's shared :class:`~.forwarding.Forwarder` instead of
-Twisted's HTTP/1.0 client. :class:`BackendProxyFactory` is what the root resource calls with a
-backend :class:`~.routing.Route`.
+Twisted's HTTP/1.0 client; what stays the same for a backend is built once per backend
+(:class:`~.forwarding.BackendTarget`), so a resource per request costs next to nothing.
+:class:`BackendProxyFactory` is what the root resource calls with a backend :class:`~.routing.Route`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 
 from .channel import server_request
-from .forwarding import Forwarder, error_answer
+from .forwarding import BackendTarget, Forwarder, error_answer
 from .headers import is_websocket_upgrade
-from .registry import Backend
 from .routing import Mode, Route
-from .websocket import forward_upgrade
 
 #: What goes out as a request target (origin-form, visible ASCII); anything else is a 400.
 _VALID_TARGET = re.compile(rb"\A/[\x21-\x7e]*\Z")
@@ -40,21 +39,19 @@ class BackendResource(ReverseProxyResource):
         path: bytes,
         reactor: Any = None,
         *,
-        forwarder: Forwarder | None = None,
+        forwarder: Forwarder,
+        target: BackendTarget,
         prefix: bytes = b"",
-        name: str | None = None,
-        backend: Backend | None = None,
+        mode: str = "path",
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
         # ReverseProxyResource.__init__ also runs Resource.__init__.
-        super().__init__(host, port, path, reactor)
+        super().__init__(host, port, path, reactor or forwarder.reactor)
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError(f"backends listen on 127.0.0.1, not {host!r}")
-        self.forwarder = forwarder or Forwarder(reactor)
+        self.forwarder = forwarder
+        self.target = target
         self.prefix = prefix
-        self.name = name or str(port)
-        self.backend = backend
+        self.mode = mode
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         """A leaf: the whole remaining path is already in ``self.path``."""
@@ -66,17 +63,13 @@ class BackendResource(ReverseProxyResource):
         if not _VALID_TARGET.match(target):
             error_answer(
                 request, 400, "bad_request",
-                f"request target {target[:200]!r} is not an origin-form path of visible ASCII", self.name,
+                f"request target {target[:200]!r} is not an origin-form path of visible ASCII", self.target.slug,
             )
             return NOT_DONE_YET
         # Responses carry the backend's headers only: no text/html default, no Twisted Server header.
         server_request(request).defaultContentType = None
-        if self.backend is not None:
-            self.forwarder.add_credentials(request, self.backend)
-        if is_websocket_upgrade(request):
-            forward_upgrade(self.forwarder, request, self.port, self.name, target, self.prefix)
-        else:
-            self.forwarder.forward(request, self.port, self.name, target, self.prefix)
+        self.forwarder.forward(request, self.target, target, self.prefix, self.mode,
+                               upgrade=is_websocket_upgrade(request))
         return NOT_DONE_YET
 
 
@@ -89,12 +82,14 @@ class BackendProxyFactory:
     def __call__(self, route: Route) -> IResource:
         """The resource forwarding ``route.target`` to ``route.backend`` (``route.prefix`` was stripped)."""
         backend = route.backend
-        assert backend is not None, "only backend routes are forwarded"
+        assert backend is not None and route.mode is not None, "only backend routes are forwarded"
+        path_mode = route.mode is Mode.PATH
         return BackendResource(
-            "127.0.0.1", backend.port, route.target, self.forwarder.reactor, forwarder=self.forwarder,
-            prefix=route.prefix if route.mode is Mode.PATH else b"", name=backend.slug, backend=backend,
+            "127.0.0.1", backend.port, route.target, forwarder=self.forwarder,
+            target=self.forwarder.target(backend), prefix=route.prefix if path_mode else b"",
+            mode=route.mode.value,
         )
 
     def close(self) -> Deferred[None]:
-        """Close the cached idle backend connections; fires when they are closed."""
+        """Close the idle backend connections; fires when they are closed."""
         return self.forwarder.close()

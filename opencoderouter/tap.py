@@ -24,7 +24,7 @@ from .launcher import Launcher, LauncherSettings, served_port_finder
 from .listeners import list_listeners
 from .loopback_http import loopback_agent, probe_client
 from .mdns import MdnsAdvertiser
-from .metrics import MeteredProxyFactory, RouterMetrics
+from .metrics import RouterMetrics
 from .proxy import BackendProxyFactory
 from .registry import Naming, Registry, slugify
 from .routing import ASSETS_SEGMENT, Router, RouterResource
@@ -124,8 +124,9 @@ def makeService(options: Options) -> MultiService:
         events=events,
     )
     # Every forwarded request is counted at the edge, whatever the proxy does inside.
-    forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials)
-    proxy_factory = MeteredProxyFactory(BackendProxyFactory(forwarder), metrics, reactor)
+    forwarder = Forwarder(reactor, backend_timeout=options["backend-timeout"], credentials=backend_credentials,
+                          metrics=metrics)
+    proxy_factory = BackendProxyFactory(forwarder)
     hosts = HostPolicy(
         registry.by_host_label,
         options["allowed-hosts"],

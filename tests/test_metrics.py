@@ -17,15 +17,14 @@ from opencoderouter.listeners import Listener
 from opencoderouter.metrics import (
     MAX_SLUG_LABELS,
     OTHER_SLUG,
-    MeteredProxyFactory,
     RouterMetrics,
     status_class,
 )
 from opencoderouter.registry import Registry, Sighting
-from opencoderouter.routing import Mode, Route, RouteKind
 from opencoderouter.scanner import Prober, Scanner
 from opencoderouter.testing import FakeOpenCode
 
+from .forwarding_harness import Harness
 from .support import http_get, wait_for
 
 
@@ -235,51 +234,15 @@ def test_router_process_serves_metrics_that_move(tmp_path, fake_opencode_factory
     wait_for(lambda: value(scraped(), "opencoderouter_dashboard_streams") == 0, what="stream uncounted")
 
 
-class _Answer(Resource):
-    """Stands in for the proxy's per-request resource: answers at once, or holds a stream open."""
-
-    isLeaf = True
-    open_streams: list = []
-
-    def __init__(self, code: int = 201, body: bytes = b"hello", stream: bool = False) -> None:
-        super().__init__()
-        self.code, self.body, self.stream = code, body, stream
-
-    def render(self, request: IRequest) -> Any:
-        request.setResponseCode(self.code)
-        if self.stream:
-            request.setHeader(b"content-type", b"text/event-stream")
-            request.write(b"data: {}\n\n")
-            _Answer.open_streams.append(request)
-            return NOT_DONE_YET
-        return self.body
-
-
-def metered(metrics: RouterMetrics, clock: Clock, **answer: Any) -> Any:
-    closed: list[bool] = []
-
-    class Inner:
-        def __call__(self, route):
-            return _Answer(**answer)
-
-        def close(self):
-            closed.append(True)
-
-    factory = MeteredProxyFactory(Inner(), metrics, clock)
-    factory.close()  # the router's shutdown reaches the real factory through the wrapper
-    assert closed == [True]
-    backend = Registry(clock, 30).record(Sighting(30001, "/p/alpha", "1", None))
-    return factory(Route(RouteKind.BACKEND, backend, Mode.PATH, target=b"/x", prefix=b"/alpha"))
-
-
-def test_metered_proxy_counts_each_forwarded_request():
-    clock = Clock()
-    metrics = RouterMetrics(Registry(clock, 30))
-    stub = StubTreq(metered(metrics, clock, code=201, body=b"hello"))
-    for _ in range(3):
-        response = stub.post("http://router/alpha/x", data=b"0123456789")
-        stub.flush()
-        assert response.result.code == 201
+def test_forwarded_requests_are_counted_with_status_bytes_and_duration():
+    metrics = RouterMetrics(Registry(Clock(), 30))
+    h = Harness(metrics=metrics)
+    for index in range(3):
+        h.send(b"POST /x HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\n0123456789")
+        if index == 0:
+            h.accept()
+        h.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello")
+    assert h.out().count(b"HTTP/1.1 201 ") == 3
     text = scrape(metrics)
     assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="path", status_class="2xx") == 3
     assert value(text, "opencoderouter_proxy_bytes_total", slug="alpha", direction="to_client") == 15
@@ -287,17 +250,15 @@ def test_metered_proxy_counts_each_forwarded_request():
     assert value(text, "opencoderouter_proxy_request_duration_seconds_count", mode="path") == 3
 
 
-def test_metered_proxy_counts_open_event_streams_until_they_end():
-    clock = Clock()
-    metrics = RouterMetrics(Registry(clock, 30))
-    stub = StubTreq(metered(metrics, clock, code=200, stream=True))
-    _Answer.open_streams.clear()
-    stub.get("http://router/alpha/event", headers={"Accept": "text/event-stream"})
-    stub.flush()
+def test_forwarded_event_streams_are_counted_open_until_they_end():
+    metrics = RouterMetrics(Registry(Clock(), 30))
+    h = Harness(metrics=metrics)
+    h.get(b"/event", headers=b"Accept: text/event-stream\r\n")
+    h.accept()
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert value(scrape(metrics), "opencoderouter_proxy_open_streams", kind="sse") == 1
-    clock.advance(90)
-    _Answer.open_streams.pop().finish()
-    stub.flush()
+    h.reactor.advance(90)
+    h.answer(b"0\r\n\r\n")
     text = scrape(metrics)
     assert value(text, "opencoderouter_proxy_open_streams", kind="sse") == 0
     assert value(text, "opencoderouter_proxy_request_duration_seconds_sum", mode="path") == 90

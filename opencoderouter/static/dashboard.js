@@ -334,9 +334,28 @@
       if (rerender) render();
     });
   }
+  // Other page sections (their own files under /_router/) follow the same stream:
+  // window.ocrDashboard.on(eventName, fn) calls fn(data, routerFacts) for every such event,
+  // the snapshot included, across reconnects.
+  const extensions = [];
+  window.ocrDashboard = {
+    on(name, fn) {
+      extensions.push([name, fn]);
+      if (source) listen(source, name, fn);
+    },
+    router() { return state.router || {}; },
+  };
+  function listen(target, name, fn) {
+    target.addEventListener(name, (event) => {
+      let data;
+      try { data = JSON.parse(event.data); } catch (error) { return; }
+      try { fn(data || {}, state.router || {}); } catch (error) { console.error(error); }
+    });
+  }
   function connect() {
     if (source) source.close();
     source = new EventSource("/api/events");
+    for (const [name, fn] of extensions) listen(source, name, fn);
     source.onopen = () => { setConnection("live", "pill-live"); $("notice").hidden = true; };
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
