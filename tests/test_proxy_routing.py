@@ -138,7 +138,7 @@ def test_form_post_body_is_forwarded_not_parsed(stack):
 def test_silent_backend_gets_504_json_after_the_bound(stack):
     # /hang never answers: only the router's --backend-timeout bound can end the request, and the
     # answer names it. That the bound is kept, no sooner and no later, is shown on a Clock in
-    # test_proxy_unit; the real figure is bench/timing_bounds.py's.
+    # test_forwarding; the real figure is bench/timing_bounds.py's.
     status, headers, body = stack.request("GET", "/alpha/hang")
     assert status == 504
     answer = json.loads(body)
