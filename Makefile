@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --port 8080
 PYTEST_ARGS ?=
+# Workers for the test run (see "Development" in the README: most tests wait, so more than the cores).
+TEST_WORKERS ?= 6
 BENCH_ARGS ?=
 
 .PHONY: run test deps system-deps opencode bench clean
@@ -28,9 +30,11 @@ system-deps:
 opencode:
 	sh tests/setup/install-opencode.sh
 
-## Every test.
+## Lint, types, then every test, spread over $(TEST_WORKERS) workers (tests/scheduling.py): make test PYTEST_ARGS=-x
 test: deps system-deps opencode
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check opencoderouter tests bench twisted
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## Benchmarks against the targets of issue 9 (table + bench/results/*.json): make bench BENCH_ARGS=--quick
 bench: deps system-deps opencode
