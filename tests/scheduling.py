@@ -1,8 +1,10 @@
 """How the suite spreads over pytest-xdist workers (``-n N --dist loadgroup``, as ``make test`` runs it).
 
 - A test marked ``long`` (minutes of real time: the 150 s SSE stream, the 130 s model turn) is a work
-  unit of its own. Long tests are handed out first, so each starts at once on its own worker, and a
-  worker running one is given no other work until it has finished: nothing queues behind it.
+  unit of its own. Long tests are handed out first, one to a worker, and that worker is told to end
+  after it: nothing queues behind a two-minute test. (An xdist worker starts a test only once it
+  knows the next one or that there is none, so "no more work for now" would leave it idle; "stop
+  after this one" lets it start at once.) Run with two workers more than you want for the rest.
 - Tests marked ``xdist_group("name")`` come next, each group as one unit on one worker: the modules
   that share an expensive module fixture (the real OpenCode pipeline, the mDNS namespaces, a router
   stack) set it up once.
@@ -64,7 +66,7 @@ def order_and_publish(items: list[pytest.Item]) -> None:
 
 
 class LongTestsOwnWorker(LoadScopeScheduling):
-    """Units as the workers published them, handed out in collection order; a long unit keeps its worker to itself."""
+    """Units as the workers published them, handed out in collection order; a long unit's worker ends with it."""
 
     def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
         super().__init__(config, log)
@@ -75,14 +77,12 @@ class LongTestsOwnWorker(LoadScopeScheduling):
             self.units = json.loads(Path(os.environ[UNITS_FILE]).read_text())
         return self.units.get(nodeid, nodeid)
 
-    def _reschedule(self, node: WorkerController) -> None:
-        if self._running_long_test(node):
-            return
-        super()._reschedule(node)
-
-    def _running_long_test(self, node: WorkerController) -> bool:
-        return any(scope.startswith(LONG_UNIT) and not all(done.values())
-                   for scope, done in self.assigned_work.get(node, {}).items())
+    def _assign_work_unit(self, node: WorkerController) -> None:
+        scope = next(iter(self.workqueue))
+        super()._assign_work_unit(node)
+        others = [other for other in self.nodes if other is not node and not other.shutting_down]
+        if scope.startswith(LONG_UNIT) and others:
+            node.shutdown()  # it runs the long test, then ends; the other workers share the rest
 
 
 class SchedulingPlugin:
