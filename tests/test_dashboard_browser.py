@@ -182,35 +182,48 @@ def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_r
     assert "mDNS on: alpha-alice-2.local" in header
     assert "1 backend: 1 up, 0 down · 2 managed" in header
 
-    alpha = row(browser, "alpha")
-    assert status_of(browser, "alpha") == "up"
-    managed = alpha.find_element(By.CSS_SELECTOR, ".managed").text
+    def alpha_facts(d: Any) -> tuple[str | None, str, str]:
+        alpha = row(d, "alpha")
+        return (status_of(d, "alpha"), alpha.find_element(By.CSS_SELECTOR, ".managed").text,
+                alpha.find_element(By.CSS_SELECTOR, "a.link-LAN").get_attribute("href"))
+
+    # Read in one go, again if the polled instance list rebuilt the rows in between.
+    alpha_status, managed, lan_link = wait.until(alpha_facts)
+    assert alpha_status == "up"
     assert "managed: running" in managed and "2 restarts" in managed
     # The advertised mDNS name (renamed after a conflict) is the LAN link.
-    assert alpha.find_element(By.CSS_SELECTOR, "a.link-LAN").get_attribute("href") == \
+    assert lan_link == \
         f"http://alpha-alice-2.local:{stub_router.rsplit(':', 1)[1]}/"
 
     # The logs expander shows the lines as text and stays open across the page's refreshes.
-    alpha.find_element(By.CSS_SELECTOR, "details.logs summary").click()
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs summary").click() or True)
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").is_displayed())
-    first_text = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text
+    first_text = wait.until(lambda d: [row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text])[0]
     # The instance list is polled every 3 s; the stub's logs grow, so the rows are rebuilt.
     wait = WebDriverWait(browser, GUARD, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text != first_text)
-    logs = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")
-    assert logs.is_displayed() and "\n<b>not bold</b>\npoll " in logs.text
+    logs_shown, logs_text = wait.until(
+        lambda d: (lambda logs: (logs.is_displayed(), logs.text))(row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")))
+    assert logs_shown and "\n<b>not bold</b>\npoll " in logs_text
     assert browser.find_elements(By.CSS_SELECTOR, "#rows pre b, #rows i, #rows script") == []
 
     # An instance that is not answering gets its own row: failed, with the reason and a Start button.
-    failed = browser.find_element(By.CSS_SELECTOR, "#rows tr[data-instance]")
-    assert failed.find_element(By.CSS_SELECTOR, ".pill").text == "failed"
-    assert failed.find_element(By.CSS_SELECTOR, ".project-path").text == "/home/alice/broken <i>x"
-    assert failed.find_element(By.CSS_SELECTOR, ".project-name").text == "broken <i>x"
-    assert "exited 5 times within 60 s" in failed.text
-    assert [b.text for b in failed.find_elements(By.CSS_SELECTOR, ".controls button")] == ["Start"]
+    def failed_facts(d: Any) -> tuple[str, str, str, str, list[str]]:
+        failed = d.find_element(By.CSS_SELECTOR, "#rows tr[data-instance]")
+        return (failed.find_element(By.CSS_SELECTOR, ".pill").text,
+                failed.find_element(By.CSS_SELECTOR, ".project-path").text,
+                failed.find_element(By.CSS_SELECTOR, ".project-name").text, failed.text,
+                [b.text for b in failed.find_elements(By.CSS_SELECTOR, ".controls button")])
+
+    pill, path, name, failed_text, buttons = wait.until(failed_facts)  # one read, retried after a rebuild
+    assert pill == "failed"
+    assert path == "/home/alice/broken <i>x"
+    assert name == "broken <i>x"
+    assert "exited 5 times within 60 s" in failed_text
+    assert buttons == ["Start"]
 
     # Stop sends DELETE /api/instances/{slug}; a refusal is shown as a sentence.
-    row(browser, "alpha").find_element(By.CSS_SELECTOR, ".controls button").click()
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, ".controls button").click() or True)
     wait.until(lambda d: "You may not stop instances from here (HTTP 403)." in row(d, "alpha").text)
     assert "Only loopback clients may manage instances." in row(browser, "alpha").text
     assert http_json(stub_router + "/api/instances/calls") == [["DELETE", "alpha"]]
