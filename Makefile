@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --port 8080
 PYTEST_ARGS ?=
-# Workers for the test run (see "Development" in the README: most tests wait, so more than the cores).
-TEST_WORKERS ?= 6
+# Workers for the test run: two for the long tests, six for the rest (most tests wait, so more than the cores).
+TEST_WORKERS ?= 8
 BENCH_ARGS ?=
 
 .PHONY: run test deps system-deps opencode bench clean
