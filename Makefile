@@ -31,10 +31,12 @@ opencode:
 	sh tests/setup/install-opencode.sh
 
 ## Lint, types, then every test, spread over $(TEST_WORKERS) workers (tests/scheduling.py): make test PYTEST_ARGS=-x
+# Bytecode is written (PYTHONDONTWRITEBYTECODE cleared): else every worker rewrites the tests' asserts
+# and every router subprocess compiles the package again.
 test: deps system-deps opencode
 	$(VENV)/bin/ruff check opencoderouter tests bench twisted
 	$(VENV)/bin/mypy
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= PYTHONPATH=$(CURDIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## Benchmarks against the targets of issue 9 (table + bench/results/*.json): make bench BENCH_ARGS=--quick
 bench: deps system-deps opencode
