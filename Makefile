@@ -38,9 +38,10 @@ test: deps system-deps opencode
 	$(VENV)/bin/mypy
 	PYTHONDONTWRITEBYTECODE= PYTHONPATH=$(CURDIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-## Benchmarks against the targets of issue 9 (table + bench/results/*.json): make bench BENCH_ARGS=--quick
+## Benchmarks against the targets, ours next to the Go router, pinned and not, PyPy reported (table +
+## bench/results/*.json): make bench BENCH_ARGS=--quick (~5 min; full ~40 min; --no-pypy leaves PyPy out)
 bench: deps system-deps opencode
-	PYTHONPATH=$(CURDIR) $(PY) bench/run.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py --pypy $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ports", required=True, help="comma-separated ports")
     parser.add_argument("--name", default="bench", help="project folder name prefix")
     parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--git", action="store_true",
+                        help="make each project folder a git project (the Go router slugs non-git ones all 'global')")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for index, port in enumerate(ports):
         name = args.name if len(ports) == 1 else f"{args.name}{index:02d}"
         directory = os.path.realpath(os.path.join(args.root, name))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.join(directory, ".git") if args.git else directory, exist_ok=True)
         address = BenchOpenCode(directory, heartbeat=args.heartbeat).listen(reactor, port, "127.0.0.1").getHost()
         assert isinstance(address, IPv4Address)
         print(f"opencode server listening on http://127.0.0.1:{address.port}", flush=True)

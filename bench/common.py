@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,6 +146,14 @@ def measure_cpu(pid: int, seconds: float) -> float:
     return 100.0 * (cpu1 - cpu0) / (wall1 - wall0)
 
 
+def measure_cpus(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Percent of one core used by each of ``pids`` over the same next ``seconds``."""
+    wall0, before = time.monotonic(), {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    wall = time.monotonic() - wall0
+    return {name: 100.0 * (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
+
+
 # -- statistics -------------------------------------------------------------------------------------
 def percentile(values: list[float], fraction: float) -> float:
     """Nearest-rank percentile (``fraction`` in 0..1); NaN for no values."""
@@ -197,37 +206,30 @@ class Child:
         self._log.close()
 
 
-class Router(Child):
-    """``twistd -n opencoderouter`` on 127.0.0.1, mDNS off, scanning only ``scan`` ports."""
+class RouterAPI(Child):
+    """What the benchmark asks of any router it runs: health, ``/api/backends``, a Host per backend."""
 
-    def __init__(self, workdir: Path, scan: tuple[int, int], cpus: str | None = None,
-                 extra: list[str] | None = None, port: int | None = None, wait: bool = True,
-                 preload: str | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = ["--port", str(self.port), "--hostname", "127.0.0.1", "--mdns=false",
-                "--scan-start", str(scan[0]), "--scan-end", str(scan[1]), *(extra or [])]
-        # ``preload``: a bench module imported first (e.g. stock_proxy, for a baseline run).
-        code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import {preload}; " if preload else "")
-        command = [sys.executable, "-c", code + "from twisted.scripts.twistd import run; run()",
-                   "-n", "--pidfile=", "opencoderouter", *args]
-        self.started = time.monotonic()
-        super().__init__(pinned(command, cpus), workdir / f"router-{self.port}.log", cwd=workdir)
-        if wait:
-            self.wait_healthy()
+    port: int
+    url: str
+    #: The path that answers 200 once the router serves.
+    health_path = "/api/health"
 
     def healthy(self) -> bool:
-        """True when /api/health answers 200."""
+        """True when the health path answers 200."""
         if not self.alive():
-            raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-        return http_get(self.url + "/api/health", timeout=0.5)[0] == 200
+            raise RuntimeError(f"{type(self).__name__} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        return http_get(self.url + self.health_path, timeout=0.5)[0] == 200
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
-        """Block until /api/health answers."""
-        wait_until(self.healthy, timeout, 0.01, "router /api/health")
+        """Block until the router answers."""
+        wait_until(self.healthy, timeout, 0.01, f"{type(self).__name__} {self.health_path}")
+
+    def host_header(self, entry: dict[str, Any]) -> str:
+        """The Host header that reaches the backend ``entry`` (from ``/api/backends``) in host mode."""
+        return f"{entry['domain']}:{self.port}"
 
     def backends(self) -> list[dict[str, Any]]:
-        """The router's /api/backends."""
+        """The router's /api/backends (both routers answer a JSON list with port, slug and domain)."""
         status, body = http_get(self.url + "/api/backends")
         return json.loads(body) if status == 200 else []
 
@@ -242,15 +244,79 @@ class Router(Child):
         return wait_until(ready, timeout, 0.05, f"router to register ports {sorted(wanted)[:5]}...")
 
 
+class Router(RouterAPI):
+    """``twistd -n opencoderouter`` on 127.0.0.1, mDNS off, scanning only ``scan`` ports.
+
+    ``python``: the interpreter (CPython by default; the PyPy section passes its venv's);
+    ``path_prefix``: folders put before the code on PYTHONPATH (the PyPy section's typing shim).
+    """
+
+    def __init__(self, workdir: Path, scan: tuple[int, int], cpus: str | None = None,
+                 extra: list[str] | None = None, port: int | None = None, wait: bool = True,
+                 preload: str | None = None, python: str | None = None,
+                 path_prefix: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--port", str(self.port), "--hostname", "127.0.0.1", "--mdns=false",
+                "--scan-start", str(scan[0]), "--scan-end", str(scan[1]), *(extra or [])]
+        # ``preload``: a bench module imported first (e.g. stock_proxy, for a baseline run).
+        code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import {preload}; " if preload else "")
+        command = [python or sys.executable, "-c", code + "from twisted.scripts.twistd import run; run()",
+                   "-n", "--pidfile=", "opencoderouter", *args]
+        env = child_env()
+        if path_prefix:
+            env["PYTHONPATH"] = os.pathsep.join([*path_prefix, env["PYTHONPATH"]])
+        self.started = time.monotonic()
+        super().__init__(pinned(command, cpus), workdir / f"router-{self.port}.log", cwd=workdir, env=env)
+        if wait:
+            self.wait_healthy()
+
+    def host_header(self, entry: dict[str, Any]) -> str:
+        """``{slug}-{user}.localhost:PORT``: the SSH-tunnel form, which needs no DNS."""
+        return re.sub(r"\.local$", ".localhost", entry["domain"]) + f":{self.port}"
+
+
+#: The Go original router (/work/shared/peers/README.md); ``OCR_BENCH_GO`` points elsewhere.
+GO_ROUTER = Path(os.environ.get("OCR_BENCH_GO") or "/work/shared/peers/opencoderouter-go")
+
+
+class GoRouter(RouterAPI):
+    """The Go original router on 127.0.0.1, mDNS off, scanning only ``scan`` ports.
+
+    Run from a copy in ``workdir`` (the shared binary is read-only and may lack the executable bit).
+    It has no ``/api/health``; ``/api/backends`` answering means it serves. It answers host mode
+    for ``{slug}-{user}.local`` only (not ``.localhost``), so ``host_header`` keeps the domain it reports.
+    """
+
+    health_path = "/api/backends"
+
+    def __init__(self, workdir: Path, scan: tuple[int, int], cpus: str | None = None,
+                 binary: Path = GO_ROUTER) -> None:
+        if not binary.exists():
+            raise FileNotFoundError(f"{binary} is missing: set OCR_BENCH_GO to the Go router's binary")
+        copy = workdir / "opencoderouter-go"
+        if not copy.exists():
+            shutil.copyfile(binary, copy)
+            copy.chmod(0o755)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [str(copy), "--port", str(self.port), "--hostname", "127.0.0.1", "--mdns=false",
+                   "--scan-start", str(scan[0]), "--scan-end", str(scan[1])]
+        super().__init__(pinned(command, cpus), workdir / f"go-router-{self.port}.log", cwd=workdir)
+        self.wait_healthy()
+
+
 class Backend(Child):
     """``bench/backend.py`` serving ``ports`` (one project folder each)."""
 
     def __init__(self, workdir: Path, ports: list[int], cpus: str | None = None, name: str = "bench",
-                 heartbeat: float = 10.0) -> None:
+                 heartbeat: float = 10.0, git: bool = False) -> None:
         self.ports = ports
         self.root = Path(tempfile.mkdtemp(prefix="backend-", dir=workdir))
         command = [sys.executable, str(BENCH / "backend.py"), "--root", str(self.root),
                    "--ports", ",".join(map(str, ports)), "--name", name, "--heartbeat", str(heartbeat)]
+        if git:
+            command.append("--git")
         super().__init__(pinned(command, cpus), self.root / "backend.log")
         self.listening_at_ns = self._wait_ready()
 

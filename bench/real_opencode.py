@@ -37,6 +37,22 @@ except ImportError:  # a checkout without the suite's helper: use the small one 
     _SuiteInstance = None
 
 
+def git_init(directory: Path) -> None:
+    """Make ``directory`` a git project with one commit: what opencode (and the Go router's slug) needs.
+
+    The Go router slugs every non-git project ``global``; a git project gets its own slug there.
+    """
+    git = shutil.which("git")
+    if git is None:
+        raise RuntimeError("git is not installed (the Go router needs git projects to tell backends apart)")
+    env = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid")
+    subprocess.run([git, "init", "-q", str(directory)], check=True, env=env)
+    (directory / "README.md").write_text("benchmark project\n")
+    subprocess.run([git, "-C", str(directory), "add", "README.md"], check=True, env=env)
+    subprocess.run([git, "-C", str(directory), "commit", "-q", "-m", "init"], check=True, env=env)
+
+
 def _binary() -> Path:
     cache = os.environ.get("OPENCODE_CACHE") or str(
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "opencoderouter" / f"opencode-ai-{VERSION}")
@@ -102,6 +118,7 @@ class RealOpenCode:
         project, home = self.root / "benchproject", self.root / "home"
         project.mkdir()
         home.mkdir()
+        git_init(project)
         self.instance: Any = (_SuiteInstance(project, home, NO_MODEL_URL, port=port) if _SuiteInstance
                               else _SmallInstance(project, home, port))
         self.process = self.instance.process

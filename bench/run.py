@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """OpenCodeRouter benchmarks: proxy overhead, SSE fan-out, discovery, idle cost, scans, start-up.
 
-    python bench/run.py            # full run (~15 min)
-    python bench/run.py --quick    # shorter windows and fewer runs (~4 min)
-    python bench/run.py --only proxy,startup --no-real
+    python bench/run.py                 # full run (~40 min)
+    python bench/run.py --quick         # shorter windows and fewer runs (~5 min)
+    python bench/run.py --only proxy,startup --no-real --pin on
+    python bench/run.py --pypy          # also this router on Debian's pypy3, next to CPython
 
-Every figure is measured against a baseline in the same run. Prints a table with PASS/FAIL per
-target and writes everything (raw runs included) to bench/results/bench-<time>.json.
-Only 127.0.0.1 is used; every child process is stopped at the end.
+Every figure is measured against a baseline in the same run. The proxy and SSE figures are taken
+for our router and for the Go original router (/work/shared/peers), in front of the same backend
+processes with the same load generator, pinned to cores and not pinned. Prints a table with
+PASS/FAIL per target (the Go router's figure is the bar for throughput) and writes everything (raw
+runs included) to bench/results/bench-<time>.json. Only 127.0.0.1 is used, mDNS is off in every
+router; every child process is stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -30,55 +35,91 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pypy_env  # noqa: E402
 from common import (  # noqa: E402
     BENCH,
+    GO_ROUTER,
     REPO,
     Backend,
+    GoRouter,
     Router,
+    RouterAPI,
     child_env,
     code_under_test,
     cpu_seconds,
     free_block,
     http_get,
     measure_cpu,
+    measure_cpus,
     percentile,
     pinned,
     rss_kib,
     summary,
     wait_until,
 )
+from targets import by_pinning, sse_counts, targets  # noqa: E402
 
-SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "profile")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # the profile runs with --profile or --only profile
+SECTIONS = ("startup", "proxy", "sse", "discovery", "idle", "scan", "profile", "pypy")
+#: The profile runs with --profile (or --only profile), PyPy with --pypy (or --only pypy).
+DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in ("profile", "pypy"))
+#: Sections measured once per pinning (pinned and not pinned); the others once, pinned when pinning is on.
+PER_PINNING = ("proxy", "sse")
 CONNECTIONS = (1, 16, 64)
 
 
-class Settings:
-    """Sizes of every loop, for a full or a quick run."""
+def pin_label(pin: bool) -> str:
+    """The key of a pinning in the results: ``pinned`` or ``unpinned``."""
+    return "pinned" if pin else "unpinned"
 
-    def __init__(self, quick: bool, pin: bool, real: bool, profile: bool, runs: int | None,
-                 stock_proxy: bool = False) -> None:
+
+class Settings:
+    """Sizes of every loop, for a full or a quick run, and where each process runs."""
+
+    def __init__(self, quick: bool, pins: tuple[bool, ...], real: bool, profile: bool, runs: int | None,
+                 stock_proxy: bool = False, go: bool = True) -> None:
         self.quick = quick
         #: Module imported into every router before twistd runs (a baseline's proxy swap).
         self.preload = "stock_proxy" if stock_proxy else None
         self.real = real
         self.profile = profile
+        #: The pinnings the per-pinning sections run under, in order; the first places the other sections.
+        self.pins = pins
+        #: Whether the Go original router is measured next to ours.
+        self.go = go
         self.proxy_runs = runs or (1 if quick else 3)
-        self.small_seconds = 2 if quick else 5
-        self.large_seconds = 2 if quick else 3
-        self.sse_counts = (100, 1000)
+        # wrk takes whole seconds; a quick run's 1 s windows still hold thousands of requests.
+        self.small_seconds = 1 if quick else 5
+        self.large_seconds = 1 if quick else 3
+        self.warmup_seconds = 1
+        #: PyPy's JIT needs longer than CPython's caches before its figures settle.
+        #: (Measured: PyPy's CPU per request was still falling after 5 s, some 2,000 requests, of warm-up.)
+        self.pypy_warmup_seconds = 8 if quick else 20
+        self.sse_counts = (1000,) if quick else (100, 1000)
         self.sse_idle_seconds = 5 if quick else 10
         self.sse_emits = 10 if quick else 20
         self.discovery_samples = 3 if quick else 7
-        self.idle_seconds = 15 if quick else 60
+        self.idle_seconds = 10 if quick else 60
         self.idle_backends = (0, 10, 50)
         self.startup_samples = 3 if quick else 7
         self.scan_repeat = 2 if quick else 5
-        # Two cores: the router gets core 0 to itself; backend, load generator and clients share
-        # core 1, identically in the direct baseline and through the router.
+        self.place(pins[0])
+
+    def place(self, pin: bool) -> None:
+        """Pin (or not) every process this run starts.
+
+        Two cores: the router gets core 0 to itself; backend, load generator and clients share
+        core 1, identically in the direct baseline and through every router.
+        """
+        self.pin = pin
         self.router_cpus = "0" if pin else None
         self.backend_cpus = "1" if pin else None
         self.client_cpus = "1" if pin else None
+
+    def placed(self, pin: bool) -> Settings:
+        """A copy of these settings with processes pinned (or not)."""
+        other = copy.copy(self)
+        other.place(pin)
+        return other
 
 
 # -- wrk ----------------------------------------------------------------------------------------------
@@ -148,18 +189,71 @@ def _large_path_of_real(port: int) -> tuple[str, int]:
     return best, size
 
 
-def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
-    """wrk direct vs through the router (path and host mode), small JSON and ~1 MB."""
+#: Routers a proxy or SSE section can put in front of the same backends.
+#: ``ours``: this checkout on CPython; ``go``: the Go original; ``pypy``: this checkout on PyPy.
+ROUTERS = ("ours", "go", "pypy")
+
+
+def mode_names(router: str) -> tuple[str, str]:
+    """The wrk modes of a router: ``path``/``host`` for ours, ``go_path``/``go_host`` for the Go router, ..."""
+    prefix = "" if router == "ours" else f"{router}_"
+    return f"{prefix}path", f"{prefix}host"
+
+
+class PyPyRouter:
+    """How to start this checkout's router under PyPy: the venv's interpreter and an optional typing shim."""
+
+    def __init__(self, python: str, path_prefix: list[str] | None = None) -> None:
+        self.python = python
+        self.path_prefix = path_prefix
+
+
+def start_router(name: str, s: Settings, work: Path, scan: tuple[int, int],
+                 pypy: PyPyRouter | None = None) -> RouterAPI:
+    """Start one router of ``ROUTERS`` in front of the ``scan`` ports, placed as ``s`` says."""
+    if name == "go":
+        return GoRouter(work, scan, cpus=s.router_cpus)
+    if name == "pypy":
+        if pypy is None:
+            raise ValueError("the pypy router needs the PyPy venv (bench_pypy sets it up)")
+        return Router(work, scan, cpus=s.router_cpus, preload=s.preload, python=pypy.python,
+                      path_prefix=pypy.path_prefix)
+    return Router(work, scan, cpus=s.router_cpus, preload=s.preload)
+
+
+def start_routers(names: tuple[str, ...], s: Settings, work: Path, scan: tuple[int, int], result: dict[str, Any],
+                  pypy: PyPyRouter | None = None) -> dict[str, RouterAPI]:
+    """Start every router of ``names``; one that cannot start (other than ours) is reported in ``result``."""
+    started: dict[str, RouterAPI] = {}
+    for name in names:
+        try:
+            started[name] = start_router(name, s, work, scan, pypy)
+        except Exception as error:
+            if name == "ours":
+                for router in started.values():
+                    router.stop()
+                raise
+            result[f"{name}_error"] = f"{type(error).__name__}: {error}"
+            print(f"  {name} router not measured: {result[f'{name}_error']}", flush=True)
+    return started
+
+
+def bench_proxy(s: Settings, work: Path, routers: tuple[str, ...] | None = None,
+                sizes: tuple[str, ...] = ("small", "large"), pypy: PyPyRouter | None = None,
+                backends: tuple[str, ...] = ("fake", "real")) -> dict[str, Any]:
+    """wrk direct vs through each router (path and host mode), small JSON and ~1 MB, same backends, same wrk."""
+    routers = routers or (("ours", "go") if s.go else ("ours",))
     block = free_block(4)
-    backends: dict[str, dict[str, Any]] = {}
-    fake = Backend(work, [block], cpus=s.backend_cpus, name="benchfake")
-    real = None
-    children: list[Any] = [fake]
+    measured: dict[str, dict[str, Any]] = {}
+    children: list[Any] = []
     result: dict[str, Any] = {"pinning": {"router": s.router_cpus, "backend": s.backend_cpus, "wrk": s.client_cpus}}
     try:
-        backends["fake"] = {"port": block, "small": "/global/health", "large": "/bench/1mb", "large_bytes": 1 << 20,
-                            "pid": fake.pid}
-        if s.real:
+        if "fake" in backends or not s.real:
+            fake = Backend(work, [block], cpus=s.backend_cpus, name="benchfake", git=True)
+            children.append(fake)
+            measured["fake"] = {"port": block, "small": "/global/health", "large": "/bench/1mb",
+                                "large_bytes": 1 << 20, "pid": fake.pid}
+        if s.real and "real" in backends:
             try:
                 from real_opencode import RealOpenCode
 
@@ -167,83 +261,119 @@ def bench_proxy(s: Settings, work: Path) -> dict[str, Any]:
                 children.append(real)
                 wait_until(lambda: http_get(f"http://127.0.0.1:{block + 1}/global/health")[0] == 200, 15, 0.1,
                            "real opencode health")
-                large, size = _large_path_of_real(block + 1)
-                backends["real"] = {"port": block + 1, "small": "/global/health", "large": large, "large_bytes": size,
-                                    "pid": real.process.pid}
+                large, large_bytes = _large_path_of_real(block + 1)
+                measured["real"] = {"port": block + 1, "small": "/global/health", "large": large,
+                                    "large_bytes": large_bytes, "pid": real.process.pid}
             except Exception as error:  # report and carry on with the fake backend
                 result["real_error"] = f"{type(error).__name__}: {error}"
-        router = Router(work, (block, block + 3), cpus=s.router_cpus, preload=s.preload)
-        children.append(router)
-        registered = router.wait_backends([b["port"] for b in backends.values()])
-        for info in backends.values():
-            entry = registered[info["port"]]
-            info["slug"] = entry["slug"]
-            info["host"] = re.sub(r"\.local$", ".localhost", entry["domain"]) + f":{router.port}"
-        result["backends"] = backends
+        if not measured:
+            raise RuntimeError(f"no backend to measure: {result.get('real_error')}")
+        started = start_routers(routers, s, work, (block, block + 3), result, pypy)
+        children.extend(started.values())
+        for name, router in started.items():
+            registered = router.wait_backends([b["port"] for b in measured.values()], timeout=30)
+            for info in measured.values():
+                entry = registered[info["port"]]
+                info.setdefault("routes", {})[name] = {"slug": entry["slug"], "host": router.host_header(entry)}
+        result["backends"] = measured
+        result["routers"] = list(started)
+        result["router_pids"] = {name: router.pid for name, router in started.items()}
 
         def urls(info: dict[str, Any], path: str) -> dict[str, tuple[str, str | None]]:
-            return {
-                "direct": (f"http://127.0.0.1:{info['port']}{path}", None),
-                "path": (f"{router.url}/{info['slug']}{path}", None),
-                "host": (f"{router.url}{path}", info["host"]),
-            }
+            found: dict[str, tuple[str, str | None]] = {"direct": (f"http://127.0.0.1:{info['port']}{path}", None)}
+            for name, router in started.items():
+                route = info["routes"][name]
+                path_mode, host_mode = mode_names(name)
+                found[path_mode] = (f"{router.url}/{route['slug']}{path}", None)
+                found[host_mode] = (f"{router.url}{path}", route["host"])
+            return found
 
         # Sanity: every URL answers 200 with the expected size before anything is timed.
-        for info in backends.values():
-            for size in ("small", "large"):
+        for info in measured.values():
+            for size in sizes:
                 for mode, (url, host) in urls(info, info[size]).items():
                     status, body = http_get(url, {"Host": host} if host else None, timeout=10)
                     if status != 200 or (size == "large" and len(body) != info["large_bytes"]):
                         raise RuntimeError(f"{mode} {url} (Host {host}) answered {status}, {len(body)} bytes")
-            for url, host in urls(info, info["small"]).values():  # warm-up (JIT, pools)
-                run_wrk(url, 16, 1, host, s.client_cpus)
+            for mode, (url, host) in urls(info, info["small"]).items():  # warm-up (JITs, pools)
+                if not mode.endswith("host"):  # host mode shares the path mode's router and pool
+                    seconds = s.pypy_warmup_seconds if mode.startswith("pypy") else s.warmup_seconds
+                    run_wrk(url, 16, seconds, host, s.client_cpus)
 
-        # The router's background work (scanner) while no request flows, subtracted from CPU per request.
-        idle_cpu_fraction = measure_cpu(router.pid, 3) / 100.0
-        result["router_idle_cpu_percent"] = idle_cpu_fraction * 100
+        # Each router's background work (scanner) while no request flows, subtracted from its CPU per request.
+        idle = measure_cpus({name: router.pid for name, router in started.items()}, 2 if s.quick else 3)
+        result["router_idle_cpu_percent"] = idle.get("ours", float("nan"))
+        result["idle_cpu_percent"] = idle
         runs: list[dict[str, Any]] = []
+        names = list(started)
         for run in range(s.proxy_runs):
-            for name, info in backends.items():
-                for size in ("small", "large"):
+            # Routers take turns going first, so drift within a cell favours none of them.
+            order = names[run % len(names):] + names[:run % len(names)]
+            modes = ["direct"] + [mode for name in order for mode in mode_names(name)]
+            for name, info in measured.items():
+                for size in sizes:
                     seconds = s.small_seconds if size == "small" else s.large_seconds
                     for connections in CONNECTIONS:
-                        cell = {"run": run, "backend": name, "size": size, "connections": connections}
-                        for mode, (url, host) in urls(info, info[size]).items():
-                            watch = {"backend": info["pid"]} if mode == "direct" else {"router": router.pid}
+                        cell: dict[str, Any] = {"run": run, "backend": name, "size": size, "connections": connections}
+                        targets = urls(info, info[size])
+                        for mode in modes:
+                            url, host = targets[mode]
+                            router_name = next((r for r in started if mode in mode_names(r)), None)
+                            watch = ({"backend": info["pid"]} if router_name is None
+                                     else {"router": started[router_name].pid})
                             cell[mode] = figures = run_wrk(url, connections, seconds, host, s.client_cpus, watch)
-                            if "router_cpu_us_per_req" in figures:
+                            if router_name is not None and "router_cpu_us_per_req" in figures:
                                 figures["router_net_cpu_us_per_req"] = figures["router_cpu_us_per_req"] - (
-                                    1e6 * idle_cpu_fraction * seconds / max(1, figures["requests"]))
+                                    1e4 * idle[router_name] * seconds / max(1, figures["requests"]))
                         runs.append(cell)
-                        print(f"  proxy run {run} {name:4} {size:5} c={connections:<2} "
-                              + "  ".join(f"{m} {cell[m]['rps']:8.0f}/s p50 {cell[m]['p50_ms']:.3f}ms"
-                                          for m in ("direct", "path", "host")), flush=True)
+                        direct = cell["direct"]
+                        print(f"  proxy run {run} {name:4} {size:5} c={connections:<2} direct {direct['rps']:7.0f}/s "
+                              f"p50 {direct['p50_ms']:.3f}ms | " + "  ".join(
+                                  f"{m} x{_ratio(cell[m]['rps'], direct['rps']):.2f} "
+                                  f"+{cell[m]['p50_ms'] - direct['p50_ms']:.3f}ms" for m in modes[1:]), flush=True)
         result["runs"] = runs
-        result["cells"] = _proxy_cells(runs)
+        result["cells"] = _proxy_cells(runs, names)
     finally:
         for child in reversed(children):
             child.stop()
     return result
 
 
-def _proxy_cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (backend, size, connections): medians and spreads over runs of each figure and ratio."""
+def _ratio(part: float, whole: float) -> float:
+    """``part / whole``; NaN (left out of the medians) when a wrk run completed no request."""
+    return part / whole if whole and whole == whole else float("nan")
+
+
+def _proxy_cells(runs: list[dict[str, Any]], routers: list[str]) -> list[dict[str, Any]]:
+    """Per (backend, size, connections): medians and spreads over runs of each figure and ratio.
+
+    ``MODE_ratio`` = through router / direct; ``path_vs_go`` = ours ÷ Go (our req/s over the Go router's,
+    within each run); ``pypy_path_vs_ours`` = PyPy ÷ CPython.
+    """
     keys = sorted({(r["backend"], r["size"], r["connections"]) for r in runs},
                   key=lambda k: (k[0] != "real", k[1] != "small", k[2]))
+    through = [mode for name in routers for mode in mode_names(name)]
     cells = []
     for key in keys:
         group = [r for r in runs if (r["backend"], r["size"], r["connections"]) == key]
         cell: dict[str, Any] = {"backend": key[0], "size": key[1], "connections": key[2],
-                                "errors": sum(r[m]["errors"] for r in group for m in ("direct", "path", "host"))}
-        for mode in ("direct", "path", "host"):
+                                "errors": sum(r[m]["errors"] for r in group for m in ["direct", *through])}
+        for mode in ["direct", *through]:
             cell[f"{mode}_rps"] = summary(r[mode]["rps"] for r in group)
             cell[f"{mode}_p50_ms"] = summary(r[mode]["p50_ms"] for r in group)
             cell[f"{mode}_p99_ms"] = summary(r[mode]["p99_ms"] for r in group)
-        for mode in ("path", "host"):
-            cell[f"{mode}_ratio"] = summary(r[mode]["rps"] / r["direct"]["rps"] for r in group)
+        for mode in through:
+            cell[f"{mode}_ratio"] = summary(_ratio(r[mode]["rps"], r["direct"]["rps"]) for r in group)
             cell[f"{mode}_added_p50_ms"] = summary(r[mode]["p50_ms"] - r["direct"]["p50_ms"] for r in group)
             cell[f"{mode}_router_cpu_us"] = summary(r[mode].get("router_net_cpu_us_per_req", float("nan"))
                                                     for r in group)
+        for other, key_of in (("go", "{}_vs_go"), ("pypy", "pypy_{}_vs_ours")):
+            if other not in routers or "ours" not in routers:
+                continue
+            for addressing in ("path", "host"):
+                mine, theirs = (addressing, f"{other}_{addressing}") if other == "go" else (
+                    f"pypy_{addressing}", addressing)
+                cell[key_of.format(addressing)] = summary(_ratio(r[mine]["rps"], r[theirs]["rps"]) for r in group)
         cell["direct_backend_cpu_us"] = summary(r["direct"].get("backend_cpu_us_per_req", float("nan"))
                                                 for r in group)
         cells.append(cell)
@@ -356,27 +486,33 @@ class SSEClient:
 
 
 def bench_sse(s: Settings, work: Path) -> dict[str, Any]:
-    """N open /event streams, direct and through the router: event latency, RSS per stream, idle CPU."""
+    """N open /event streams, direct and through each router: event latency, RSS per stream, idle CPU.
+
+    Keys per stream count: ``direct``, ``router`` (ours), ``go``; ``added_p99_ms`` is ours minus direct,
+    ``go_added_p99_ms`` the Go router's.
+    """
     block = free_block(2)
-    backend = Backend(work, [block], cpus=s.backend_cpus, name="benchsse")
-    router = None
+    backend = Backend(work, [block], cpus=s.backend_cpus, name="benchsse", git=True)
     result: dict[str, Any] = {}
+    started: dict[str, RouterAPI] = {}
     try:
-        router = Router(work, (block, block + 1), cpus=s.router_cpus, preload=s.preload)
-        slug = router.wait_backends([block])[block]["slug"]
+        started = start_routers(("ours", "go") if s.go else ("ours",), s, work, (block, block + 1), result)
+        slugs = {name: router.wait_backends([block], timeout=30)[block]["slug"] for name, router in started.items()}
         emit_url = f"http://127.0.0.1:{block}/bench/emit"
         for count in s.sse_counts:
             entry: dict[str, Any] = {}
-            for target, url in (("direct", f"http://127.0.0.1:{block}/event"),
-                                ("router", f"{router.url}/{slug}/event")):
-                rss_before = rss_kib(router.pid)
+            targets = [("direct", f"http://127.0.0.1:{block}/event", None)] + [
+                ("router" if name == "ours" else name, f"{router.url}/{slugs[name]}/event", router)
+                for name, router in started.items()]
+            for target, url, router in targets:
+                rss_before = rss_kib(router.pid) if router else 0
                 client = SSEClient(url, count, s.client_cpus)
                 try:
                     figures: dict[str, Any] = {"connected": client.ready["connected"],
                                                "failed": client.ready["failed"]}
                     if not figures["connected"]:
                         raise RuntimeError(f"no /event stream opened at {url} ({count} tried)")
-                    if target == "router":
+                    if router:
                         time.sleep(1)  # let the last streams settle before reading memory
                         rss_open = rss_kib(router.pid)
                         figures["router_rss_before_kib"] = rss_before
@@ -391,18 +527,72 @@ def bench_sse(s: Settings, work: Path) -> dict[str, Any]:
                                    max_ms=max(latencies) if latencies else float("nan"))
                 finally:
                     client.stop()
-                if target == "router":
+                if router:
                     time.sleep(1)
                     figures["router_rss_after_close_kib"] = rss_kib(router.pid)
                 entry[target] = figures
-                print(f"  sse N={count} {target}: {figures}", flush=True)
-            entry["added_p50_ms"] = entry["router"]["p50_ms"] - entry["direct"]["p50_ms"]
-            entry["added_p99_ms"] = entry["router"]["p99_ms"] - entry["direct"]["p99_ms"]
+                print(f"  sse N={count} {target}: " + ", ".join(
+                    f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
+            for target, prefix in (("router", ""), ("go", "go_")):
+                if target in entry:
+                    entry[f"{prefix}added_p50_ms"] = entry[target]["p50_ms"] - entry["direct"]["p50_ms"]
+                    entry[f"{prefix}added_p99_ms"] = entry[target]["p99_ms"] - entry["direct"]["p99_ms"]
             result[str(count)] = entry
     finally:
-        if router:
+        for router in started.values():
             router.stop()
         backend.stop()
+    return result
+
+
+def _start_failure(work: Path, python: str, path_prefix: list[str] | None) -> str | None:
+    """None when this checkout's router starts and answers under ``python``; else the reason it did not."""
+    block = free_block(2)
+    router = Router(work, (block, block + 1), python=python, path_prefix=path_prefix, wait=False)
+    try:
+        router.wait_healthy(30)
+        return None
+    except (RuntimeError, TimeoutError):
+        return pypy_env.failure_reason(router.log())
+    finally:
+        router.stop()
+
+
+def bench_pypy(s: Settings, work: Path) -> dict[str, Any]:
+    """This checkout's router on Debian's pypy3 next to CPython: small JSON through/direct, same run.
+
+    First the unchanged code. If it cannot start because Python 3.9 lacks ``typing`` names, the reason is
+    recorded and the measurement runs with a bench-side shim supplying them (the code is not changed).
+    """
+    pypy = shutil.which("pypy3")
+    if pypy is None:
+        return {"error": "pypy3 is not installed (Debian: apt-get install pypy3 pypy3-venv)"}
+    python = str(pypy_env.ensure_venv(pypy))
+    result: dict[str, Any] = {"interpreter": pypy_env.interpreter_version(Path(python)), "venv": python}
+    failure = _start_failure(work, python, None)
+    result["unchanged_code"] = "starts" if failure is None else f"does not start: {failure}"
+    print(f"  {result['interpreter']}: unchanged code {result['unchanged_code']}", flush=True)
+    shimmed: list[str] = []
+    shim_dir = work / "pypy-typing-shim"
+    for _ in range(5):  # bounded: each round adds one missing name
+        name = pypy_env.missing_typing_name(failure or "")
+        if name is None or name in shimmed:
+            break
+        shimmed.append(name)
+        failure = _start_failure(work, python, [str(pypy_env.typing_shim(shim_dir, shimmed))])
+    if failure is not None:
+        result["error"] = f"the router does not start on {result['interpreter']}: {failure}"
+        return result
+    if shimmed:
+        result["typing_shim"] = shimmed
+        print(f"  measuring with a bench-side shim supplying typing.{', typing.'.join(shimmed)}", flush=True)
+    launcher = PyPyRouter(python, [str(shim_dir)] if shimmed else None)
+    # PyPy is reported, not a target: one proxy run, and a quick run measures the real opencode only.
+    once = copy.copy(s)
+    once.proxy_runs = 1
+    backends = ("real",) if s.quick and s.real else ("fake", "real")
+    result["proxy"] = bench_proxy(once, work, routers=("ours", "pypy"), sizes=("small",), pypy=launcher,
+                                  backends=backends)
     return result
 
 
@@ -494,113 +684,111 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(target, measured, PASS/FAIL/n/a) for every target of the issue."""
-    rows: list[tuple[str, str, str]] = []
+def _proxy_table(proxy: dict[str, Any], label: str) -> list[str]:
+    """The proxy figures of one pinning: ours and the Go router side by side (and PyPy when measured)."""
+    routers = proxy.get("routers", ["ours"])
+    others = [name for name in routers if name != "ours"]
+    where = ("router core 0; backend, wrk core 1" if proxy.get("pinning", {}).get("router") else "no pinning")
+    lines = [f"Proxy overhead, {label} ({where}; wrk -t1 keep-alive; ratio = through router / direct req/s; "
+             "median [min-max] over runs)"]
+    head = f"{'backend':7} {'size':5} {'conns':>5} {'direct/s':>8} | {'ours path':>9}"
+    for other in others:
+        head += f" {other + ' path':>9} {'÷ ' + other:>7}"
+    head += f" | {'ours host':>9}"
+    for other in others:
+        head += f" {other + ' host':>9} {'÷ ' + other:>7}"
+    head += " | +p50 ms ours" + "".join(f"/{o}" for o in others) + " path | CPU us/req backend/ours" + "".join(
+        f"/{o}" for o in others) + " path"
+    lines.append(head)
+    for c in proxy["cells"]:
+        line = f"{c['backend']:7} {c['size']:5} {c['connections']:>5} {_fmt(c['direct_rps'], 0):>8} |"
+        for addressing in ("path", "host"):
+            line += f" {_fmt(c[f'{addressing}_ratio']['median']):>9}"
+            for other in others:
+                vs = (c.get(f"{addressing}_vs_go") if other == "go" else c.get(f"pypy_{addressing}_vs_ours"))
+                line += f" {_fmt(c[f'{other}_{addressing}_ratio']['median']):>9} {_fmt(vs):>7}"
+            line += " |"
+        line += " " + "/".join(_fmt(c[f"{m}_added_p50_ms"]['median'], 3)
+                               for m in ["path", *(f"{o}_path" for o in others)])
+        line += " | " + "/".join(_fmt(c[key]["median"], 0) for key in
+                                 ["direct_backend_cpu_us", "path_router_cpu_us",
+                                  *(f"{o}_path_router_cpu_us" for o in others)])
+        if c["errors"]:
+            line += f"  ERRORS {c['errors']}"
+        lines.append(line)
+    real_large = proxy.get("backends", {}).get("real", {}).get("large_bytes")
+    idle = ", ".join(f"{name} {value:.1f}%" for name, value in proxy.get("idle_cpu_percent", {}).items())
+    lines.append("  (÷ go = ours ÷ Go router req/s, ÷ pypy = PyPy ÷ CPython, within each run; CPU us/req from /proc, "
+                 f"each router's idle CPU ({idle} of a core) subtracted; +p50 = added median latency)")
+    if any(c["size"] == "large" for c in proxy["cells"]):
+        lines.append("  (large = fake: 1 MiB" + (f", real: its {real_large / 1e6:.1f} MB web UI script bundle)"
+                                                 if real_large else ")"))
+    for key in ("real_error", "go_error", "pypy_error"):
+        if proxy.get(key):
+            lines.append(f"  {key.split('_')[0]} not measured: {proxy[key]}")
+    return lines
 
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
-    proxy = results.get("proxy", {})
-    cells = proxy.get("cells", [])
-    judged = "real" if any(c["backend"] == "real" for c in cells) else "fake"
-    for connections, floor in ((1, 0.50), (16, 0.65), (64, 0.70)):
-        for mode in ("path", "host"):
-            cell = next((c for c in cells if c["backend"] == judged and c["size"] == "small"
-                         and c["connections"] == connections), None)
-            ratio = cell[f"{mode}_ratio"]["median"] if cell else None
-            rows.append((f"throughput {mode} c={connections} ({judged}, small) >= {floor:.2f} x direct",
-                         _fmt(cell[f"{mode}_ratio"]) if cell else "n/a",
-                         verdict(None if ratio is None else ratio >= floor)))
-    for mode in ("path", "host"):
-        cell = next((c for c in cells if c["backend"] == judged and c["size"] == "small"
-                     and c["connections"] == 1), None)
-        added = cell[f"{mode}_added_p50_ms"]["median"] if cell else None
-        rows.append((f"added p50 latency {mode} c=1 ({judged}) <= 0.300 ms",
-                     _fmt(cell[f"{mode}_added_p50_ms"], 3) + " ms" if cell else "n/a",
-                     verdict(None if added is None else added <= 0.3)))
-    sse = results.get("sse", {}).get("1000")
-    rows.append(("SSE added p99 with 1,000 streams < 5 ms",
-                 f"{_fmt(sse['added_p99_ms'])} ms" if sse else "n/a",
-                 verdict(None if not sse else sse["added_p99_ms"] < 5)))
-    rows.append(("router RSS per open stream (1,000) <= 30 KiB",
-                 f"{_fmt(sse['router']['rss_per_stream_kib'], 1)} KiB" if sse else "n/a",
-                 verdict(None if not sse else sse["router"]["rss_per_stream_kib"] <= 30)))
-    disc = results.get("discovery", {}).get("default")
-    rows.append(("discovery median at default flags <= 1 s",
-                 f"{_fmt(disc['median'])} s" if disc else "n/a",
-                 verdict(None if not disc else disc["median"] <= 1.0)))
-    idle = results.get("idle", {}).get("10")
-    rows.append(("idle CPU with 10 backends <= 1% of a core",
-                 f"{_fmt(idle['cpu_percent'])} %" if idle else "n/a",
-                 verdict(None if not idle else idle["cpu_percent"] <= 1.0)))
-    start = results.get("startup")
-    rows.append(("start-up to first /api/health < 1 s",
-                 f"{_fmt(start['summary'])} s" if start else "n/a",
-                 verdict(None if not start else start["summary"]["median"] < 1.0)))
-    return rows
+def _sse_table(sse: dict[str, Any], label: str) -> list[str]:
+    """The SSE figures of one pinning: direct, ours and the Go router."""
+    lines = [f"SSE fan-out, {label} (/event through the path route vs direct; backend write -> client read, ms)",
+             f"{'streams':>7} {'router':>6} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'RSS/stream':>10} "
+             f"{'idle CPU':>8} {'events':>12}"]
+    for count, entry in sse_counts(sse).items():
+        for target, prefix in (("direct", None), ("router", ""), ("go", "go_")):
+            figures = entry.get(target)
+            if figures is None:
+                continue
+            name = {"router": "ours"}.get(target, target)
+            added = ("", "") if prefix is None else (_fmt(entry.get(f"{prefix}added_p50_ms")),
+                                                     _fmt(entry.get(f"{prefix}added_p99_ms")))
+            rss = _fmt(figures.get("rss_per_stream_kib"), 1) + " KiB" if prefix is not None else ""
+            cpu = _fmt(figures.get("router_idle_cpu_percent")) + "%" if prefix is not None else ""
+            lines.append(f"{count:>7} {name:>6} {_fmt(figures['p50_ms']):>7} {_fmt(figures['p99_ms']):>7} "
+                         f"{added[0]:>7} {added[1]:>7} {rss:>10} {cpu:>8} "
+                         f"{str(figures['events']) + '/' + str(figures['expected']):>12}")
+    lines.append("  (RSS/stream from VmRSS before/after opening; idle CPU = % of a core while the streams are quiet)")
+    if sse.get("go_error"):
+        lines.append(f"  go not measured: {sse['go_error']}")
+    return lines
 
 
 def report(results: dict[str, Any]) -> str:
     """The human table."""
     lines: list[str] = []
-    proxy = results.get("proxy")
-    if proxy and proxy.get("cells"):
-        lines.append("Proxy overhead (wrk -t1 keep-alive; ratio = through router / direct req/s; "
-                     "median [min-max] over runs)")
-        lines.append(f"{'backend':7} {'size':5} {'conns':>5} {'direct req/s':>14} {'path ratio':>17} "
-                     f"{'host ratio':>17} {'p50 direct':>10} {'+p50 path':>10} {'+p50 host':>10} "
-                     f"{'p99 dir/path/host ms':>22} {'CPU us/req backend/router':>26}")
-        for c in proxy["cells"]:
-            lines.append(
-                f"{c['backend']:7} {c['size']:5} {c['connections']:>5} {_fmt(c['direct_rps'], 0):>14} "
-                f"{_fmt(c['path_ratio']):>17} {_fmt(c['host_ratio']):>17} "
-                f"{_fmt(c['direct_p50_ms'], 3):>10} {_fmt(c['path_added_p50_ms'], 3):>10} "
-                f"{_fmt(c['host_added_p50_ms'], 3):>10} "
-                f"{_fmt(c['direct_p99_ms']['median'])}/{_fmt(c['path_p99_ms']['median'])}/"
-                f"{_fmt(c['host_p99_ms']['median']):>6} "
-                f"{_fmt(c['direct_backend_cpu_us']['median'], 0):>10}/{_fmt(c['path_router_cpu_us']['median'], 0)}/"
-                f"{_fmt(c['host_router_cpu_us']['median'], 0)}"
-                + (f"  ERRORS {c['errors']}" if c["errors"] else ""))
-        real_large = proxy["backends"].get("real", {}).get("large_bytes")
-        lines.append("  (CPU us/req: backend's CPU per request direct / router's CPU per request in path / host mode,"
-                     " from /proc, the router's idle CPU "
-                     f"({proxy.get('router_idle_cpu_percent', float('nan')):.1f}% of a core) subtracted:"
-                     " the figure least disturbed by other work on the machine)")
-        lines.append("  (+p50 = added median latency in ms; large = fake: 1 MiB"
-                     + (f", real: its {real_large / 1e6:.1f} MB web UI script bundle)" if real_large else ")"))
-        if proxy.get("real_error"):
-            lines.append(f"  real opencode not measured: {proxy['real_error']}")
-    sse = results.get("sse")
-    if sse:
+    for label, proxy in by_pinning(results, "proxy").items():
+        if proxy.get("cells"):
+            lines += [*_proxy_table(proxy, label), ""]
+    for label, sse in by_pinning(results, "sse").items():
+        lines += [*_sse_table(sse, label), ""]
+    pypy = results.get("pypy")
+    if pypy:
+        lines.append(f"PyPy ({pypy.get('interpreter', 'pypy3')}): unchanged code "
+                     f"{pypy.get('unchanged_code', 'not tried')}")
+        if pypy.get("typing_shim"):
+            lines.append(f"  measured with a bench-side shim supplying typing.{', typing.'.join(pypy['typing_shim'])}"
+                         " from typing_extensions (the router's code unchanged)")
+        if pypy.get("error"):
+            lines.append(f"  not measured: {pypy['error']}")
+        if pypy.get("proxy", {}).get("cells"):
+            lines += _proxy_table(pypy["proxy"], pin_label(bool(pypy["proxy"]["pinning"].get("router"))))
         lines.append("")
-        lines.append("SSE fan-out (/event through path route vs direct; event latency backend write -> client read)")
-        lines.append(f"{'streams':>7} {'p50 direct':>10} {'p50 router':>10} {'p99 direct':>10} {'p99 router':>10} "
-                     f"{'+p99':>7} {'RSS/stream':>10} {'idle CPU':>8} {'events':>12}")
-        for count, e in sse.items():
-            r, d = e["router"], e["direct"]
-            lines.append(f"{count:>7} {_fmt(d['p50_ms']):>10} {_fmt(r['p50_ms']):>10} {_fmt(d['p99_ms']):>10} "
-                         f"{_fmt(r['p99_ms']):>10} {_fmt(e['added_p99_ms']):>7} "
-                         f"{_fmt(r['rss_per_stream_kib'], 1) + ' KiB':>10} {_fmt(r['router_idle_cpu_percent']) + '%':>8} "
-                         f"{str(r['events']) + '/' + str(r['expected']):>12}")
-        lines.append("  (ms; RSS/stream from VmRSS before/after opening; idle CPU = % of a core while streams idle)")
     disc = results.get("discovery")
     if disc:
-        lines.append("")
         lines.append("Discovery (server listening -> listed in /api/backends)")
         for label, d in disc.items():
             lines.append(f"  {label:18} median {_fmt(d['median'])} s  p90 {_fmt(d['p90'])} s  "
                          f"({', '.join(f'{t:.2f}' for t in d['seconds'])})")
+        lines.append("")
     idle = results.get("idle")
     if idle:
-        lines.append("")
         lines.append("Idle cost at default flags (1,001-port range)")
         for count, d in idle.items():
             lines.append(f"  {count:>3} backends: CPU {_fmt(d['cpu_percent'])}% of a core over {d['window_s']} s, "
                          f"RSS {d['rss_kib'] / 1024:.1f} MiB (registered {d['registered']})")
+        lines.append("")
     scan = results.get("scan")
     if scan:
-        lines.append("")
         lines.append("One full scan of 1,001 ports (router's Scanner in-process; median)")
         for count, d in scan.items():
             for mode in ("proc_listing", "probe_every_port"):
@@ -616,9 +804,9 @@ def report(results: dict[str, Any]) -> str:
                              f"/proc/net/tcp parse {listing['proc_parse_cpu_ms']:.2f} ms CPU vs netlink sock_diag "
                              f"{listing['sock_diag_cpu_ms']:.3f} ms, with {listing['tcp_sockets_on_machine']} TCP "
                              "sockets on the machine")
+        lines.append("")
     prof = results.get("profile")
     if prof:
-        lines.append("")
         if "error" in prof:
             lines.append(f"Router profile: {prof['error']}")
         else:
@@ -628,15 +816,16 @@ def report(results: dict[str, Any]) -> str:
             lines.append("  own time:  " + ", ".join(f"{f['frame']} {f['percent']}%" for f in prof["top_own"][:8]))
             lines.append("  inclusive: " + ", ".join(f"{f['frame']} {f['percent']}%"
                                                      for f in prof["top_inclusive_router_code"][:8]))
+        lines.append("")
     start = results.get("startup")
     if start:
-        lines.append("")
         lines.append(f"Start-up to first /api/health: {_fmt(start['summary'])} s "
                      f"({', '.join(f'{t:.2f}' for t in start['seconds'])})")
-    lines.append("")
-    lines.append("Targets")
-    for name, measured, verdict in targets(results):
-        lines.append(f"  {verdict:4}  {name:58} {measured}")
+        lines.append("")
+    lines.append("Targets (the Go router measured in this run is the bar for throughput)")
+    for row in targets(results):
+        name = (f"[{row.pin}] " if row.pin else "") + row.name
+        lines.append(f"  {row.verdict:4}  {name:90} {row.measured}")
     for name, error in results.get("errors", {}).items():
         lines.append(f"  ERROR in {name}: {error.strip().splitlines()[-1] if error.strip() else ''}")
     return "\n".join(lines)
@@ -645,11 +834,18 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen sections, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description="OpenCodeRouter benchmarks")
-    parser.add_argument("--quick", action="store_true", help="shorter windows, fewer runs (~4 min)")
+    parser.add_argument("--quick", action="store_true", help="shorter windows, fewer runs (~5 min)")
     parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--no-real", action="store_true", help="skip the real opencode serve")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
+    parser.add_argument("--pin", choices=("both", "on", "off"), default="both",
+                        help="pin processes to cores with taskset: the proxy and SSE sections under both "
+                             "pinnings (default), or only pinned / only not pinned")
+    parser.add_argument("--no-pin", action="store_true", help="the same as --pin off")
+    parser.add_argument("--no-go", action="store_true", help="leave the Go router out of the proxy and SSE sections")
     parser.add_argument("--profile", action="store_true", help="py-spy the router during an extra proxy run")
+    parser.add_argument("--pypy", action="store_true",
+                        help="also run the router on Debian's pypy3 (a venv in ~/.cache/opencoderouter) next to CPython")
+    parser.add_argument("--no-pypy", action="store_true", help="leave PyPy out even when --pypy is given (make bench)")
     parser.add_argument("--runs", type=int, help="proxy runs per figure (default 3, quick 1)")
     parser.add_argument("--stock-proxy", action="store_true",
                         help="baseline: routers forward with Twisted's stock ReverseProxyResource (bench/stock_proxy.py)")
@@ -661,22 +857,31 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--code: {args.code} has no opencoderouter/tap.py")
         os.environ["OCR_BENCH_CODE"] = str(args.code.resolve())
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    if args.profile and "profile" not in chosen:
-        chosen.append("profile")
+    for flag, section in ((args.profile, "profile"), (args.pypy, "pypy")):
+        if flag and section not in chosen:
+            chosen.append(section)
+    if args.no_pypy and "pypy" in chosen:
+        chosen.remove("pypy")
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    if "proxy" in chosen and not shutil.which("wrk"):
+    if {"proxy", "pypy"} & set(chosen) and not shutil.which("wrk"):
         parser.error("wrk is not installed (Debian: apt-get install wrk, or `make system-deps`)")
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-    settings = Settings(args.quick, pin, not args.no_real, args.profile, args.runs, args.stock_proxy)
+    can_pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    wanted = "off" if args.no_pin else args.pin
+    pins = {"both": (True, False), "on": (True,), "off": (False,)}[wanted] if can_pin else (False,)
+    settings = Settings(args.quick, pins, not args.no_real, args.profile, args.runs, args.stock_proxy,
+                        go=not args.no_go)
 
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "quick" if args.quick else "full",
         "proxy_under_test": "stock ReverseProxyResource (bench/stock_proxy.py)" if args.stock_proxy
         else "opencoderouter.proxy",
-        "pinned": pin,
+        # The other sections run under the first pinning.
+        "pinned": pins[0],
+        "pinnings": [pin_label(pin) for pin in pins],
+        "go_router": str(GO_ROUTER) if settings.go else None,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(),
                     "kernel": platform.release()},
         "code": str(code_under_test()),
@@ -687,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[Settings, Path], dict[str, Any]]] = {
         "startup": bench_startup, "proxy": bench_proxy, "sse": bench_sse,
         "discovery": bench_discovery, "idle": bench_idle, "scan": bench_scan, "profile": bench_profile,
+        "pypy": bench_pypy,
     }
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
@@ -694,14 +900,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in SECTIONS:
             if name not in chosen:
                 continue
-            print(f"== {name}", flush=True)
-            t0 = time.monotonic()
-            try:
-                results[name] = sections[name](settings, work)
-            except Exception:
-                results["errors"][name] = traceback.format_exc()
-                print(results["errors"][name], file=sys.stderr, flush=True)
-            print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)
+            for pin in (pins if name in PER_PINNING else pins[:1]):
+                label = f"{name} ({pin_label(pin)})" if name in PER_PINNING else name
+                print(f"== {label}", flush=True)
+                t0 = time.monotonic()
+                try:
+                    figures = sections[name](settings.placed(pin), work)
+                    if name in PER_PINNING:
+                        results.setdefault(name, {})[pin_label(pin)] = figures
+                    else:
+                        results[name] = figures
+                except Exception:
+                    results["errors"][label] = traceback.format_exc()
+                    print(results["errors"][label], file=sys.stderr, flush=True)
+                print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
         results["duration_s"] = time.monotonic() - began
         results["machine"]["load_at_end"] = os.getloadavg()

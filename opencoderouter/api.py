@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -15,13 +14,19 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
-from .launcher import Instance, Launcher, LauncherError, LauncherState
+from .hosts import is_authority
+from .launcher import Launcher
+from .links import tunnel_url, web_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response
 
-_HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
+if TYPE_CHECKING:
+    from .tasks.service import TaskService
+
+_TASKS_OFF = "autodispatch is off: start the router with --tasks-dir DIR or --ticktick-token-file FILE"
 
 
 def rfc3339(timestamp: float) -> str:
@@ -34,7 +39,7 @@ def request_authority(request: IRequest) -> str:
     header = request.getHeader(b"host")
     if header:
         text = header.decode("latin-1").strip()
-        if _HOST_HEADER.match(text):
+        if is_authority(text) and not text.endswith("."):
             return text
     address = request.getHost()
     host = getattr(address, "host", "localhost")
@@ -45,11 +50,16 @@ def request_authority(request: IRequest) -> str:
 
 
 def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[str, Any]:
-    """The spec's backend object, plus ``owner``; with mDNS on, ``mdns_name`` (advertised name or null)."""
+    """The spec's backend object, plus ``owner`` and ``locked``; with mDNS on, ``mdns_name``.
+
+    A locked server the router cannot open has ``project_name`` and ``project_path`` null: its
+    project is unknown (clients must not take a made-up string for a path).
+    """
+    known = backend.path_known
     body = {
         "slug": backend.slug,
-        "project_name": backend.project_name,
-        "project_path": backend.project_path,
+        "project_name": backend.project_name if known else None,
+        "project_path": backend.project_path if known else None,
         "port": backend.port,
         "version": backend.version,
         "domain": backend.domain,
@@ -76,6 +86,8 @@ class RouterAPI:
         launcher: Launcher | None = None,
         mdns: bool = False,
         events: Any = None,
+        lan: Any = None,
+        tasks: TaskService | None = None,
     ) -> None:
         self.registry = registry
         self._extra_health = extra_health or dict
@@ -84,6 +96,10 @@ class RouterAPI:
         self.mdns = mdns
         #: The ``/api/events`` SSE resource (``opencoderouter.events.EventStream``), if any.
         self._events = events
+        #: The LAN directory (``opencoderouter.lan.LanView``), for ``/api/lan`` and ``?scope=lan``.
+        self.lan = lan
+        #: The autodispatch service (``/api/tasks``), when a task source is configured.
+        self.tasks = tasks
 
     def resource(self) -> Any:
         """The twisted.web resource serving this app."""
@@ -114,11 +130,22 @@ class RouterAPI:
             return json_response(request, {"error": "not_found", "path": "/api/events"}, 404)
         return self._events
 
+    @app.route("/lan", methods=["GET"])
+    def lan_directory(self, request: IRequest) -> bytes:
+        """Every project other routers (and plain opencode --mdns servers) announce, grouped by host."""
+        if self.lan is None:
+            return json_response(request, {"feeds": {}, "count": 0, "hosts": []})
+        return json_response(request, self.lan.to_json())
+
     @app.route("/resolve", methods=["GET"])
     def resolve(self, request: IRequest) -> bytes:
-        """One backend by project path (``?path=``) or folder name (``?name=``)."""
+        """One backend by project path (``?path=``) or folder name (``?name=``); ``&scope=lan``: or on the LAN."""
         args = request.args
         paths, names = args.get(b"path", []), args.get(b"name", [])
+        scopes = args.get(b"scope", [b"local"])
+        if len(scopes) != 1 or scopes[0] not in (b"local", b"lan"):
+            shown = b",".join(scopes).decode("utf-8", "replace")[:40]
+            return json_response(request, error_body("bad_request", f"scope {shown!r} is not local or lan"), 400)
         if len(paths) + len(names) != 1:
             return json_response(
                 request,
@@ -133,9 +160,23 @@ class RouterAPI:
         if "\x00" in query or len(query) > 4096:
             return json_response(request, error_body("bad_request", "the query is not a usable path or name"), 400)
         backend = self.registry.resolve_path(query) if paths else self.registry.resolve_name(query)
+        if backend is None and scopes[0] == b"lan" and self.lan is not None:
+            # A local match always wins; on the LAN, only one match is an answer.
+            remote = self.lan.matches(path=query) if paths else self.lan.matches(name=query)
+            if len(remote) == 1:
+                return json_response(request, {**remote[0].to_json(), "scope": "lan"})
+            if remote:
+                where = ", ".join(f"{e.project_name or e.instance} at {e.url}" for e in remote[:10])
+                return json_response(request, error_body(
+                    "ambiguous", f"{len(remote)} projects on the network match {query!r}: {where}; "
+                    "ask by ?path= or ask their router", query=query, matches=[e.to_json() for e in remote]), 409)
         if backend is None:
             return json_response(request, {"error": "not_found", "query": query}, 404)
-        return json_response(request, backend_json(backend, request_authority(request), self.mdns))
+        authority = request_authority(request)
+        body = backend_json(backend, authority, self.mdns)
+        # ``url`` stays path mode (automation); a person opens the host-mode name (the web UI needs it).
+        body["web_url"] = web_url(backend, authority, self.mdns) or tunnel_url(backend, authority)
+        return json_response(request, body)
 
     # -- managed instances (the launcher) ----------------------------------
     def _instance_json(self, instance: Instance) -> dict[str, Any]:
@@ -193,6 +234,62 @@ class RouterAPI:
                                    "message": f"no instance {slug} is managed by this router"}, 404)
         return launcher.stop_instance(instance.slug).addCallback(
             lambda stopped: json_response(request, self._instance_json(stopped)))
+
+    # -- autodispatch (opencoderouter.tasks) ----------------------------------
+    @app.route("/tasks", methods=["GET"])
+    def list_tasks(self, request: IRequest) -> bytes:
+        """Queued, running and the last finished tasks, with their outcomes."""
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        return json_response(request, self.tasks.tasks_json())
+
+    @app.route("/tasks/<string:task_id>", methods=["GET"])
+    def one_task(self, request: IRequest, task_id: str) -> bytes:
+        """One task with its whole answer."""
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        record = self.tasks.find(task_id)
+        if record is None:
+            return json_response(request, error_body("not_found", f"no task {task_id}", id=task_id), 404)
+        return json_response(request, self.tasks.task_json(record, whole=True))
+
+    @app.route("/tasks", methods=["POST"])
+    def submit_task(self, request: IRequest) -> bytes:
+        """Queue ``{"task": "---\\nproject: ...\\n---\\nprompt"}`` (loopback clients or the router's credentials)."""
+        from .dispatch import DispatchError
+
+        if self.tasks is None:
+            return json_response(request, error_body("not_available", _TASKS_OFF), 503)
+        refused = self._refuse_unsafe_post(request, "submitting tasks")
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(request.content.read() or b"null")
+        except ValueError:
+            body = None
+        text = body.get("task") if isinstance(body, dict) else None
+        title = body.get("title") if isinstance(body, dict) else None
+        if not isinstance(text, str) or (title is not None and not isinstance(title, str)):
+            return json_response(request, error_body(
+                "bad_request", 'send a JSON object {"task": "---\\nproject: NAME\\n---\\nthe prompt"} '
+                               '(and optionally "title")'), 400)
+        try:
+            record = self.tasks.submit(text, title)
+        except DispatchError as error:
+            return json_response(request, error_body("bad_task", error.message), 400)
+        return json_response(request, self.tasks.task_json(record), 201)
+
+    def _refuse_unsafe_post(self, request: IRequest, what: str) -> bytes | None:
+        """Why a state-changing POST is refused (not loopback nor authenticated; not JSON), or None."""
+        if not may_change_instances(request):
+            return json_response(request, error_body(
+                "forbidden", f"{what} needs the loopback or the router's credentials"), 403)
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        # Demanding JSON forces a CORS preflight, so a web page cannot make a browser post here.
+        if content_type != b"application/json":
+            return json_response(request, error_body(
+                "unsupported_media_type", "send the body as Content-Type: application/json"), 415)
+        return None
 
     def _refuse_write(self, request: IRequest) -> bytes | None:
         """Why a write request is refused, as a JSON answer, or None when it may go ahead."""

@@ -33,7 +33,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from .responses import PHRASES, error_body, json_bytes
-from .routing import Route, Router
+from .routing import Route, Router, is_navigation
 
 log = Logger()
 
@@ -262,8 +262,11 @@ class RouterChannel(HTTPChannel):
     def _route_for(self, request: server.Request) -> Route | None:
         if self.router is None or len(self._request_line) < 2:
             return None
-        host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
-        return self.router.classify(host, self._request_line[1], self.local_host)
+        headers = request.requestHeaders
+        host = headers.getRawHeaders(b"host", [None])[0]
+        navigating = is_navigation(self._request_line[0], headers.getRawHeaders(b"sec-fetch-mode", [None])[0],
+                                   headers.getRawHeaders(b"accept", [None])[0])
+        return self.router.classify(host, self._request_line[1], self.local_host, navigating)
 
     def refuse_large_body(self) -> None:
         """413: the body for one of the router's own endpoints is larger than ``max_body``."""

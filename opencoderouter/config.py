@@ -86,6 +86,31 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _dnssd_domain(text: str) -> str:
+    from .dnssd import parse_domain
+
+    return parse_domain(text)
+
+
+def _dnssd_server(text: str) -> tuple[str, int]:
+    from .dnssd import parse_server
+
+    return parse_server(text)
+
+
+def _duration_or_never(text: str) -> float | None:
+    """A positive duration, or None for ``0``/``none``/``never``."""
+    if text.strip().lower() in ("0", "none", "never"):
+        return None
+    return _positive_duration(text)
+
+
+def _permissions(text: str) -> str:
+    if text not in ("reject", "once", "always"):
+        raise ValueError(f"{text!r} is not reject, once or always")
+    return text
+
+
 class ProjectDirectoryError(ValueError):
     """A project directory argument that is not a usable directory; the message says why."""
 
@@ -158,6 +183,17 @@ class Options(usage.Options):
         ["backend-timeout", None, 30.0, "Answer 504 when a backend sends no response headers within this long.",
          _flag_coercer("backend-timeout", _positive_duration)],
         ["mdns", None, True, "Advertise projects over mDNS (true/false).", _flag_coercer("mdns", parse_bool)],
+        # -- the LAN directory (see lan.py, dnssd.py) --
+        ["lan-browse", None, None, "List other routers' projects and opencode --mdns servers on the LAN "
+         "(true/false) [default: the value of --mdns].", _flag_coercer("lan-browse", parse_bool)],
+        ["dnssd-domain", None, None, "Wide-area DNS-SD domain to browse for _opencode._tcp (e.g. example.org).",
+         _flag_coercer("dnssd-domain", _dnssd_domain)],
+        ["dnssd-server", None, None, "DNS server for --dnssd-domain, address[:port] [default: the system resolver].",
+         _flag_coercer("dnssd-server", _dnssd_server)],
+        ["dnssd-interval", None, 30.0, "How often to browse --dnssd-domain (e.g. 30s).",
+         _flag_coercer("dnssd-interval", _positive_duration)],
+        ["dnssd-update-key", None, None, "TSIG key file (tsig-keygen's format): register our projects in "
+         "--dnssd-domain with DNS UPDATE."],
         # -- security (see guard.py, auth.py, hosts.py, owners.py, channel.py) --
         ["owners", None, "self", "Whose instances to route: self, all, or user names (comma-separated)."],
         ["auth-token-file", None, None, "File holding a token clients must send (Bearer or login cookie)."],
@@ -179,6 +215,24 @@ class Options(usage.Options):
          _flag_coercer("startup-timeout", _positive_duration)],
         ["stop-timeout", None, 5.0, "Grace after SIGTERM before a launched opencode's group gets SIGKILL (e.g. 5s).",
          _flag_coercer("stop-timeout", _positive_duration)],
+        # -- autodispatch (see opencoderouter/tasks/) --
+        ["tasks-dir", None, None, "Run every *.md task file dropped in this folder; outcomes go to done/ or failed/."],
+        ["ticktick-token-file", None, None, "File holding a TickTick Open API access token."],
+        ["ticktick-project", None, None, "The TickTick project (name, id or inbox) to take tasks from [default: all]."],
+        ["ticktick-api", None, "https://api.ticktick.com/open/v1", "TickTick Open API base URL."],
+        ["tasks-interval", None, 300.0, "How often to poll TickTick for tasks (e.g. 5m).",
+         _flag_coercer("tasks-interval", _positive_duration)],
+        ["tasks-tag", None, "autocode", "The TickTick tag that marks a task for the router."],
+        ["tasks-per-project", None, 1, "Most tasks running at once in one project (the others wait in order).",
+         _flag_coercer("tasks-per-project", _positive_int)],
+        ["tasks-max", None, 4, "Most tasks running at once in all.", _flag_coercer("tasks-max", _positive_int)],
+        ["tasks-permissions", None, "reject", "Answer to agents' permission requests (reject, once, always) unless "
+         "the task says 'permissions:'.", _flag_coercer("tasks-permissions", _permissions)],
+        ["tasks-timeout", None, 3600.0, "Abort a task's session after this long unless the task says 'timeout:' "
+         "(0: never).", _flag_coercer("tasks-timeout", _duration_or_never)],
+        ["tasks-wait", None, 1800.0, "How long a task waits for its project to be running before it fails.",
+         _flag_coercer("tasks-wait", _positive_duration)],
+        ["state-dir", None, None, "Folder for the task journal [default: $XDG_STATE_HOME/opencoderouter]."],
     ]
 
     def __init__(self) -> None:
@@ -241,15 +295,33 @@ class Options(usage.Options):
                 raise usage.UsageError(str(error)) from None
         self["projects"] = directories
         self["opencode-bin"] = _find_opencode(self["opencode-bin"], required=bool(directories))
+        self._check_tasks()
         if self["listen"] is None:
             self["listen"] = listen_endpoint(self["port"], self["hostname"])
         else:
             _check_endpoint(self["listen"])
         self._load_security()
+        self._check_lan()
+
+    def _check_lan(self) -> None:
+        """--lan-browse follows --mdns unless given; the --dnssd-* flags need --dnssd-domain; read the key now."""
+        if self["lan-browse"] is None:
+            self["lan-browse"] = self["mdns"]
+        for flag in ("dnssd-server", "dnssd-update-key"):
+            if self[flag] is not None and self["dnssd-domain"] is None:
+                raise usage.UsageError(f"--{flag} needs --dnssd-domain (the domain to browse and register in)")
+        self["dnssd-key"] = None
+        if self["dnssd-update-key"] is not None:
+            from .dnssd import load_tsig_key
+
+            try:
+                self["dnssd-key"] = load_tsig_key(self["dnssd-update-key"])
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
 
     def _load_security(self) -> None:
         """Read the credential files and check --owners now, so that a mistake stops start-up."""
-        from .auth import load_basic_users, load_password, load_token
+        from .credentials import load_basic_users, load_password, load_token
         from .owners import OwnerFilter
 
         try:
@@ -264,6 +336,40 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
+
+
+    def _check_tasks(self) -> None:
+        """The task folder (created if missing), the state folder and the TickTick token, now rather than later."""
+        from .credentials import read_secret_file
+
+        if self["tasks-dir"] is not None:
+            folder = os.path.realpath(os.path.expanduser(self["tasks-dir"]))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                raise usage.UsageError(f"--tasks-dir: cannot use {self['tasks-dir']}: {error.strerror}") from None
+            if not os.access(folder, os.W_OK):
+                raise usage.UsageError(f"--tasks-dir: {self['tasks-dir']} is not writable (tasks move into it)")
+            self["tasks-dir"] = folder
+        if self["state-dir"] is None:
+            state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+            self["state-dir"] = os.path.join(state, "opencoderouter")
+        self["state-dir"] = os.path.realpath(os.path.expanduser(self["state-dir"]))
+        self["ticktick-token"] = None
+        if self["ticktick-token-file"] is not None:
+            try:
+                data = read_secret_file(self["ticktick-token-file"], "ticktick-token-file")
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
+            lines = [line.strip() for line in data.splitlines() if line.strip()]
+            token = lines[0] if lines else b""
+            if not token or any(c < 0x21 or c > 0x7E for c in token):
+                raise usage.UsageError(f"--ticktick-token-file: {self['ticktick-token-file']} must hold the access "
+                                       "token on its first line (printable, no spaces)")
+            self["ticktick-token"] = token.decode("ascii")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", self["ticktick-api"]):
+            raise usage.UsageError(f"--ticktick-api {self['ticktick-api']!r} is not a URL like "
+                                   "https://api.ticktick.com/open/v1")
 
 
 def _find_opencode(name: str, required: bool) -> str | None:

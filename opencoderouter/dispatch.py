@@ -16,6 +16,11 @@ is reopened with backoff and reconciled with ``/session/status`` and the session
 
 Python API: ``parse_task(text)`` → :class:`Task`; ``Dispatcher(reactor, task, options).run()`` →
 Deferred firing with a :class:`Result` (``result.exit_code`` is the CLI's exit status).
+
+The same flow runs inside the router (``opencoderouter.tasks``): there ``resolve`` finds the
+:class:`Target` in the registry instead of asking the router over HTTP, ``before_prompt`` journals
+the session before the prompt goes out, ``resume(session_id)`` follows (reconciles) a session
+prompted before a restart, and ``detach()`` stops following without aborting the session.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ DEFAULT_ROUTER = "http://127.0.0.1:8080"
 _MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/(\S+)$")
 #: An event bigger than this is skipped (memory bound against a hostile or broken stream).
 MAX_EVENT_BYTES = 64 * 1024 * 1024
-_FRONT_MATTER_KEYS = ("project", "model", "agent", "title")
+_FRONT_MATTER_KEYS = ("project", "model", "agent", "title", "permissions", "timeout")
 #: Delays between attempts to reopen a lost event stream: 0.25 s doubling to 5 s.
 _RECONNECT_BACKOFF = doubling_backoff(0.25, 5.0)
 
@@ -82,6 +87,10 @@ class Task:
     model: str | None = None
     agent: str | None = None
     title: str | None = None
+    #: How to answer permission requests (``reject``/``once``/``always``); None: the dispatcher's policy.
+    permissions: str | None = None
+    #: Abort the session after this many seconds; None: the dispatcher's timeout.
+    timeout: float | None = None
 
     def model_ref(self) -> dict[str, str] | None:
         """``{"providerID", "modelID"}`` for the prompt body, or None for the server's default."""
@@ -154,9 +163,23 @@ def parse_task(text: str, project: str | None = None, model: str | None = None, 
     prompt = body.strip("\n")
     if not prompt.strip():
         raise DispatchError(EXIT_BAD_INPUT, "the task has no prompt: write it after the front matter", "bad_input")
+    permissions = _text(meta.get("permissions"))
+    if permissions is not None and permissions not in PERMISSION_REPLIES:
+        choices = ", ".join(PERMISSION_REPLIES)
+        raise DispatchError(EXIT_BAD_INPUT, f"permissions {permissions!r} is not one of {choices}", "bad_input")
+    timeout = _text(meta.get("timeout"))
+    seconds: float | None = None
+    if timeout is not None:
+        try:
+            seconds = parse_duration(timeout)
+        except ValueError as error:
+            raise DispatchError(EXIT_BAD_INPUT, f"timeout: {error}", "bad_input") from None
+        if seconds <= 0:
+            raise DispatchError(EXIT_BAD_INPUT, f"timeout {timeout!r} must be longer than zero", "bad_input")
     return Task(project=chosen_project.strip(), prompt=prompt, model=chosen_model,
                 agent=agent if agent is not None else _text(meta.get("agent")),
-                title=title if title is not None else _text(meta.get("title")))
+                title=title if title is not None else _text(meta.get("title")),
+                permissions=permissions, timeout=seconds)
 
 
 def _text(value: Any) -> str | None:
@@ -179,6 +202,25 @@ class Options:
     authorization: str | None = None
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     err: IO[str] = field(default_factory=lambda: sys.stderr)
+    #: Where activity lines go instead of ``err`` (the router's log, for in-process dispatches).
+    say: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a task runs: an OpenCode base URL (ending in ``/``), the project directory, and how to get in."""
+
+    base_url: str
+    directory: str
+    slug: str | None = None
+    #: ``Authorization`` value for ``base_url``'s origin only (a locked backend's password, in-process).
+    authorization: str | None = None
+
+
+#: Finds the Target of a task, or raises DispatchError (``not_found`` when the project is not running).
+Resolver = Callable[[Task], "Target | Deferred[Target]"]
+#: Called with the Dispatcher once its session exists, just before the prompt is sent; may return a Deferred.
+BeforePrompt = Callable[["Dispatcher"], Any]
 
 
 class _EventStream(Protocol):
@@ -262,13 +304,22 @@ def _describe(error: Failure | Exception) -> str:
 
 
 class Dispatcher:
-    """One task, start to finish: resolve, create a session, prompt, follow events, report a Result."""
+    """One task, start to finish: resolve, create a session, prompt, follow events, report a Result.
+
+    ``resolve`` replaces the router's ``/api/resolve`` (the router's own task service finds the
+    backend in its registry); ``before_prompt`` runs once the session exists, before the prompt is
+    sent (a failure there stops the dispatch unprompted).
+    """
 
     def __init__(self, reactor: Any, task: Task, options: Options | None = None,
-                 client: HTTPClient | None = None) -> None:
+                 client: HTTPClient | None = None, resolve: Resolver | None = None,
+                 before_prompt: BeforePrompt | None = None) -> None:
         self.reactor = reactor
         self.task = task
         self.options = options or Options()
+        self._resolver = resolve
+        self._before_prompt = before_prompt
+        self.target: Target | None = None
         if client is None:
             self._pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=False)
             client = HTTPClient(Agent(reactor, connectTimeout=self.options.request_timeout, pool=self._pool))
@@ -295,10 +346,27 @@ class Dispatcher:
         self._stopping = False
         #: Set once we abort the session: its session.error/idle are our own doing, not the outcome.
         self._aborting = False
+        #: Following a session prompted by an earlier run (``resume``): an answer that never started is lost.
+        self._resumed = False
+        #: Requests in flight, cancelled by ``detach``.
+        self._inflight: set[Deferred[Any]] = set()
+
+    @property
+    def permission_reply(self) -> str:
+        """The answer to this task's permission requests: the task's own, else the options'."""
+        return self.task.permissions or self.options.permissions
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds before the session is aborted: the task's own, else the options'."""
+        return self.task.timeout if self.task.timeout is not None else self.options.timeout
 
     # -- output ----------------------------------------------------------------
     def _say(self, message: str) -> None:
-        """Activity for people: one line on stderr."""
+        """Activity for people: one line on stderr (or to ``options.say``)."""
+        if self.options.say is not None:
+            self.options.say(message)
+            return
         self.options.err.write(f"[dispatch] {message}\n")
         self.options.err.flush()
 
@@ -315,11 +383,23 @@ class Dispatcher:
         return self.base_url + path + "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
 
     def _headers(self, url: str, accept: bytes) -> Headers:
-        """Request headers; the router's credentials go to the router's origin only, never elsewhere."""
+        """Request headers; credentials go to their own origin only (the router's, the target's), never elsewhere."""
         headers = Headers({b"accept": [accept]})
         if self.options.authorization and _origin(url) == _origin(self.options.router):
             headers.addRawHeader(b"authorization", self.options.authorization.encode("latin-1"))
+        elif self.target is not None and self.target.authorization and _origin(url) == _origin(self.target.base_url):
+            headers.addRawHeader(b"authorization", self.target.authorization.encode("latin-1"))
         return headers
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Remember ``d`` until it fires, so that ``detach`` can cancel it."""
+        self._inflight.add(d)
+
+        def forget(result: Any) -> Any:
+            self._inflight.discard(d)
+            return result
+
+        return d.addBoth(forget)
 
     @inlineCallbacks
     def _request(self, method: str, url: str, body: Any = None, what: str = "the backend") -> Any:
@@ -329,8 +409,8 @@ class Dispatcher:
         if body is not None:
             kwargs["json"] = body
         try:
-            response = yield self.http.request(method, url, **kwargs)
-            raw = yield treq.content(response)
+            response = yield self._track(self.http.request(method, url, **kwargs))
+            raw = yield self._track(treq.content(response))
         except Exception as error:  # every transport failure means "unreachable" to the user
             raise DispatchError(EXIT_UNREACHABLE, f"cannot reach {what} at {url.split('?')[0]}: {_describe(error)}",
                                 "unreachable") from None
@@ -341,14 +421,41 @@ class Dispatcher:
         return response.code, decoded
 
     # -- the flow ----------------------------------------------------------------
-    @inlineCallbacks
-    def run(self) -> Any:
+    def run(self) -> Deferred[Result]:
         """Dispatch the task; fires with a :class:`Result` (never errbacks)."""
-        if self.options.timeout is not None:
+        return self._drive([self._resolve, self._choose_agent, self._create_session, self._open_events, self._prompt])
+
+    def resume(self, session_id: str) -> Deferred[Result]:
+        """Follow ``session_id``, prompted by an earlier run, to its end without prompting again.
+
+        After a restart: still busy, its events are followed; idle, its stored outcome is the result;
+        idle without an answer, it is an error (``PromptLost`` or ``TurnLost``), never a second prompt.
+        """
+
+        def adopt() -> None:
+            self.session_id, self._prompted, self._resumed = session_id, True, True
+            self._say(f"following session {session_id} again (it was prompted before)")
+
+        @inlineCallbacks
+        def reconcile() -> Any:
+            yield self._reconcile()
+
+        return self._drive([self._resolve, adopt, self._open_events, reconcile])
+
+    def detach(self) -> None:
+        """Stop following without aborting the session (the router is stopping; it is resumed later)."""
+        if not self._finished.called:
+            self._finished.callback(("detached", None))
+        for d in list(self._inflight):
+            d.cancel()
+
+    @inlineCallbacks
+    def _drive(self, steps: list[Callable[[], Any]]) -> Any:
+        if self.timeout is not None:
             # Bounds the whole dispatch; the session is aborted if it exists by then.
-            self._timers.append(self.reactor.callLater(self.options.timeout, self._on_timeout))
+            self._timers.append(self.reactor.callLater(self.timeout, self._on_timeout))
         try:
-            for step in (self._resolve, self._choose_agent, self._create_session, self._open_events, self._prompt):
+            for step in steps:
                 if self._finished.called:
                     break  # interrupted or timed out between steps: do not start the next one
                 yield step()
@@ -362,7 +469,7 @@ class Dispatcher:
             result = yield self._result(status, error_body, code)
             return result
         code = {"done": EXIT_DONE, "error": EXIT_SESSION_ERROR, "timeout": EXIT_TIMEOUT,
-                "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_UNREACHABLE)
+                "interrupted": EXIT_INTERRUPTED, "detached": EXIT_INTERRUPTED}.get(status, EXIT_UNREACHABLE)
         result = yield self._result(status, session_error, code)
         return result
 
@@ -392,10 +499,22 @@ class Dispatcher:
 
     @inlineCallbacks
     def _resolve(self) -> Any:
+        if self._resolver is not None:
+            target = yield defer.maybeDeferred(self._resolver, self.task)
+        else:
+            target = yield self._resolve_through_router()
+        self.target = target
+        self.base_url = target.base_url if target.base_url.endswith("/") else target.base_url + "/"
+        self.directory = target.directory
+        self._say(f"project {self.task.project!r} → {target.slug} at {self.base_url} ({self.directory})")
+
+    @inlineCallbacks
+    def _resolve_through_router(self) -> Any:
         router = self.options.router.rstrip("/")
         by_path = "/" in self.task.project or self.task.project.startswith("~")
         key = "path" if by_path else "name"
-        url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}"
+        # scope=lan: a project on another box is answered with that box's router URL (older routers ignore it).
+        url = f"{router}/api/resolve?{key}={quote(self.task.project, safe='')}&scope=lan"
         code, body = yield self._request("GET", url, what="the router")
         if code in (401, 403):
             raise DispatchError(EXIT_BAD_INPUT,
@@ -406,12 +525,13 @@ class Dispatcher:
             hint = f" (known: {', '.join(known)})" if known else ""
             raise DispatchError(EXIT_NOT_FOUND, f"no such project {self.task.project!r} on the router {router}{hint}",
                                 "not_found")
+        if code == 409 and isinstance(body, dict):
+            raise DispatchError(EXIT_NOT_FOUND, f"the router at {router} knows several projects "
+                                f"{self.task.project!r} on the network: {str(body.get('message'))[:400]}", "not_found")
         if code != 200 or not isinstance(body, dict) or not body.get("url") or not body.get("project_path"):
             raise DispatchError(EXIT_UNREACHABLE, f"the router at {router} answered {code} to {url}: {str(body)[:200]}",
                                 "unreachable")
-        self.base_url = body["url"] if body["url"].endswith("/") else body["url"] + "/"
-        self.directory = body["project_path"]
-        self._say(f"project {self.task.project!r} → {body.get('slug')} at {self.base_url} ({self.directory})")
+        return Target(base_url=body["url"], directory=body["project_path"], slug=body.get("slug"))
 
     @inlineCallbacks
     def _known_projects(self, router: str) -> Any:
@@ -460,8 +580,8 @@ class Dispatcher:
         if old is not None:
             old.close()  # never two streams: a half-dead one would only leak
         try:
-            response = yield self.http.get(url, headers=self._headers(url, b"text/event-stream"),
-                                           timeout=self.options.request_timeout, unbuffered=True)
+            response = yield self._track(self.http.get(url, headers=self._headers(url, b"text/event-stream"),
+                                                       timeout=self.options.request_timeout, unbuffered=True))
         except Exception as error:
             raise DispatchError(EXIT_UNREACHABLE,
                                 f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
@@ -498,14 +618,22 @@ class Dispatcher:
             body["model"] = model
         if self.task.agent:
             body["agent"] = self.task.agent
+        if self._before_prompt is not None:
+            try:
+                yield defer.maybeDeferred(self._before_prompt, self)
+            except Exception as error:
+                raise DispatchError(EXIT_UNREACHABLE, f"not prompting session {self.session_id}: {_describe(error)}",
+                                    "unreachable") from None
+            if self._finished.called:
+                return  # detached, interrupted or timed out meanwhile: the prompt is not sent
         # Before the request: the turn's first events can arrive before the 204 does.
         self._prompted = True
         code, answer = yield self._request("POST", self._url(f"session/{self.session_id}/prompt_async"), body)
         if code == 400:
-            raise DispatchError(EXIT_BAD_INPUT, f"the server refused the prompt: {_error_text(answer)}", "bad_input")
+            raise DispatchError(EXIT_BAD_INPUT, f"the server refused the prompt: {error_text(answer)}", "bad_input")
         if code not in (200, 204):
             raise DispatchError(EXIT_UNREACHABLE,
-                                f"prompting session {self.session_id} failed: {code} {_error_text(answer)}",
+                                f"prompting session {self.session_id} failed: {code} {error_text(answer)}",
                                 "unreachable")
         self._say(f"prompt sent (agent {self.task.agent or 'default'}, model {self.task.model or 'default'}); "
                   "following events")
@@ -538,7 +666,7 @@ class Dispatcher:
                 self._say(f"the model call is being retried (attempt {status.get('attempt')}): {status.get('message')}")
         elif kind == "session.error":
             error = props.get("error") or {"name": "UnknownError"}
-            self._say(f"session error: {_error_text(error)}")
+            self._say(f"session error: {error_text(error)}")
             self._finished.callback(("error", error))
         elif kind == "session.idle" and self._prompted:
             self._finished.callback(("done", None))
@@ -565,7 +693,7 @@ class Dispatcher:
         if not request_id or request_id in self._answered:
             return
         self._answered.add(request_id)
-        reply = self.options.permissions
+        reply = self.permission_reply
         self.permissions.append({"permission": props.get("permission"), "patterns": props.get("patterns") or [],
                                  "reply": reply})
         patterns = ", ".join(map(str, props.get("patterns") or []))
@@ -574,7 +702,7 @@ class Dispatcher:
         def report(outcome: Any) -> None:
             code, body = outcome
             if code != 200:
-                self._say(f"answering permission {request_id} failed: {code} {_error_text(body)}")
+                self._say(f"answering permission {request_id} failed: {code} {error_text(body)}")
 
         d = self._request("POST", self._url(f"permission/{request_id}/reply"), {"reply": reply})
         d.addCallbacks(report, lambda f: self._say(f"answering permission {request_id} failed: {f.getErrorMessage()}"))
@@ -628,11 +756,11 @@ class Dispatcher:
         if (statuses.get(self.session_id) or {}).get("type") in ("busy", "retry"):
             return False
         last = yield self._last_assistant()
-        if last is None or self._finished.called:
+        if self._finished.called or (last is None and not self._resumed):
             return False
-        info = last.get("info") or {}
+        info = (last or {}).get("info") or {}
         if info.get("error"):
-            self._say(f"session error (while disconnected): {_error_text(info['error'])}")
+            self._say(f"session error (while disconnected): {error_text(info['error'])}")
             self._finished.callback(("error", info["error"]))
             return True
         if (info.get("time") or {}).get("completed"):
@@ -645,15 +773,23 @@ class Dispatcher:
             yield task.deferLater(self.reactor, 1.0, lambda: None)
             ended = yield self._reconcile(second_look=True)
             return ended
-        error = {"name": "TurnLost", "data": {"message": "the session is idle but its answer never finished "
-                                                         "(was the OpenCode server restarted mid-turn?)"}}
-        self._say(f"session error: {_error_text(error)}")
+        if last is None:
+            error = {"name": "PromptLost", "data": {"message": "the session is idle with no answer: the prompt never "
+                                                               "reached it, and it is not sent twice"}}
+        else:
+            error = {"name": "TurnLost", "data": {"message": "the session is idle but its answer never finished "
+                                                             "(was the OpenCode server restarted mid-turn?)"}}
+        self._say(f"session error: {error_text(error)}")
         self._finished.callback(("error", error))
         return True
 
     @inlineCallbacks
     def _last_assistant(self) -> Any:
         code, messages = yield self._request("GET", self._url(f"session/{self.session_id}/message"))
+        if code == 404 and self._resumed:
+            # Deleted meanwhile: its outcome can never be known, and it is not sent again.
+            return {"info": {"error": {"name": "SessionGone", "data": {
+                "message": f"session {self.session_id} no longer exists on the backend"}}}}
         if code != 200 or not isinstance(messages, list):
             return None
         for message in reversed(messages):
@@ -687,9 +823,9 @@ class Dispatcher:
     # -- ending early ------------------------------------------------------------
     def _on_timeout(self) -> None:
         if not self._finished.called:
-            self._say(f"timed out after {self.options.timeout:g}s; "
+            self._say(f"timed out after {self.timeout:g}s; "
                       + (f"aborting session {self.session_id}" if self.session_id else "no session was created"))
-            self._abort_then("timeout", {"name": "Timeout", "message": f"no result after {self.options.timeout:g}s"})
+            self._abort_then("timeout", {"name": "Timeout", "message": f"no result after {self.timeout:g}s"})
 
     def interrupt(self) -> None:
         """Abort the session and end the dispatch (SIGINT)."""
@@ -752,7 +888,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _error_text(error: Any) -> str:
+def error_text(error: Any) -> str:
     """``Name: message`` from an OpenCode error object."""
     if not isinstance(error, dict):
         return str(error)[:300]
@@ -799,9 +935,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router", type=_router_url, default=DEFAULT_ROUTER, help=f"router URL [{DEFAULT_ROUTER}]")
     parser.add_argument("--token-file", help="file whose first line is the router's access token "
                         "(default: $OPENCODEROUTER_TOKEN; or put user:password@ in --router)")
-    parser.add_argument("--permissions", choices=PERMISSION_REPLIES, default="reject",
-                        help="answer to the agent's permission requests [reject]")
-    parser.add_argument("--timeout", type=_duration, help="abort the session after this long (5m, 1h30m) and exit 124")
+    parser.add_argument("--permissions", choices=PERMISSION_REPLIES,
+                        help="answer to the agent's permission requests [the task's 'permissions', else reject]")
+    parser.add_argument("--timeout", type=_duration, help="abort the session after this long (5m, 1h30m) and exit 124 "
+                        "[the task's 'timeout', else none]")
     parser.add_argument("--reconnect-timeout", type=_duration, default=30.0,
                         help="how long to try to regain a lost event stream before exiting 4 [30s]")
     parser.add_argument("--quiet", action="store_true", help="do not print the answer's text")
@@ -845,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         the_task = parse_task(_read_task(parser, args), project=args.project, model=args.model, agent=args.agent,
-                          title=args.title)
+                              title=args.title)
     except DispatchError as error:
         print(f"opencoderouter-dispatch: {error.message}", file=sys.stderr)
         if args.json:
@@ -857,8 +994,13 @@ def main(argv: list[str] | None = None) -> int:
     except DispatchError as error:
         print(f"opencoderouter-dispatch: {error.message}", file=sys.stderr)
         return error.exit_code
-    options = Options(router=router, quiet=args.quiet or args.json, permissions=args.permissions,
-                      timeout=args.timeout, reconnect_timeout=args.reconnect_timeout, authorization=authorization)
+    # Flags override the front matter.
+    if args.permissions is not None:
+        the_task.permissions = args.permissions
+    if args.timeout is not None:
+        the_task.timeout = args.timeout
+    options = Options(router=router, quiet=args.quiet or args.json, reconnect_timeout=args.reconnect_timeout,
+                      authorization=authorization)
     outcome: dict[str, Result] = {}
 
     def run(reactor: Any) -> Deferred[None]:

@@ -1,6 +1,7 @@
 """``GET /api/events``: the registry's changes as a Server-Sent Events stream (the dashboard's feed).
 
-Each stream starts with a ``snapshot`` event (router facts and every backend), then carries
+Each stream starts with a ``snapshot`` event (router facts, every backend, and what other parts add,
+e.g. ``lan``), then carries
 ``added``/``updated``/``removed`` events with the backend's JSON. The registry only reports real
 changes, so a ``seen`` event (``{"last_seen": {slug: unix time}}``) follows the scans' fresh
 sightings at most once per ``tick``; a comment line goes out when nothing else was sent for
@@ -96,8 +97,11 @@ class EventStream(Resource):
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
         mdns: bool = False,
+        snapshot_extras: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        #: More keys for every stream's snapshot (e.g. ``lan``: the LAN directory), from other parts.
+        self._snapshot_extras = snapshot_extras
         self.registry = registry
         self.clock = clock
         self.router_info = router_info
@@ -142,11 +146,14 @@ class EventStream(Resource):
 
     def _snapshot(self, client: _Client) -> dict[str, Any]:
         backends = self.registry.backends()
-        return {
+        snapshot = {
             "router": self.router_info(),
             "backends": [self._backend_json(b, client) for b in backends],
             "server_time": self.clock.seconds(),
         }
+        if self._snapshot_extras is not None:
+            snapshot.update(self._snapshot_extras())
+        return snapshot
 
     def _finished(self, result: Failure | None, client: _Client) -> None:
         # Fires on a clean finish and on a client disconnect alike: either way the stream is gone.

@@ -34,9 +34,11 @@ from twisted.web.server import Request
 from .channel import server_request
 from .headers import REQUEST_SKIP, RESPONSE_SKIP, channel_scheme, connection_tokens, end_to_end, forwarded_fields
 from .metrics import ProxyMeter, RouterMetrics, stream_kind
+from .pool import BackendPool, ConnectionAttempt
 from .registry import Backend
 from .responses import error_body, json_bytes
-from .upstream import BackendConnection, BackendPool, Framing, ResponseHead, _Connecting
+from .upstream import BackendConnection, Framing, ResponseHead
+from .write_now import write_now
 
 log = Logger()
 
@@ -92,12 +94,15 @@ class BackendCredentials:
 class BackendTarget:
     """What forwarding to one backend needs, computed when the backend appears or changes."""
 
-    __slots__ = ("port", "slug", "host_line", "authorization", "meters")
+    __slots__ = ("address", "port", "slug", "where", "host_line", "authorization", "meters")
 
     def __init__(self, backend: Backend, authorization: bytes | None, meters: dict[str, ProxyMeter] | None) -> None:
+        self.address = backend.address
         self.port = backend.port
         self.slug = backend.slug
-        self.host_line = b"Host: 127.0.0.1:%d\r\n" % backend.port
+        #: ``backend SLUG on ADDRESS:PORT``: how error messages name it.
+        self.where = f"backend {backend.slug} on {backend.endpoint}"
+        self.host_line = b"Host: " + backend.endpoint.encode("ascii") + b"\r\n"
         #: Our password for one of our own locked backends (replaces the client's Authorization).
         self.authorization = authorization
         #: Metric children by routing mode (``host``/``path``).
@@ -119,9 +124,8 @@ def error_answer(request: IRequest, code: int, error: str, message: str, backend
     request.finish()
 
 
-def describe_failure(reason: Failure, name: str, port: int) -> str:
-    """A sentence saying why a backend could not be reached."""
-    where = f"backend {name} on 127.0.0.1:{port}"
+def describe_failure(reason: Failure, where: str) -> str:
+    """A sentence saying why a backend (``where``: ``backend SLUG on ADDRESS:PORT``) could not be reached."""
     if reason.check(ConnectionRefusedError):
         return f"{where} refused the connection (is it still running?)"
     if reason.check(ConnectError):
@@ -152,7 +156,7 @@ class Forwarder:
 
     def target(self, backend: Backend) -> BackendTarget:
         """The precomputed target of ``backend`` (made again only when what it depends on changes)."""
-        key = (backend.slug, backend.port, backend.locked, backend.router_credentials)
+        key = (backend.slug, backend.address, backend.port, backend.locked, backend.router_credentials)
         target = self._targets.get(key)
         if target is None:
             if len(self._targets) > 4096:
@@ -185,7 +189,7 @@ class _Exchange:
 
     __slots__ = ("forwarder", "request", "target", "mode", "upgrade", "state", "connection", "attempt",
                  "timer", "head", "body", "body_file", "body_length", "retried", "began", "kind", "decode",
-                 "client_chunks")
+                 "client_chunks", "held", "client")
 
     def __init__(self, forwarder: Forwarder, request: Request, target: BackendTarget, mode: str,
                  upgrade: bool) -> None:
@@ -196,7 +200,7 @@ class _Exchange:
         self.upgrade = upgrade
         self.state = Exchange.CONNECTING
         self.connection: BackendConnection | None = None
-        self.attempt: _Connecting | None = None
+        self.attempt: ConnectionAttempt | None = None
         self.timer: IDelayedCall | None = None
         self.head = b""
         self.body: bytes | None = None
@@ -209,6 +213,10 @@ class _Exchange:
         self.decode = False
         #: The client's body is chunked by twisted.web (a close-framed backend body to an HTTP/1.1 client).
         self.client_chunks = False
+        #: The response head, held until the body bytes that came with it, to leave in one send.
+        self.held = b""
+        #: The client's transport, when body bytes go to it unchanged (else through ``request.write``).
+        self.client: object | None = None
 
     # -- sending the request ------------------------------------------------------------------------
     def start(self, path: bytes, prefix: bytes) -> None:
@@ -245,14 +253,18 @@ class _Exchange:
         request, target = self.request, self.target
         parts = [request.method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         credentials = target.authorization
+        scheme = channel_scheme(request)
         for name, values in end_to_end(request.requestHeaders, REQUEST_SKIP):
-            if credentials is not None and name.lower() == b"authorization":
+            lower = name.lower()
+            if credentials is not None and lower == b"authorization":
                 continue
+            if lower == b"origin":
+                values = [self._backend_origin(value, scheme) for value in values]
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         if credentials is not None:
             parts += (b"Authorization: ", credentials, b"\r\n")
-        for name, value in forwarded_fields(request, channel_scheme(request), prefix):
+        for name, value in forwarded_fields(request, scheme, prefix):
             parts += (name, b": ", value, b"\r\n")
         if length or request.method in (b"POST", b"PUT", b"PATCH"):
             parts.append(b"Content-Length: %d\r\n" % length)
@@ -261,9 +273,24 @@ class _Exchange:
         parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _backend_origin(self, origin: bytes, scheme: bytes) -> bytes:
+        """A same-origin request's Origin, rewritten as the Host is (to the backend's own address).
+
+        OpenCode refuses a terminal's connect-token and WebSocket when ``Origin``'s host differs
+        from ``Host``; the router sends ``Host: 127.0.0.1:PORT``, so the page's own origin
+        (``http://{slug}-{user}.localhost:8080``) is rewritten to match. Any other Origin (one
+        allowed with ``--cors-origin``) is passed on as it is.
+        """
+        host = self.request.requestHeaders.getRawHeaders(b"host")
+        if host and origin.strip().lower() == scheme + b"://" + host[-1].strip().lower():
+            return b"http://" + self.target.host_line[6:-2]
+        return origin
+
     def _connect(self, fresh: bool) -> None:
         self.state = Exchange.CONNECTING
-        self.attempt = self.forwarder.pool.acquire(self.target.port, self._connected, self._connect_failed, fresh)
+        target = self.target
+        self.attempt = self.forwarder.pool.acquire(target.address, target.port, self._connected, self._connect_failed,
+                                                   fresh)
 
     def _connected(self, connection: BackendConnection) -> None:
         self.attempt = None
@@ -279,7 +306,7 @@ class _Exchange:
         self.attempt = None
         if self.state is not Exchange.CONNECTING:
             return
-        message = describe_failure(reason, self.target.slug, self.target.port)
+        message = describe_failure(reason, self.target.where)
         self.forwarder.note_error(self.target.port, message)
         self._answer_error(502, "bad_gateway", message)
 
@@ -290,8 +317,7 @@ class _Exchange:
         what = ("did not accept the connection" if self.state is Exchange.CONNECTING
                 else "sent no response headers")
         self._drop_backend()
-        where = f"backend {self.target.slug} on 127.0.0.1:{self.target.port}"
-        message = f"{where} {what} within {self.forwarder.timeout:g}s"
+        message = f"{self.target.where} {what} within {self.forwarder.timeout:g}s"
         self.forwarder.note_error(self.target.port, message)
         self._answer_error(504, "gateway_timeout", message)
 
@@ -348,7 +374,9 @@ class _Exchange:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
         assert channel is not None
-        channel.writeSequence(parts)
+        self.held = b"".join(parts)
+        if not self.client_chunks:
+            self.client = channel.transport
         connection = self.connection
         if connection is not None:
             if self.decode:
@@ -356,14 +384,34 @@ class _Exchange:
             request.registerProducer(connection.connection(), True)
 
     def response_body(self, data: bytes) -> None:
-        """Body bytes: on to the client as they came."""
-        if self.state is Exchange.STREAMING:
+        """Body bytes: on to the client as they came (with the held head, if it still waits)."""
+        if self.state is not Exchange.STREAMING:
+            return
+        client = self.client
+        if client is not None:
+            request = self.request
+            request.sentLength += len(data)
+            held = self.held
+            if held:
+                self.held = b""
+                data = held + data
+            write_now(client, data)
+        else:
+            self.flush()
             self.request.write(data)
+
+    def flush(self) -> None:
+        """The backend's read is handed on: send the head if it still waits for body bytes."""
+        held = self.held
+        if held:
+            self.held = b""
+            write_now(self.request.channel.transport, held)
 
     def response_end(self) -> None:
         """The body is complete: finish the client's response."""
         if self.state is not Exchange.STREAMING:
             return
+        self.flush()
         self.state = Exchange.DONE
         request = self.request
         if request.producer is not None:
@@ -382,16 +430,16 @@ class _Exchange:
                 self._connect(fresh=True)
                 return
             self._cancel_timer()
-            message = f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}"
+            message = f"{self.target.where} {why}"
             self.forwarder.note_error(self.target.port, message)
             self._answer_error(502, "bad_gateway", message)
         elif self.state is Exchange.STREAMING:
+            self.flush()
             self.state = Exchange.DONE
             request = self.request
             if request.producer is not None:
                 request.unregisterProducer()
-            self.forwarder.note_error(self.target.port,
-                                      f"backend {self.target.slug} on 127.0.0.1:{self.target.port} {why}")
+            self.forwarder.note_error(self.target.port, f"{self.target.where} {why}")
             # Closing (rather than ending the body) tells the client the response is incomplete.
             request.loseConnection()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ifaddr
@@ -36,3 +37,17 @@ def system_addresses() -> list[InterfaceAddress]:
 def machine_addresses() -> set[str]:
     """Every address configured on this machine, the loopback ones always included."""
     return {"127.0.0.1", "::1"} | {entry.address.split("%", 1)[0] for entry in system_addresses()}
+
+
+def selected(entry: InterfaceAddress, selectors: Sequence[str]) -> bool:
+    """True when no ``--mdns-interface`` was given, or one names this interface or this address."""
+    if not selectors:
+        return True
+    return any(s == entry.interface or _same_address(s, entry.address) for s in selectors)
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False

@@ -20,25 +20,32 @@ The slug of each instance is the registry's (``slug_for``), read whenever it is 
 from __future__ import annotations
 
 import collections
-import enum
 import os
-import re
-import signal
-import socket
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import child
 from .backoff import doubling_backoff
+from .child import (
+    LISTENING_LINE,
+    OVER,
+    PORT_TAKEN,
+    Instance,
+    LauncherError,
+    LauncherSettings,
+    LauncherState,
+    LogTail,
+    Run,
+    StartFailed,
+    port_is_free,
+)
 from .config import ProjectDirectoryError, project_directory
 from .process_groups import (
     POLL_INTERVAL,
@@ -48,253 +55,13 @@ from .process_groups import (
     stop_group,
     wrapped_command,
 )
-from .registry import Naming, Registry
+from .registry import Backend, Naming, Registry
+
+if TYPE_CHECKING:
+    from .listeners import Listener
+    from .scanner import Prober
 
 log = Logger()
-
-#: The readiness line; it carries the port the server really listens on.
-LISTENING_LINE = re.compile(r"opencode server listening on http://(\S+?):(\d+)")
-#: What OpenCode prints (then exits 1) when its port is taken.
-PORT_TAKEN = re.compile(r"ServeError|EADDRINUSE|address already in use", re.IGNORECASE)
-
-
-class LauncherState(str, enum.Enum):
-    """What an instance is doing; the values are what the API, the logs and the metrics labels show."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    #: Waiting for its backoff delay before the next start.
-    RESTARTING = "restarting"
-    FAILED = "failed"
-    STOPPED = "stopped"
-    #: Already served when it was given: listed and routed, not ours to stop.
-    ADOPTED = "adopted"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-#: States in which an instance is not wanted running any more.
-_OVER = (LauncherState.STOPPED, LauncherState.FAILED)
-
-_MAX_LINE = 8192
-#: Most bytes of a detached child's log read per look (the rest waits for the next one).
-_LOG_CHUNK = 1 << 20
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing holds ``host:port`` right now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-class LauncherError(ValueError):
-    """A request the launcher refuses; the message is a sentence for the user."""
-
-
-@dataclass
-class LauncherSettings:
-    """How the launcher starts and supervises children."""
-
-    opencode_bin: str | None
-    port_range: tuple[int, int]
-    host: str = "127.0.0.1"
-    startup_timeout: float = 30.0
-    stop_timeout: float = 5.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    #: A run that stayed up this long resets the backoff and the failure count.
-    stable_after: float = 60.0
-    failure_window: float = 60.0
-    max_failures: int = 5
-    #: Ports tried in a row when each one turns out taken (ServeError).
-    port_attempts: int = 10
-    log_lines: int = 50
-    extra_env: dict[str, str] = field(default_factory=dict)
-    #: Set: run children detached (they outlive the launcher, are never restarted), each one's
-    #: output appended to ``{detached_log_dir}/{slug}.log``.
-    detached_log_dir: str | None = None
-
-
-@dataclass
-class Instance:
-    """One project directory the launcher manages (or adopted because it already ran)."""
-
-    directory: str
-    #: The naming authority (the registry): the slug is read through it, never stored.
-    slug_for: Callable[[str], str] = field(repr=False, compare=False)
-    state: LauncherState = LauncherState.STARTING
-    pid: int | None = None
-    port: int | None = None
-    restarts: int = 0
-    started_at: float | None = None
-    last_exit: str | None = None
-    reason: str | None = None
-    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
-    failures: collections.deque[float] = field(default_factory=collections.deque)
-    #: The backoff delay of the pending (or last) restart.
-    delay: float = 0.0
-    #: Restarts scheduled since the backoff was last reset: the backoff policy's attempt number.
-    backoff_attempt: int = 0
-    #: Where a detached child's output goes.
-    log_path: str | None = None
-
-    @property
-    def slug(self) -> str:
-        """The slug that routes to this directory (the registry's, as of now)."""
-        return self.slug_for(self.directory)
-
-    def describe(self) -> dict[str, Any]:
-        """The JSON-ready view the API shows."""
-        return {
-            "directory": self.directory,
-            "slug": self.slug,
-            "pid": self.pid,
-            "port": self.port,
-            "state": self.state,
-            "restarts": self.restarts,
-            "started_at": self.started_at,
-            "last_exit": self.last_exit,
-            "reason": self.reason,
-            "log": list(self.lines),
-        }
-
-
-class StartFailed(Exception):
-    """A start that ended without a listening line (see :meth:`Launcher.start`)."""
-
-    def __init__(self, instance: Instance, reason: str, exit_text: str | None = None, timed_out: bool = False,
-                 last_line: str | None = None, stopped: bool = False) -> None:
-        super().__init__(reason)
-        self.instance = instance
-        #: The launcher's sentence, e.g. "exited with status 2 before it was ready".
-        self.reason = reason
-        #: How the child ended ("exited with status 2"), None when none was started.
-        self.exit_text = exit_text
-        #: It printed no listening line within the start-up timeout and was stopped (group gone).
-        self.timed_out = timed_out
-        #: The last non-blank line it printed.
-        self.last_line = last_line
-        #: It did not fail: it was stopped (``stop_instance``, ``stopService``) before it was ready.
-        self.stopped = stopped
-
-
-class _LogTail:
-    """Reads what a detached child appends to its log file (it writes there, not into a pipe of ours)."""
-
-    def __init__(self, path: str, offset: int) -> None:
-        self._handle: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._handle.seek(offset)
-
-    def read(self) -> bytes:
-        """The bytes appended since the last read (at most ``_LOG_CHUNK``)."""
-        return self._handle.read(_LOG_CHUNK) if self._handle is not None else b""
-
-    def close(self) -> None:
-        """Stop reading."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-class _Run(ProcessProtocol):
-    """One child process of an instance: its output lines, readiness and exit."""
-
-    def __init__(self, launcher: Launcher, instance: Instance, port: int) -> None:
-        self.launcher = launcher
-        self.instance = instance
-        self.port = port
-        self.pid: int | None = None
-        self.ready = False
-        self.ready_at: float | None = None
-        self.port_taken = False
-        self.stopping = False
-        self.timed_out = False
-        self.ended: Deferred[None] = Deferred()
-        self.has_ended = False
-        self.startup_timer: IDelayedCall | None = None
-        #: True while this run's start holds the launcher's start gate (released on ready, exit or timeout).
-        self.holds_gate = False
-        #: Ports this start attempt already found taken, so a retry picks another.
-        self.tried: set[int] = {port}
-        self.last_line: str | None = None
-        #: A detached child's log file, read until it is ready or has exited.
-        self.tail: _LogTail | None = None
-        self.tail_call: IDelayedCall | None = None
-        #: Fires once a start-up timeout's stop of the group is complete.
-        self.termination: Deferred[None] | None = None
-        self._buffers = {"stdout": b"", "stderr": b""}
-
-    def connectionMade(self) -> None:
-        """Remember the pid; the child is its own process group leader (setsid in the wrapper)."""
-        self.pid = cast(IProcessTransport, self.transport).pid
-        # Nobody reads its stdin; closing it lets OpenCode see EOF rather than a dangling pipe.
-        cast(IProcessTransport, self.transport).closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        """Lines from the child's stdout."""
-        self.received("stdout", data)
-
-    def errReceived(self, data: bytes) -> None:
-        """Lines from the child's stderr."""
-        self.received("stderr", data)
-
-    def received(self, stream: str, data: bytes) -> None:
-        """Split output into lines and hand each to the launcher."""
-        buffered = self._buffers[stream] + data
-        *lines, rest = buffered.split(b"\n")
-        # A child writing without newlines must not grow our memory: cut an overlong partial line.
-        if len(rest) > _MAX_LINE:
-            lines.append(rest)
-            rest = b""
-        self._buffers[stream] = rest
-        for line in lines:
-            self.launcher._line(self, stream, line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
-
-    def processExited(self, reason: Failure) -> None:
-        """The child exited: decide what follows now, not when its pipes close.
-
-        A grandchild that inherited stdout keeps the pipes open (so ``processEnded`` waits for it);
-        the launcher must still restart the instance and clean up that grandchild.
-        """
-        self.has_ended = True
-        try:
-            self.launcher._read_rest_of_log(self)
-            self.launcher._ended(self, reason)
-        finally:
-            self.ended.callback(None)
-
-    def processEnded(self, reason: Failure) -> None:
-        """Every pipe closed too: flush partial lines."""
-        self._flush()
-        if not self.has_ended:
-            self.processExited(reason)
-
-    def _flush(self) -> None:
-        for stream, rest in self._buffers.items():
-            if rest:
-                self.launcher._line(self, stream, rest[:_MAX_LINE].decode("utf-8", "replace"))
-        self._buffers = {"stdout": b"", "stderr": b""}
-
-
-def _exit_text(reason: Failure) -> str:
-    value = reason.value
-    if isinstance(value, ProcessDone):
-        return "exited with status 0"
-    if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            try:
-                name = signal.Signals(value.signal).name
-            except ValueError:
-                name = str(value.signal)
-            return f"killed by {name}"
-        return f"exited with status {value.exitCode}"
-    return f"ended: {reason.getErrorMessage()}"
-
 
 def _unregistered_slugs(reactor: Any) -> Callable[[str], str]:
     """A ``slug_for`` without a router: the slug each directory would get from an empty registry."""
@@ -330,7 +97,7 @@ class Launcher(Service):
         #: The naming authority: the router passes ``registry.slug_for_path``.
         self._slug_for = slug_for if slug_for is not None else _unregistered_slugs(reactor)
         self._instances: dict[str, Instance] = {}
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Run] = {}
         self._restart_calls: dict[str, IDelayedCall] = {}
         self._stops: dict[str, Deferred[None]] = {}
         self._adding: set[str] = set()
@@ -397,13 +164,13 @@ class Launcher(Service):
             self._reaper.tell("+", pgid)
 
     # -- registry observer: an adopted server that goes away is replaced by our own -----
-    def added(self, backend: Any) -> None:
+    def added(self, backend: Backend) -> None:
         """Nothing to do: adoption is decided when a directory is added."""
 
-    def updated(self, backend: Any) -> None:
+    def updated(self, backend: Backend) -> None:
         """Nothing to do."""
 
-    def removed(self, backend: Any) -> None:
+    def removed(self, backend: Backend) -> None:
         """The adopted server of one of our directories was pruned: start our own."""
         instance = self._instances.get(backend.project_path)
         if instance is None or instance.state is not LauncherState.ADOPTED or not self.running:
@@ -467,7 +234,7 @@ class Launcher(Service):
     async def _add(self, directory: str) -> Instance:
         path = _resolve(directory)
         existing = self._instances.get(path)
-        if existing is not None and existing.state not in _OVER:
+        if existing is not None and existing.state not in OVER:
             return existing
         if path in self._adding:
             raise LauncherError(f"{path} is already being started")
@@ -516,7 +283,7 @@ class Launcher(Service):
         busy = set(tried) | (set(self._used_ports()) - {instance.port})
         busy |= {
             i.port for i in self._instances.values()
-            if i is not instance and i.port is not None and i.state not in _OVER
+            if i is not instance and i.port is not None and i.state not in OVER
         }
         # The previous port first, so that a restarted instance keeps its address when it can.
         candidates = ([instance.port] if instance.port is not None else []) + list(range(start, end + 1))
@@ -553,7 +320,7 @@ class Launcher(Service):
         if self._start_gate.locked and instance.directory in self._queued:
             log.info("{slug}: waiting for another opencode to finish starting", slug=instance.slug)
 
-    def _release_gate(self, run: _Run) -> None:
+    def _release_gate(self, run: Run) -> None:
         """Let the next queued start go, once per run that held the gate."""
         if run.holds_gate:
             run.holds_gate = False
@@ -569,7 +336,7 @@ class Launcher(Service):
             self._failed_run(instance, f"no free port in {start}-{end}")
             return
         instance.port = port
-        run = _Run(self, instance, port)
+        run = Run(self, instance, port)
         run.tried |= tried
         args = ["serve", "--hostname", self.settings.host, "--port", str(port)]
         opencode = self.settings.opencode_bin or "opencode"
@@ -613,14 +380,14 @@ class Launcher(Service):
         if run.tail is not None:
             run.tail_call = self._reactor.callLater(POLL_INTERVAL, self._follow_log, run)
 
-    def _open_log(self, instance: Instance, run: _Run, log_dir: str, args: list[str]) -> dict[int, int]:
+    def _open_log(self, instance: Instance, run: Run, log_dir: str, args: list[str]) -> dict[int, int]:
         """Open a detached child's log for appending (a header first) and its tail; the child's fds."""
         instance.log_path = os.path.join(log_dir, f"{instance.slug}.log")
         log_fd = os.open(instance.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             os.write(log_fd, f"--- opencode {' '.join(args)} in {instance.directory}\n".encode(
                 "utf-8", "surrogateescape"))
-            run.tail = _LogTail(instance.log_path, os.lseek(log_fd, 0, os.SEEK_CUR))
+            run.tail = LogTail(instance.log_path, os.lseek(log_fd, 0, os.SEEK_CUR))
             null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             os.close(log_fd)
@@ -629,7 +396,7 @@ class Launcher(Service):
             raise
         return {0: null_fd, 1: log_fd, 2: log_fd}
 
-    def _follow_log(self, run: _Run) -> None:
+    def _follow_log(self, run: Run) -> None:
         """Read a detached child's new output until it is ready or has exited."""
         run.tail_call = None
         if run.tail is None or run.has_ended:
@@ -640,7 +407,7 @@ class Launcher(Service):
         if run.tail is not None and not run.has_ended:
             run.tail_call = self._reactor.callLater(POLL_INTERVAL, self._follow_log, run)
 
-    def _stop_following(self, run: _Run) -> None:
+    def _stop_following(self, run: Run) -> None:
         if run.tail_call is not None and run.tail_call.active():
             run.tail_call.cancel()
         run.tail_call = None
@@ -648,13 +415,13 @@ class Launcher(Service):
             run.tail.close()
             run.tail = None
 
-    def _read_rest_of_log(self, run: _Run) -> None:
+    def _read_rest_of_log(self, run: Run) -> None:
         """At a detached child's exit: what it wrote last (a ServeError, its error message)."""
         while run.tail is not None and (data := run.tail.read()):
             run.received("stdout", data)
         self._stop_following(run)
 
-    def _line(self, run: _Run, stream: str, line: str) -> None:
+    def _line(self, run: Run, stream: str, line: str) -> None:
         instance = run.instance
         instance.lines.append(line)
         if line.strip():
@@ -667,7 +434,7 @@ class Launcher(Service):
             elif PORT_TAKEN.search(line):
                 run.port_taken = True
 
-    def _ready(self, run: _Run, port: int) -> None:
+    def _ready(self, run: Run, port: int) -> None:
         run.ready = True
         run.ready_at = self._reactor.seconds()
         self._release_gate(run)
@@ -682,7 +449,7 @@ class Launcher(Service):
         log.info("{slug}: ready on port {port} (pid {pid})", slug=instance.slug, port=port, pid=run.pid)
         self._settle(instance, None)
 
-    def _startup_timed_out(self, run: _Run) -> None:
+    def _startup_timed_out(self, run: Run) -> None:
         if run.ready or run.has_ended or run.stopping:
             return
         run.timed_out = True
@@ -701,13 +468,13 @@ class Launcher(Service):
                 waiter.errback(failure)
 
     # -- internals: exits and restarts -----------------------------------
-    def _ended(self, run: _Run, reason: Failure) -> None:
+    def _ended(self, run: Run, reason: Failure) -> None:
         instance = run.instance
         if run.startup_timer is not None and run.startup_timer.active():
             run.startup_timer.cancel()
         if self._runs.get(instance.directory) is run:
             del self._runs[instance.directory]
-        exit_text = _exit_text(reason)
+        exit_text = child.exit_text(reason)
         instance.last_exit = exit_text
         instance.pid = None
         log.info("{slug}: opencode (pid {pid}) {exit}", slug=instance.slug, pid=run.pid, exit=exit_text)
@@ -743,7 +510,7 @@ class Launcher(Service):
             instance.backoff_attempt = 0
         self._failed_run(instance, why, run, exit_text)
 
-    def _failed_run(self, instance: Instance, why: str, run: _Run | None = None,
+    def _failed_run(self, instance: Instance, why: str, run: Run | None = None,
                     exit_text: str | None = None) -> None:
         now = self._reactor.seconds()
         instance.failures.append(now)
@@ -814,7 +581,7 @@ class Launcher(Service):
         done.addBoth(finished)
         return _chain(done)
 
-    def _terminate(self, run: _Run, stopping: bool) -> Deferred[None]:
+    def _terminate(self, run: Run, stopping: bool) -> Deferred[None]:
         """SIGTERM the run's group, SIGKILL it after the grace period; fires once the group is empty."""
         run.stopping = run.stopping or stopping
         pgid = run.pid
@@ -841,7 +608,7 @@ class Launcher(Service):
         if self._reaper is not None:
             self._reaper.tell("-", pgid)
 
-    def _send(self, run: _Run, sig: int) -> None:
+    def _send(self, run: Run, sig: int) -> None:
         if run.pid is None:
             return
         if not self._signal_group(run.pid, sig) and not run.has_ended:
@@ -915,10 +682,10 @@ async def _as_coroutine(value: Any) -> Any:
 
 
 def served_port_finder(
-    registry: Any,
-    prober: Any,
+    registry: Registry,
+    prober: Prober,
     port_range: tuple[int, int],
-    list_listeners: Callable[[int, int], Any],
+    list_listeners: Callable[[int, int], dict[int, Listener] | None],
     uid: int | None = None,
 ) -> Callable[[str], Deferred[int | None]]:
     """A ``find_served`` for the Launcher: the registry first, else a fresh probe of the range's listeners.
@@ -937,8 +704,10 @@ def served_port_finder(
             return int(backend.port)
         listeners = list_listeners(*port_range)
         # Without a socket table (not Linux) only the registry can tell.
-        ports = sorted(port for port, listener in (listeners or {}).items() if listener.uid == own_uid)
-        sightings = await defer.gatherResults([prober.probe(port) for port in ports], consumeErrors=True)
+        own = sorted((port, listener.address) for port, listener in (listeners or {}).items()
+                     if listener.uid == own_uid)
+        sightings = await defer.gatherResults([prober.probe(port, None, address) for port, address in own],
+                                              consumeErrors=True)
         matches = sorted(s.port for s in sightings if s is not None and s.project_path == directory)
         return matches[0] if matches else None
 

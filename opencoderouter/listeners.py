@@ -1,4 +1,9 @@
-"""Listening TCP sockets on localhost, from the kernel: netlink ``sock_diag``, else ``/proc/net/tcp*``."""
+"""Listening TCP sockets on localhost, from the kernel: netlink ``sock_diag``, else ``/proc/net/tcp*``.
+
+A socket counts when a local client can reach it: bound to 127.0.0.1, ``0.0.0.0``, ``::`` (dual
+stack), ``::ffff:127.0.0.1`` or ``::1``. Each listener says which loopback address to use: 127.0.0.1
+whenever the socket takes it, ``::1`` for a socket on the IPv6 loopback only.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 _TCP_LISTEN = "0A"
-#: Local addresses that a connection to 127.0.0.1 can reach (hex as in /proc/net/tcp*).
-_REACHABLE_V4 = {"0100007F", "00000000"}
-_REACHABLE_V6 = {"00000000000000000000000000000000", "0000000000000000FFFF00000100007F"}
+#: Local addresses (hex as in /proc/net/tcp*) a local client reaches, and the address it connects to.
+_REACHABLE_V4 = {"0100007F": "127.0.0.1", "00000000": "127.0.0.1"}
+_REACHABLE_V6 = {
+    "00000000000000000000000000000000": "127.0.0.1",
+    "0000000000000000FFFF00000100007F": "127.0.0.1",
+    "00000000000000000000000001000000": "::1",
+}
 
 
 @dataclass(frozen=True)
@@ -22,10 +31,12 @@ class Listener:
     port: int
     uid: int
     inode: int
+    #: Where to connect: ``127.0.0.1``, or ``::1`` for a socket on the IPv6 loopback only.
+    address: str = "127.0.0.1"
 
 
 def list_listeners(start: int, end: int, proc_net: str = "/proc/net") -> dict[int, Listener] | None:
-    """Listening sockets on ports ``start..end`` reachable on 127.0.0.1, or None where unknown.
+    """Listening sockets on ports ``start..end`` a local client can reach, or None where unknown.
 
     Asks the kernel for listening sockets only (netlink ``sock_diag``, ~0.1 ms) and falls back to
     parsing ``/proc/net/tcp*``, which lists every TCP socket of the machine (thousands on a busy
@@ -58,9 +69,14 @@ def proc_listeners(start: int, end: int, proc_net: str = "/proc/net") -> dict[in
                 port, uid, inode = int(port_hex, 16), int(fields[7]), int(fields[9])
             except ValueError:
                 continue
-            if start <= port <= end and address in reachable and port not in listeners:
-                listeners[port] = Listener(port, uid, inode)
+            if start <= port <= end and address in reachable and _better(listeners.get(port), reachable[address]):
+                listeners[port] = Listener(port, uid, inode, reachable[address])
     return listeners if readable else None
+
+
+def _better(known: Listener | None, address: str) -> bool:
+    """Whether a socket reached at ``address`` should replace what is known for its port (127.0.0.1 wins)."""
+    return known is None or (known.address != "127.0.0.1" and address == "127.0.0.1")
 
 
 _NETLINK_SOCK_DIAG = 4
@@ -69,8 +85,12 @@ _NLM_F_REQUEST_DUMP = 0x1 | 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCPF_LISTEN = 1 << 10
 _LOOPBACK_OR_ANY = {
-    socket.AF_INET: {bytes(4), bytes([127, 0, 0, 1])},
-    socket.AF_INET6: {bytes(16), bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])},
+    socket.AF_INET: {bytes(4): "127.0.0.1", bytes([127, 0, 0, 1]): "127.0.0.1"},
+    socket.AF_INET6: {
+        bytes(16): "127.0.0.1",
+        bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1]): "127.0.0.1",
+        bytes(15) + b"\x01": "::1",
+    },
 }
 
 
@@ -81,9 +101,10 @@ def netlink_listeners(start: int, end: int) -> dict[int, Listener] | None:
     listeners: dict[int, Listener] = {}
     try:
         for family in (socket.AF_INET, socket.AF_INET6):
+            reachable = _LOOPBACK_OR_ANY[family]
             for port, address, uid, inode in _sock_diag_dump(family):
-                if start <= port <= end and address in _LOOPBACK_OR_ANY[family] and port not in listeners:
-                    listeners[port] = Listener(port, uid, inode)
+                if start <= port <= end and address in reachable and _better(listeners.get(port), reachable[address]):
+                    listeners[port] = Listener(port, uid, inode, reachable[address])
     except (OSError, struct.error):
         return None
     return listeners

@@ -114,6 +114,17 @@ class _QuietEndpoint:
         return repr(self._endpoint)
 
 
+#: The URL host that stands for ``::1``: treq builds request URLs with hyperlink, whose ``to_uri``
+#: IDNA-encodes the host and fails on an IPv6 literal; the endpoint factory maps this name back.
+IPV6_LOOPBACK_HOST = "ipv6-loopback.invalid"
+
+
+def loopback_url(address: str, port: int, path: str) -> str:
+    """``http://ADDRESS:PORT/path`` for a probe of a loopback listener (``::1`` through its stand-in name)."""
+    host = IPV6_LOOPBACK_HOST if address == "::1" else address
+    return f"http://{host}:{port}{path}"
+
+
 class LoopbackEndpoints:
     """An Agent endpoint factory: plain TCP to the URL's IP address, no name resolution.
 
@@ -128,6 +139,8 @@ class LoopbackEndpoints:
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """A quiet TCP endpoint for ``uri``'s host and port."""
         host = uri.host.decode("ascii")
+        if host == IPV6_LOOPBACK_HOST:
+            host = "::1"
         endpoint = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         return _QuietEndpoint(endpoint(self._reactor, host, uri.port, timeout=self._timeout))
 

@@ -2,16 +2,9 @@
 
 How it stays off the reactor thread
 -----------------------------------
-python-zeroconf's synchronous calls (``register_service`` and friends) block their caller for one to
-two seconds while they probe and announce, and its asyncio API must run on zeroconf's own event loop.
-We use the plain ``Zeroconf`` object with ``use_asyncio=False``, which starts *its own* asyncio loop in
-a daemon thread, and drive its coroutine API (``async_register_service``, ``async_update_service``,
-``async_unregister_service``) on that loop with ``asyncio.run_coroutine_threadsafe``; completion comes
-back to the reactor with ``callFromThread`` as an ordinary Deferred. Why not ``deferToThread`` with the
-sync calls: each registration would hold one of the reactor's ten pool threads for seconds, so ten
-projects appearing at once would starve every other user of the pool (e.g. name resolution). Why not
-the asyncio reactor: it would tie the whole router to one event loop implementation for one feature.
-Only the constructor and ``close`` (which wait for that loop thread) go through ``deferToThread``.
+python-zeroconf's coroutine API (``async_register_service``, ``async_update_service``,
+``async_unregister_service``) runs on zeroconf's own loop thread, bridged to Deferreds by
+:mod:`.zeroconf_loop` (why not the sync calls in pool threads, or the asyncio reactor, is said there).
 The reactor thread itself only builds records and reads interface addresses (``getifaddrs``, well
 under a millisecond).
 
@@ -27,22 +20,21 @@ the event stream read it from the registry like every other name.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from .interfaces import InterfaceAddress, system_addresses
+from .interfaces import InterfaceAddress, selected, system_addresses
 from .periodic import PeriodicService
 from .registry import Backend, Registry
+from .web import tcp_address
+from .zeroconf_loop import ZeroconfLoop
 
 log = Logger()
 
@@ -58,20 +50,6 @@ HOST_CHECK_MS = 200
 
 
 # -- addresses -----------------------------------------------------------------------------------------
-
-
-def _selected(entry: InterfaceAddress, selectors: Sequence[str]) -> bool:
-    """True when no ``--mdns-interface`` was given, or one names this interface or this address."""
-    if not selectors:
-        return True
-    return any(s == entry.interface or _same_address(s, entry.address) for s in selectors)
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return False
 
 
 def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -102,13 +80,13 @@ def plan_addresses(bind_host: str, entries: Iterable[InterfaceAddress], selector
     if bound.is_unspecified:
         # 0.0.0.0 is IPv4 only; a socket on :: also takes IPv4 (Linux's default dual stack).
         versions = {4} if bound.version == 4 else {4, 6}
-        chosen = [e for e in entries if e.ip.version in versions and _usable(e.ip) and _selected(e, selectors)]
+        chosen = [e for e in entries if e.ip.version in versions and _usable(e.ip) and selected(e, selectors)]
         if not chosen:
             where = f" matching --mdns-interface {', '.join(selectors)}" if selectors else ""
             return AddressPlan((), (), f"no non-loopback interface address{where} is up")
     else:
         chosen = [e for e in entries if e.ip == bound]
-        if selectors and not any(_selected(e, selectors) for e in chosen):
+        if selectors and not any(selected(e, selectors) for e in chosen):
             return AddressPlan((), (), f"the router listens on {bind_host}, which --mdns-interface "
                                f"{', '.join(selectors)} does not include")
         if not chosen:
@@ -136,9 +114,10 @@ class Advert:
 def txt_records(backend: Backend) -> tuple[tuple[str, str], ...]:
     """The TXT keys: project, path, backend, owner, version, path_prefix."""
     return (
-        ("project", backend.project_name),
-        ("path", backend.project_path),
-        ("backend", f"127.0.0.1:{backend.port}"),
+        # A locked server the router cannot open has no known project.
+        ("project", backend.project_name if backend.path_known else ""),
+        ("path", backend.project_path if backend.path_known else ""),
+        ("backend", backend.endpoint),
         ("owner", backend.owner_name),
         ("version", backend.version),
         ("path_prefix", f"/{backend.slug}/"),
@@ -200,42 +179,17 @@ class Responder(Protocol):
 
 
 class ZeroconfResponder:
-    """python-zeroconf on its own loop thread, bridged to Deferreds (see the module docstring)."""
+    """The advertiser's calls on python-zeroconf, on its own loop thread (see :mod:`.zeroconf_loop`)."""
 
-    def __init__(self, reactor: Any, zeroconf: Any) -> None:
-        self._reactor = reactor
-        self._zc = zeroconf
+    def __init__(self, loop: ZeroconfLoop) -> None:
+        self._loop = loop
+        self._zc = loop.zeroconf
+        self._run = loop.run
 
     @classmethod
     def start(cls, reactor: Any, interfaces: Sequence[str | int]) -> Deferred[ZeroconfResponder]:
-        """Open the sockets on ``interfaces`` (the constructor waits for zeroconf's loop thread)."""
-        from zeroconf import Zeroconf
-
-        made = deferToThreadPool(reactor, reactor.getThreadPool(), Zeroconf, interfaces=list(interfaces),
-                                 use_asyncio=False)
-        return made.addCallback(lambda zc: cls(reactor, zc))
-
-    def _run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Deferred[Any]:
-        """Run a coroutine on zeroconf's loop; the Deferred fires on the reactor thread."""
-        future = asyncio.run_coroutine_threadsafe(make(), self._zc.loop)
-
-        def cancel(_: Deferred[Any]) -> None:
-            future.cancel()
-
-        result: Deferred[Any] = Deferred(cancel)
-
-        def finished(done: Any) -> None:
-            if result.called:
-                return
-            if done.cancelled():
-                result.errback(defer.CancelledError())
-            elif done.exception() is not None:
-                result.errback(Failure(done.exception()))
-            else:
-                result.callback(done.result())
-
-        future.add_done_callback(lambda done: self._reactor.callFromThread(finished, done))
-        return result
+        """Open the sockets on ``interfaces``."""
+        return ZeroconfLoop.open(reactor, interfaces).addCallback(cls)
 
     def register(self, info: Any) -> Deferred[None]:
         """Probe (no automatic renaming: the advertiser picks names) and announce."""
@@ -280,11 +234,11 @@ class ZeroconfResponder:
 
     def update_interfaces(self, interfaces: Sequence[str | int]) -> Deferred[None]:
         """Add and drop sockets to match ``interfaces``."""
-        return self._run(lambda: self._zc.async_update_interfaces(list(interfaces)))
+        return self._loop.update_interfaces(interfaces)
 
     def close(self) -> Deferred[None]:
-        """Close (blocking until zeroconf's loop thread ends, hence in a pool thread)."""
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._zc.close)
+        """Close the sockets and the loop thread."""
+        return self._loop.close()
 
 
 # -- the service -------------------------------------------------------------------------------------------
@@ -347,15 +301,14 @@ class MdnsAdvertiser(Service):
         started.addErrback(lambda failure: log.failure("mDNS advertiser could not start", failure))
         self._started = started
 
-    def _begin(self, port: Any) -> None:
+    def _begin(self, port: object) -> None:
         if self._stopping:
             return
-        address = port.getHost() if hasattr(port, "getHost") else port
-        host, number = getattr(address, "host", None), getattr(address, "port", None)
-        if host is None or number is None:
-            log.info("mDNS: nothing advertised: the router does not listen on TCP ({address})", address=address)
+        bind = tcp_address(port)
+        if bind is None:
+            log.info("mDNS: nothing advertised: the router does not listen on TCP ({address})", address=port)
             return
-        self._bind = (host, number)
+        self._bind = bind
         self.registry.subscribe(self)
         for backend in self.registry.backends():
             self._track(backend)
@@ -376,11 +329,11 @@ class MdnsAdvertiser(Service):
 
     async def _shutdown(self, refreshing: Deferred[None] | None) -> None:
         if refreshing is not None:
-            await _quietly(refreshing)
+            await defer.DeferredList([refreshing])  # never fails: the loop logs its own errors
         for slug in list(self._current):
             self._kick(slug)
         while self._workers:
-            await _quietly(defer.DeferredList(list(self._workers.values())))
+            await defer.DeferredList(list(self._workers.values()))
         if self._responder is not None:
             responder, self._responder = self._responder, None
             try:
@@ -525,15 +478,3 @@ async def _bounded(operation: Deferred[Any], clock: Any) -> Any:
     operation.addTimeout(OPERATION_TIMEOUT, clock)
     return await operation
 
-
-async def _quietly(waiting: Deferred[Any]) -> None:
-    """Wait for ``waiting`` without letting its failure propagate (it is logged where it happens)."""
-    done: Deferred[None] = Deferred()
-
-    def passed_on(result: object) -> object:
-        if not done.called:
-            done.callback(None)
-        return result
-
-    waiting.addBoth(passed_on)
-    await done

@@ -17,7 +17,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from . import __version__
-from .launcher import LauncherState
+from .child import LauncherState
 from .registry import Registry
 
 #: Distinct slugs that get their own series; later ones are counted under ``OTHER_SLUG``.

@@ -31,8 +31,9 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from .child import LauncherError, LauncherSettings, StartFailed, port_is_free
 from .config import ProjectDirectoryError, parse_duration, project_directory
-from .launcher import Launcher, LauncherError, LauncherSettings, StartFailed, port_is_free
+from .launcher import Launcher
 from .listeners import list_listeners
 from .process_groups import signal_group, stop_group
 

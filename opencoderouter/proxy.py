@@ -46,8 +46,8 @@ class BackendResource(ReverseProxyResource):
     ) -> None:
         # ReverseProxyResource.__init__ also runs Resource.__init__.
         super().__init__(host, port, path, reactor or forwarder.reactor)
-        if host not in ("127.0.0.1", "localhost"):
-            raise ValueError(f"backends listen on 127.0.0.1, not {host!r}")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"backends listen on the loopback (127.0.0.1 or ::1), not {host!r}")
         self.forwarder = forwarder
         self.target = target
         self.prefix = prefix
@@ -85,7 +85,7 @@ class BackendProxyFactory:
         assert backend is not None and route.mode is not None, "only backend routes are forwarded"
         path_mode = route.mode is Mode.PATH
         return BackendResource(
-            "127.0.0.1", backend.port, route.target, forwarder=self.forwarder,
+            backend.address, backend.port, route.target, forwarder=self.forwarder,
             target=self.forwarder.target(backend), prefix=route.prefix if path_mode else b"",
             mode=route.mode.value,
         )

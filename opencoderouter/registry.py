@@ -41,6 +41,8 @@ class Sighting:
     locked: bool = False
     #: The router's --opencode-password-file opens it (the scanner got in with it).
     router_credentials: bool = False
+    #: The loopback address it listens on (``::1`` for a server on the IPv6 loopback only).
+    address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,23 @@ class Backend:
     host_label: str = ""
     #: The name it is advertised under over mDNS (None when it is not advertised).
     mdns_name: str | None = None
+    #: The loopback address it listens on (``::1`` for a server on the IPv6 loopback only).
+    address: str = "127.0.0.1"
 
     @property
     def project_name(self) -> str:
         """The project's folder name."""
         return posixpath.basename(self.project_path.rstrip("/")) or self.project_path
+
+    @property
+    def path_known(self) -> bool:
+        """False for a password-protected server the router cannot open: its project is unknown."""
+        return not self.locked or self.router_credentials
+
+    @property
+    def endpoint(self) -> str:
+        """``address:port`` as a URL authority (IPv6 in brackets)."""
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
     @property
     def domain(self) -> str:
@@ -209,6 +223,7 @@ class Registry:
             last_seen=now,
             locked=sighting.locked,
             router_credentials=sighting.router_credentials,
+            address=sighting.address,
             owner_name=self.naming.owner_name(sighting.owner),
             host_label=self.naming.host_label(slug, sighting.owner),
             # A new owner is a new host name: the advertiser asks for a name again.
@@ -364,5 +379,5 @@ class Registry:
 def _routing_fields(backend: Backend) -> tuple[object, ...]:
     """What observers hear about when it changes (``last_seen`` alone is not a change)."""
     return (backend.port, backend.version, backend.owner, backend.up, backend.locked, backend.router_credentials,
-            backend.mdns_name)
+            backend.mdns_name, backend.address)
 

@@ -8,7 +8,11 @@ The decision reads the ``Host`` header, the request target and the registry, in 
 4. ``{slug}-{user}.local`` / ``.localhost`` → that backend, path untouched (``HOST`` mode), or
    ``UNKNOWN_PROJECT`` (404) when no backend has that name;
 5. the router's own routes: ``/`` (dashboard), ``/api/...``, ``/metrics``, ``/_router/...``;
-6. ``/{slug}/rest?query`` → that backend with the prefix stripped (``PATH`` mode); ``/{slug}`` →
+6. a browser navigating to a project's path-mode root (``/{slug}/`` or ``/{slug}``) →
+   ``WEB_UI_REDIRECT``: the OpenCode web UI works only under its own origin, so the browser is sent
+   to the host-mode URL that works from where it came (:mod:`.links`), or, from the LAN without
+   mDNS, to a page explaining the two ways in;
+7. ``/{slug}/rest?query`` → that backend with the prefix stripped (``PATH`` mode); ``/{slug}`` →
    ``SLASH_REDIRECT`` (308 to ``/{slug}/``); an unknown slug → ``UNKNOWN_PROJECT``.
 
 The channel computes the Route when a request head is complete (the body limit depends on it),
@@ -26,7 +30,8 @@ from urllib.parse import quote, unquote_to_bytes
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from .hosts import HOST_SUFFIXES, HostPolicy, host_name, is_authority, is_visible_ascii
+from .hosts import HOST_SUFFIXES, HostPolicy, host_name, is_authority, is_visible_ascii, split_host
+from .links import tunnel_url, web_url
 from .registry import RESERVED_SLUGS, Backend, Registry
 from .responses import JSONAnswer, error_body, json_response
 
@@ -55,6 +60,7 @@ class RouteKind(enum.Enum):
     METRICS = "metrics"
     BACKEND = "backend"
     SLASH_REDIRECT = "slash_redirect"
+    WEB_UI_REDIRECT = "web_ui_redirect"
     UNKNOWN_PROJECT = "unknown_project"
 
 
@@ -70,7 +76,8 @@ class Route:
     kind: RouteKind
     backend: Backend | None = None
     mode: Mode | None = None
-    #: BACKEND: the path and query to send; SLASH_REDIRECT: the Location.
+    #: BACKEND: the path and query to send; SLASH_REDIRECT, WEB_UI_REDIRECT: the Location
+    #: (empty for a WEB_UI_REDIRECT that has no working name: the page explains instead).
     target: bytes = b""
     #: PATH mode: the prefix that was stripped (``/{slug}``).
     prefix: bytes = b""
@@ -101,11 +108,13 @@ def split_first_segment(uri: bytes) -> tuple[bytes, bytes, bytes]:
 class Router:
     """Decides where each request goes, from its Host, its target and the registry."""
 
-    def __init__(self, registry: Registry, hosts: HostPolicy, login_enabled: bool = False) -> None:
+    def __init__(self, registry: Registry, hosts: HostPolicy, login_enabled: bool = False, mdns: bool = False) -> None:
         self.registry = registry
         self.hosts = hosts
         #: The router has a sign-in form (a token is configured).
         self.login_enabled = login_enabled
+        #: Backends are advertised over mDNS (``.local`` names work on the LAN).
+        self.mdns = mdns
 
     def backend_for_host(self, name: str) -> Backend | None:
         """The backend whose ``.local``/``.localhost`` name (host label or advertised name) is ``name``."""
@@ -114,8 +123,13 @@ class Router:
                 return self.registry.by_host_label(name[: -len(suffix)])
         return None
 
-    def classify(self, host: bytes | None, uri: bytes, local_host: str | None = None) -> Route:
-        """The Route for a request with this Host header and raw target (``local_host``: where it arrived)."""
+    def classify(self, host: bytes | None, uri: bytes, local_host: str | None = None,
+                 navigating: bool = False) -> Route:
+        """The Route for a request with this Host header and raw target.
+
+        ``local_host`` is the address the connection arrived on; ``navigating`` says a browser is
+        loading a page (see :func:`is_navigation`).
+        """
         if host and not is_visible_ascii(host):
             return _BAD_HOST
         if host is not None and not self.hosts.allows_header(host, local_host):
@@ -145,6 +159,10 @@ class Router:
             return Route(RouteKind.UNKNOWN_PROJECT, name=slug)
         raw_first, rest, query = split_first_segment(uri)
         prefix = b"/" + raw_first
+        if navigating and rest in (b"", b"/") and host:
+            url = web_url(backend, host.strip().decode("ascii"), self.mdns)
+            location = url.encode("ascii") + query if url is not None else b""
+            return Route(RouteKind.WEB_UI_REDIRECT, backend, target=location, name=backend.slug)
         if not rest:
             return Route(RouteKind.SLASH_REDIRECT, backend, target=prefix + b"/" + query)
         return Route(RouteKind.BACKEND, backend, Mode.PATH, target=rest + query, prefix=prefix)
@@ -152,7 +170,21 @@ class Router:
     def classify_request(self, request: IRequest) -> Route:
         """:meth:`classify` for a complete request."""
         local = getattr(request.getHost(), "host", None)
-        return self.classify(request.getHeader(b"host"), request.uri, local)
+        navigating = is_navigation(request.method, request.getHeader(b"sec-fetch-mode"), request.getHeader(b"accept"))
+        return self.classify(request.getHeader(b"host"), request.uri, local, navigating)
+
+
+def is_navigation(method: bytes, fetch_mode: bytes | None, accept: bytes | None) -> bool:
+    """True when a browser loads a page (``Sec-Fetch-Mode: navigate``, or it accepts HTML and is not a fetch()).
+
+    API and SSE clients (curl, the SDK, dispatch) send neither, so they keep path mode exactly.
+    """
+    if method not in (b"GET", b"HEAD"):
+        return False
+    mode = (fetch_mode or b"").strip().lower()
+    if mode == b"navigate":
+        return True
+    return mode != b"cors" and b"text/html" in (accept or b"").lower()
 
 
 def wants_html(request: IRequest) -> bool:
@@ -218,6 +250,47 @@ class RedirectToSlash(Resource):
         return b"Moved to " + self.location + b"\n"
 
 
+class WebUIRedirect(Resource):
+    """A browser at a project's path-mode root: 307 to its host-mode URL, or a page saying how to get one."""
+
+    isLeaf = True
+
+    def __init__(self, route: Route) -> None:
+        super().__init__()
+        self.route = route
+
+    def render(self, request: IRequest) -> bytes:
+        """Redirect (temporarily: the right name depends on where the browser is), or explain."""
+        request.setHeader(b"cache-control", b"no-store")
+        if self.route.target:
+            request.setResponseCode(307)
+            request.setHeader(b"location", self.route.target)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"The OpenCode web UI needs its own host name: " + self.route.target + b"\n"
+        backend = self.route.backend
+        assert backend is not None
+        authority = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        tunnel = tunnel_url(backend, authority)
+        host, port = split_host(authority)
+        port_text = port or "80"
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        page = (
+            "<!doctype html><meta charset=utf-8><title>Open the project's web UI</title>"
+            f"<h1>{html.escape(backend.slug)}: open it by its own name</h1>"
+            "<p>The OpenCode web UI needs its own host name; under a path like this one it cannot load.</p>"
+            "<ol><li>Through an SSH tunnel to this machine "
+            f"(<code>ssh -L {html.escape(port_text)}:localhost:{html.escape(port_text)} "
+            f"USER@{html.escape(host)}</code>), "
+            f"open <a href=\"{html.escape(tunnel)}\">{html.escape(tunnel)}</a>.</li>"
+            "<li>Or have the router advertise its projects on the LAN: start it with <code>--mdns=true</code> "
+            "(the default), then open <code>http://"
+            f"{html.escape(backend.host_label)}.local:{html.escape(port_text)}/</code>.</li></ol>"
+            f"<p>API and event-stream clients keep using <code>/{html.escape(backend.slug)}/</code>.</p>"
+        )
+        return page.encode("utf-8")
+
+
 MISDIRECTED = JSONAnswer(
     421,
     error_body("misdirected_request", "this router does not serve that host name; "
@@ -276,6 +349,8 @@ class RouterResource(Resource):
                 return own
         if kind is RouteKind.SLASH_REDIRECT:
             return RedirectToSlash(route.target)
+        if kind is RouteKind.WEB_UI_REDIRECT:
+            return WebUIRedirect(route)
         if kind is RouteKind.BAD_HOST:
             return BadHost()
         if kind is RouteKind.FOREIGN_HOST:

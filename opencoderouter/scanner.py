@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 
 from .listeners import Listener, list_listeners, username_for_uid
 from .logs import router_observer
-from .loopback_http import BodyTooLarge, read_body
+from .loopback_http import BodyTooLarge, loopback_url, read_body
 from .periodic import PeriodicService, logging_errors
 from .registry import Registry, Sighting
 
@@ -81,9 +81,12 @@ class Prober:
         self._trusts = trusts
         self._metrics = metrics
 
-    def probe(self, port: int, owner: str | None = None) -> Deferred[Sighting | None]:
-        """Fire with a Sighting, or None when the port is not (or not yet) OpenCode."""
-        attempt = defer.ensureDeferred(self._identify(port, owner))
+    def probe(self, port: int, owner: str | None = None, address: str | None = None) -> Deferred[Sighting | None]:
+        """Fire with a Sighting, or None when the port is not (or not yet) OpenCode.
+
+        ``address`` is the loopback address the listener takes (``::1`` for an IPv6-only one).
+        """
+        attempt = defer.ensureDeferred(self._identify(port, owner, address or self._host))
         # The bound covers the whole probe, body reads included; cancelling aborts the connection.
         attempt.addTimeout(self._timeout, self._clock)
         attempt.addCallbacks(self._count, self._not_opencode, errbackArgs=(port,))
@@ -100,11 +103,11 @@ class Prober:
             self._metrics.probe_finished(_probe_outcome(failure))
         return None
 
-    async def _get_json(self, port: int, path: str, authorization: bytes | None = None) -> Any:
+    async def _get_json(self, address: str, port: int, path: str, authorization: bytes | None = None) -> Any:
         headers = _PROBE_HEADERS.copy()
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
-        url = f"http://{self._host}:{port}{path}"
+        url = loopback_url(address, port, path)
         # A redirect is not OpenCode's answer, and could point the probe anywhere.
         response = await self._client.get(url, headers=headers, allow_redirects=False, unbuffered=True)
         try:
@@ -121,33 +124,35 @@ class Prober:
         except ValueError:
             raise NotOpenCode(f"{path} did not answer JSON") from None
 
-    async def _identify(self, port: int, owner: str | None) -> Sighting | None:
+    async def _identify(self, port: int, owner: str | None, address: str) -> Sighting | None:
         try:
-            return await self._identify_with(port, owner, None)
+            return await self._identify_with(address, port, owner, None)
         except Locked:
             pass
         # Only our own servers get our password: another user's server could be a trap.
         if self._credentials is not None and self._trusts(owner):
             try:
-                sighting = await self._identify_with(port, owner, self._credentials)
+                sighting = await self._identify_with(address, port, owner, self._credentials)
                 return dataclasses.replace(sighting, locked=True, router_credentials=True)
             except Locked:
                 log.info("port {port}: the --opencode-password-file password is refused", port=port)
         # Without /path we cannot know the project: the port names it (documented in the README).
-        return Sighting(port=port, project_path=f"locked-{port}", version="unknown", owner=owner, locked=True)
+        return Sighting(port=port, project_path=f"locked-{port}", version="unknown", owner=owner, locked=True,
+                        address=address)
 
-    async def _identify_with(self, port: int, owner: str | None, authorization: bytes | None) -> Sighting:
-        health = await self._get_json(port, "/global/health", authorization)
+    async def _identify_with(self, address: str, port: int, owner: str | None,
+                             authorization: bytes | None) -> Sighting:
+        health = await self._get_json(address, port, "/global/health", authorization)
         if not isinstance(health, dict) or health.get("healthy") is not True:
             raise NotOpenCode("/global/health is not OpenCode's")
         version = health.get("version")
         version = version if isinstance(version, str) else "unknown"
-        directory = await self._project_directory(port, authorization)
-        return Sighting(port=port, project_path=directory, version=version[:64], owner=owner)
+        directory = await self._project_directory(address, port, authorization)
+        return Sighting(port=port, project_path=directory, version=version[:64], owner=owner, address=address)
 
-    async def _project_directory(self, port: int, authorization: bytes | None = None) -> str:
+    async def _project_directory(self, address: str, port: int, authorization: bytes | None = None) -> str:
         try:
-            paths = await self._get_json(port, "/path", authorization)
+            paths = await self._get_json(address, port, "/path", authorization)
             directory = paths.get("directory") if isinstance(paths, dict) else None
             if _usable_project_path(directory):
                 return directory
@@ -155,7 +160,7 @@ class Prober:
             raise
         except Exception as error:  # the fallback below is the point; say why we needed it
             log.debug("port {port}: /path failed ({error}); trying /project/current", port=port, error=error)
-        project = await self._get_json(port, "/project/current", authorization)
+        project = await self._get_json(address, port, "/project/current", authorization)
         worktree = project.get("worktree") if isinstance(project, dict) else None
         if _usable_project_path(worktree):
             return worktree
@@ -275,9 +280,10 @@ class Scanner(Service):
         began = self._clock.seconds()
         listeners = self._list_listeners(self._start, self._end)
         if listeners is None:
-            candidates: Iterable[tuple[int, str | None]] = ((p, None) for p in range(self._start, self._end + 1))
+            candidates: Iterable[tuple[int, str | None, str | None]] = (
+                (p, None, None) for p in range(self._start, self._end + 1))
         else:
-            candidates = [(found.port, self._owner_name(found.uid)) for found in listeners.values()]
+            candidates = [(found.port, self._owner_name(found.uid), found.address) for found in listeners.values()]
             self._probed_inodes = {found.inode for found in listeners.values()}
             self._quick_failures.clear()
         sightings = self._admitted(await self._probe_all(candidates), replace=True)
@@ -288,19 +294,19 @@ class Scanner(Service):
         if self._metrics is not None:
             self._metrics.scan_finished("full", self.last_scan_duration)
 
-    async def _probe_all(self, candidates: Iterable[tuple[int, str | None]]) -> list[Sighting]:
-        probes = [self._semaphore.run(self._probe_safely, port, owner) for port, owner in candidates]
+    async def _probe_all(self, candidates: Iterable[tuple[int, str | None, str | None]]) -> list[Sighting]:
+        probes = [self._semaphore.run(self._probe_safely, port, owner, address) for port, owner, address in candidates]
         results = await defer.gatherResults(probes, consumeErrors=True)
         return [s for s in results if s is not None]
 
-    def _probe_safely(self, port: int, owner: str | None) -> Deferred[Sighting | None]:
+    def _probe_safely(self, port: int, owner: str | None, address: str | None) -> Deferred[Sighting | None]:
         """One probe whose unexpected error is logged and counts as 'not OpenCode'."""
 
         def failed(failure: Failure) -> None:
             log.failure("probe of port {port} failed", failure, port=port)
             return None
 
-        return defer.maybeDeferred(self._prober.probe, port, owner).addErrback(failed)
+        return defer.maybeDeferred(self._prober.probe, port, owner, address).addErrback(failed)
 
     def _admitted(self, sightings: list[Sighting], replace: bool) -> list[Sighting]:
         """The sightings --owners lets through; the others are counted, once logged."""
@@ -342,7 +348,7 @@ class Scanner(Service):
         if not fresh:
             return
         began = self._clock.seconds()
-        sightings = await self._probe_all((found.port, self._owner_name(found.uid)) for found in fresh)
+        sightings = await self._probe_all((found.port, self._owner_name(found.uid), found.address) for found in fresh)
         found_ports = {s.port for s in sightings}
         for listener in fresh:
             # A server that accepts before it answers (OpenCode does, ~350 ms) is retried a few

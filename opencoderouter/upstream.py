@@ -1,4 +1,4 @@
-"""Connections to backends: a pool of persistent HTTP/1.1 connections and the client protocol on each.
+"""A connection to a backend: the HTTP/1.1 client protocol the forwarder sends each request on.
 
 A backend connection writes a request head the forwarder built (and the body), parses the response
 head with httptools (llhttp, the C parser uvicorn uses: strict about framing, so a response with
@@ -9,7 +9,8 @@ re-chunked. The framing scan only finds where the body ends: after a ``Content-L
 last chunk and its trailers, or when the backend closes.
 
 Interim ``1xx`` answers (``100 Continue``, ``103``) are read and dropped; a ``101`` ends HTTP on
-the connection (the WebSocket splice takes the socket).
+the connection (the WebSocket splice takes the socket). The pool that keeps these connections is
+:mod:`.pool`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,26 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 import httptools
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
-    IConnector,
     IDelayedCall,
     IPushProducer,
-    IReactorTCP,
     IReactorTime,
-    ITCPTransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .write_now import write_now
+
+if TYPE_CHECKING:
+    from .pool import BackendPool
 
 #: A response head larger than this is refused (OpenCode's are well under 1 KiB).
 MAX_HEAD = 65536
@@ -99,6 +102,9 @@ class ResponseHandler(TypingProtocol):
 
     def body_progress(self) -> None:
         """The backend took more of the request body (it is alive)."""
+
+    def flush(self) -> None:
+        """The bytes of one read that came with the head are handed on: write what was held back."""
 
 
 class _HeadParser:
@@ -175,9 +181,10 @@ class _ChunkStage(enum.Enum):
 class BackendConnection(Protocol):
     """One HTTP/1.1 connection to a backend, carrying one exchange at a time."""
 
-    def __init__(self, pool: BackendPool | None, port: int) -> None:
+    def __init__(self, pool: BackendPool | None, port: int, address: str = "127.0.0.1") -> None:
         self.pool = pool
         self.port = port
+        self.address = address
         self.handler: ResponseHandler | None = None
         self.stage = _Stage.IDLE
         self.reused = False
@@ -210,14 +217,12 @@ class BackendConnection(Protocol):
         # A slow client of the previous exchange may have left the connection paused.
         transport.resumeProducing()
         if body_file is not None:
-            transport.write(head)
+            write_now(transport, head)
             self._body_source = _BodyWriter(body_file, self, handler.body_progress)
             transport.registerProducer(self._body_source, True)
             self._body_source.resumeProducing()
-        elif body:
-            transport.writeSequence([head, body])
         else:
-            transport.write(head)
+            write_now(transport, head + body if body else head)
 
     def connection(self) -> Connection:
         """The TCP transport (a producer and consumer; ``ITransport`` declares less)."""
@@ -292,8 +297,11 @@ class BackendConnection(Protocol):
         handler.response_head(head)
         if head.framing is Framing.NONE or (head.framing is Framing.LENGTH and head.length == 0):
             self._end(buffer)
-        elif buffer:
+            return
+        if buffer:
             self._body(buffer)
+        if self.handler is handler:
+            handler.flush()
 
     def _body(self, data: bytes) -> None:
         head = self._head
@@ -471,7 +479,7 @@ class _BodyWriter:
                 self._done = True
                 self._connection.body_sent()
                 return
-            self._connection.connection().write(data)
+            write_now(self._connection.connection(), data)
             self._progress()
 
     def pauseProducing(self) -> None:
@@ -481,111 +489,3 @@ class _BodyWriter:
     def stopProducing(self) -> None:
         """The connection is gone."""
         self._done = True
-
-
-class _Connecting(ClientFactory):
-    """Makes one BackendConnection and reports it (or the failure) once."""
-
-    noisy = False
-
-    def __init__(self, pool: BackendPool, port: int, ready: Callable[[BackendConnection], None],
-                 failed: Callable[[Failure], None]) -> None:
-        self.pool = pool
-        self.port = port
-        self.ready = ready
-        self.failed = failed
-        self.connector: IConnector | None = None
-        self.cancelled = False
-
-    def buildProtocol(self, addr: object) -> BackendConnection:
-        """The connection (reported ready once TCP is up)."""
-        protocol = _ReportingConnection(self.pool, self.port, self)
-        return protocol
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        """Refused, unreachable or timed out."""
-        if not self.cancelled:
-            self.failed(reason)
-
-    def cancel(self) -> None:
-        """Stop connecting (the client went away, or the backend timeout passed)."""
-        self.cancelled = True
-        if self.connector is not None:
-            self.connector.stopConnecting()
-
-
-class _ReportingConnection(BackendConnection):
-    """A new connection that tells its factory when it is up."""
-
-    def __init__(self, pool: BackendPool, port: int, factory: _Connecting) -> None:
-        super().__init__(pool, port)
-        self._factory = factory
-
-    def connectionMade(self) -> None:
-        """Up: hand it to whoever asked (unless they no longer want it)."""
-        if ITCPTransport.providedBy(self.transport):
-            self.connection().setTcpNoDelay(True)
-        if self._factory.cancelled:
-            self.abort()
-            return
-        self._factory.ready(self)
-
-
-class BackendPool:
-    """Idle persistent connections per backend port; new ones made as needed."""
-
-    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, idle_timeout: float = 4.0,
-                 connect_timeout: float = 5.0, per_backend: int = 128) -> None:
-        self.reactor = reactor
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.per_backend = per_backend
-        self._idle: dict[int, list[BackendConnection]] = {}
-
-    def acquire(self, port: int, ready: Callable[[BackendConnection], None],
-                failed: Callable[[Failure], None], fresh: bool = False) -> _Connecting | None:
-        """Call ``ready`` with a connection to ``port`` (an idle one at once, else a new one).
-
-        Returns the connection attempt (to cancel) when one had to be made.
-        """
-        idle = self._idle.get(port)
-        if idle and not fresh:
-            connection = idle.pop()
-            connection._cancel_idle()
-            ready(connection)
-            return None
-        attempt = _Connecting(self, port, ready, failed)
-        attempt.connector = self.reactor.connectTCP("127.0.0.1", port, attempt, timeout=self.connect_timeout)
-        return attempt
-
-    def release(self, connection: BackendConnection) -> None:
-        """A connection finished an exchange cleanly: keep it for the next request to that backend."""
-        idle = self._idle.setdefault(connection.port, [])
-        if len(idle) >= self.per_backend:
-            connection.abort()
-            return
-        idle.append(connection)
-        connection.idle(self.clock, self.idle_timeout)
-
-    def forget(self, connection: BackendConnection) -> None:
-        """A connection closed."""
-        idle = self._idle.get(connection.port)
-        if idle and connection in idle:
-            idle.remove(connection)
-
-    def idle_count(self, port: int | None = None) -> int:
-        """Idle connections (to one backend port, or to all)."""
-        if port is not None:
-            return len(self._idle.get(port, ()))
-        return sum(len(idle) for idle in self._idle.values())
-
-    def close(self) -> Deferred[None]:
-        """Close every idle connection (the router is stopping); fires once they are closed."""
-        closing = []
-        for idle in list(self._idle.values()):
-            for connection in list(idle):
-                closing.append(connection.when_closed())
-                connection.abort()
-        self._idle.clear()
-        return defer.gatherResults(closing).addCallback(lambda _: None)

@@ -17,6 +17,16 @@ from twisted.web.server import Site
 log = Logger()
 
 
+def tcp_address(listening: object) -> tuple[str, int] | None:
+    """The (host, port) a listening port (or its address) is bound to; None when it is not TCP (a UNIX socket)."""
+    get_host = getattr(listening, "getHost", None)
+    address = get_host() if callable(get_host) else listening
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    return host, port
+
+
 class WebService(Service):
     """Listens for the web root when twistd starts (with privileges): a port in use aborts start-up."""
 

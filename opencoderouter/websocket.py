@@ -16,6 +16,7 @@ from twisted.web.server import Request
 
 from .channel import RouterChannel
 from .upstream import BackendConnection
+from .write_now import write_now
 
 
 class _ClientSide(Protocol):
@@ -26,7 +27,7 @@ class _ClientSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Client → backend."""
-        self.backend.connection().write(data)
+        write_now(self.backend.connection(), data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         """The client closed: close the backend too."""
@@ -41,9 +42,9 @@ def splice(request: Request, backend: BackendConnection, first: bytes) -> None:
         raise TypeError("a WebSocket splice needs the router's own channel")
     channel.hand_over(_ClientSide(backend))
     client = channel.connection()
-    backend.splice = client.write
+    backend.splice = lambda data: write_now(client, data)
     backend.splice_lost = client.loseConnection
-    client.write(first)
+    write_now(client, first)
     # Each side's writes pause the other side's reads when its buffer fills.
     client.registerProducer(backend.connection(), True)
     backend.connection().registerProducer(client, True)

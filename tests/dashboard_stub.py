@@ -71,7 +71,7 @@ def main(port: int) -> None:
     registry.set_mdns_name("alpha", "alpha-alice-2")
     info = {"version": "0.1.0", "username": "alice", "listen": f"127.0.0.1:{port}", "listen_port": port,
             "scan_start": 30000, "scan_end": 30010, "scan_interval": 5.0, "stale_after": 30.0,
-            "mdns": True, "launcher": True}
+            "mdns": True, "lan_links": True, "launcher": True}
     assets = load_assets()
     root = Resource()
     root.putChild(b"", Dashboard(assets))

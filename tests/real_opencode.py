@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 OPENCODE_VERSION = "1.18.33"
-LISTENING = re.compile(rb"opencode server listening on http://([^:\s]+):(\d+)")
+LISTENING = re.compile(rb"opencode server listening on http://(\S+):(\d+)")
 
 #: Environment that keeps opencode off the internet (from the notes).
 OFFLINE_ENV = {

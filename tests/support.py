@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(rb"opencode server listening on http://([^:\s]+):(\d+)")
+LISTENING = re.compile(rb"opencode server listening on http://(\S+):(\d+)")
 
 
 @contextmanager

@@ -186,3 +186,27 @@ async def test_ipv6_literal_host_falls_through_to_the_router(router):
     client, _ = router
     code, _ = await get_json(client, "http://localhost:8080/api/health", headers={"Host": "[::1]:8080"})
     assert code == 200
+
+
+@ensureDeferred
+async def test_resolve_gives_the_path_mode_url_and_the_host_mode_web_url(router):
+    client, _ = router
+    _, body = await get_json(client, "http://localhost:31000/api/resolve?name=archer")
+    assert body["url"] == "http://localhost:31000/archer/"
+    assert body["web_url"] == "http://archer-al.localhost:31000/"
+    # From the LAN without mDNS only a tunnel's .localhost name works: that is what is offered.
+    _, body = await get_json(client, "http://devbox:31000/api/resolve?name=archer")
+    assert body["url"] == "http://devbox:31000/archer/" and body["web_url"] == "http://archer-al.localhost:31000/"
+
+
+@ensureDeferred
+async def test_a_locked_server_the_router_cannot_open_has_no_project_path():
+    registry = Registry(Clock(), stale_after=30, naming=Naming(username="al", os_user="alice"))
+    registry.record_scan([Sighting(30005, "locked-30005", "unknown", owner="alice", locked=True),
+                          Sighting(30006, "/srv/opened", "1", owner="alice", locked=True, router_credentials=True)])
+    client = StubTreq(RouterAPI(registry).resource())
+    _, body = await get_json(client, "http://localhost:31000/backends")
+    locked, opened = body
+    assert (locked["slug"], locked["locked"], locked["project_path"], locked["project_name"]) == (
+        "locked-30005", True, None, None)
+    assert opened["project_path"] == "/srv/opened" and opened["locked"] is True

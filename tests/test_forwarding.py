@@ -425,3 +425,13 @@ def test_a_connection_left_paused_by_a_slow_client_reads_again_for_the_next_requ
     h.client.resumeProducing()
     h.get(b"/next")
     assert b"GET /next" in backend.value() and backend.producerState == "producing"
+
+
+def test_a_same_origin_origin_is_rewritten_like_the_host_and_others_pass_unchanged():
+    h = Harness()
+    h.get(headers=b"Origin: http://router:8080\r\n")
+    _, backend = h.accept()
+    assert b"Origin: http://127.0.0.1:4321\r\n" in backend.value()
+    h.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
+    h.get(b"/y", headers=b"Origin: https://app.example.org\r\n")
+    assert b"Origin: https://app.example.org\r\n" in backend.value()

@@ -488,7 +488,7 @@ def test_only_the_routers_own_users_servers_are_adopted() -> None:
     serving = {30001: "/p/theirs-and-mine", 30002: "/p/theirs-and-mine", 30003: "/p/only-theirs", 30004: "/p/known"}
 
     class Prober:
-        def probe(self, port: int) -> Any:
+        def probe(self, port: int, owner: str | None = None, address: str | None = None) -> Any:
             return succeed(Sighting(port, serving[port], "1"))
 
     listeners = {30001: Listener(30001, other, 1), 30002: Listener(30002, me, 2), 30003: Listener(30003, other, 3)}

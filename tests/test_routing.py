@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 from opencoderouter.channel import ChannelState, Limits, RouterChannel, RouterRequest, RouterSite
 from opencoderouter.hosts import HostPolicy
 from opencoderouter.registry import RESERVED_SLUGS, Naming, Registry, Sighting
-from opencoderouter.routing import OWN_SEGMENTS, Mode, RouteKind, Router
+from opencoderouter.routing import OWN_SEGMENTS, Mode, RouteKind, Router, WebUIRedirect, is_navigation
 
 
 @pytest.fixture
@@ -190,3 +190,69 @@ def test_pipelined_requests_wait_for_the_answer_in_front_of_them(router):
     first.write(b"A")
     first.finish()
     assert [r.uri for r in _Held.pending] == [b"/alpha/b"]
+
+
+# -- browsers at a path-mode root go to the host-mode name --------------------------------------------
+@pytest.mark.parametrize(
+    "host, uri, mdns, location",
+    [
+        (b"localhost:8080", b"/alpha/", False, b"http://alpha-alice.localhost:8080/"),
+        (b"127.0.0.1:9", b"/alpha", False, b"http://alpha-alice.localhost:9/"),
+        (b"[::1]:8080", b"/alpha/?x=1", False, b"http://alpha-alice.localhost:8080/?x=1"),
+        (b"devbox:8080", b"/alpha/", True, b"http://alpha-alice-2.local:8080/"),  # the advertised name
+        (b"devbox:8080", b"/alpha/", False, b""),  # no name works from the LAN: the page explains
+        (b"devbox:8080", b"/beta/", True, b""),  # not advertised (another user's)
+    ],
+)
+def test_a_browser_at_a_path_mode_root_goes_to_the_host_mode_name(router, host, uri, mdns, location):
+    router.mdns = mdns
+    route = router.classify(host, uri, navigating=True)
+    assert route.kind is RouteKind.WEB_UI_REDIRECT and route.target == location
+
+
+@pytest.mark.parametrize("uri", [b"/alpha/session", b"/alpha/assets/x.js", b"/alpha//"])
+def test_deep_paths_stay_path_mode_for_browsers_too(router, uri):
+    assert router.classify(b"localhost:8080", uri, navigating=True).kind is RouteKind.BACKEND
+
+
+@pytest.mark.parametrize(
+    "method, mode, accept, navigating",
+    [
+        (b"GET", b"navigate", None, True),
+        (b"GET", None, b"text/html,application/xhtml+xml", True),
+        (b"HEAD", None, b"text/html", True),
+        (b"GET", b"cors", b"text/html", False),  # a page's fetch(): API client behaviour
+        (b"GET", None, b"*/*", False),  # curl
+        (b"GET", None, None, False),  # the SDK, dispatch
+        (b"GET", None, b"text/event-stream", False),
+        (b"POST", b"navigate", b"text/html", False),  # a form post is forwarded as it is
+    ],
+)
+def test_what_counts_as_a_browser_navigation(method, mode, accept, navigating):
+    assert is_navigation(method, mode, accept) is navigating
+
+
+def test_the_channel_sends_navigating_browsers_to_host_mode_and_api_clients_to_the_backend(router):
+    _Recorder.seen.clear()
+    site = RouterSite(_Recorder(), router=router, reactor=Clock())
+    channel, transport = _connect(site)
+    channel.dataReceived(b"GET /alpha/ HTTP/1.1\r\nHost: localhost:8080\r\nSec-Fetch-Mode: navigate\r\n\r\n")
+    channel.dataReceived(b"GET /alpha/ HTTP/1.1\r\nHost: localhost:8080\r\nAccept: */*\r\n\r\n")
+    assert [r.kind for r in _Recorder.seen] == [RouteKind.WEB_UI_REDIRECT, RouteKind.BACKEND]
+
+
+def test_the_redirect_and_the_explaining_page(router):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    redirect = WebUIRedirect(router.classify(b"localhost:8080", b"/alpha/", navigating=True))
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"host", [b"localhost:8080"])
+    redirect.render(request)
+    assert request.responseCode == 307 and request.responseHeaders.getRawHeaders(b"location") == [
+        b"http://alpha-alice.localhost:8080/"]
+    page = WebUIRedirect(router.classify(b"devbox:8080", b"/alpha/", navigating=True))
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"host", [b"devbox:8080"])
+    body = page.render(request).decode()
+    assert request.responseCode == 200 and "ssh -L 8080:localhost:8080" in body
+    assert "http://alpha-alice.localhost:8080/" in body and "alpha-alice.local:8080" in body

@@ -51,11 +51,13 @@ def test_listeners_come_from_the_kernel_socket_table(tmp_path: Path):
     (tmp_path / "tcp").write_text(TCP_TABLE)
     (tmp_path / "tcp6").write_text(TCP6_TABLE)
     listeners = list_listeners(30000, 31000, proc_net=str(tmp_path))
-    # 30002 listens on another address, 30003 is a connection, 8080 is out of range, 30005 is ::1 only.
+    # 30002 listens on another address, 30003 is a connection, 8080 is out of range; 30005 is on ::1
+    # only, so it is reached there (30004 on :: takes 127.0.0.1 too: that is preferred).
     assert listeners == {
         30000: Listener(30000, 1000, 111),
         30001: Listener(30001, 0, 112),
         30004: Listener(30004, 1001, 116),
+        30005: Listener(30005, 1001, 117, "::1"),
     }
 
 
@@ -79,9 +81,10 @@ def test_netlink_and_the_proc_tables_agree_on_what_is_reachable():
         for sock in sockets:
             sock.close()
     assert fast is not None, "sock_diag is available on Linux"
-    # ::1 alone is not reachable on 127.0.0.1; the others are, with our uid.
-    assert sorted(fast) == sorted(slow) == [base, base + 1, base + 2]
+    # Every one is reachable, with our uid; the one on ::1 alone is reached on ::1.
+    assert sorted(fast) == sorted(slow) == [base, base + 1, base + 2, base + 3]
     assert fast == slow
+    assert [fast[p].address for p in sorted(fast)] == ["127.0.0.1", "127.0.0.1", "127.0.0.1", "::1"]
     assert {listener.uid for listener in fast.values()} == {os.getuid()}
 
 
@@ -245,7 +248,7 @@ class ScriptedProber:
         self.calls = []
         self.pending = {}
 
-    def probe(self, port, owner=None):
+    def probe(self, port, owner=None, address=None):
         self.calls.append(port)
         answer = self.answers.get(port)
         if answer == "boom":

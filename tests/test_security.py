@@ -304,6 +304,8 @@ def test_locked_backend_is_listed_and_routable_with_the_password_file(tmp_path, 
     blind = router_factory(*scan_args(port, port))
     [listed] = wait_backends(blind, 1)
     assert listed["locked"] is True and listed["slug"] == f"locked-{port}"
+    # Its project is unknown: null, not a made-up string a client could take for a path.
+    assert listed["project_path"] is None and listed["project_name"] is None
     # Without the password file the client's own credentials pass through untouched.
     status, headers, _ = call(blind.port, "GET", f"/locked-{port}/global/health")
     assert status == 401 and headers["www-authenticate"].startswith("Basic")
@@ -449,7 +451,7 @@ def test_real_locked_opencode_is_listed_and_opened_with_the_password(tmp_path, r
     try:
         blind = router_factory(*scan_args(port, port), "--probe-timeout", "3s")
         [listed] = wait_backends(blind, 1)
-        assert listed["locked"] is True and listed["slug"] == f"locked-{port}"
+        assert listed["locked"] is True and listed["slug"] == f"locked-{port}" and listed["project_path"] is None
         status, headers, _ = call(blind.port, "GET", f"/locked-{port}/global/health")
         assert status == 401 and headers["www-authenticate"].startswith("Basic")
 

@@ -229,7 +229,7 @@ def test_owner_filter_words():
 class _FixedProber:
     """Answers each port with a sighting owned by whoever the scanner says."""
 
-    def probe(self, port: int, owner: str | None = None) -> Any:
+    def probe(self, port: int, owner: str | None = None, address: str | None = None) -> Any:
         return succeed(Sighting(port=port, project_path=f"/p{port}", version="v", owner=owner))
 
 

@@ -42,3 +42,21 @@ def test_a_request_with_head_written_by_us_writes_body_bytes_unchanged():
     request.write(b"5\r\nhello\r\n")
     assert channel.transport.written.getvalue() == b"5\r\nhello\r\n"
     assert request.sentLength == 10
+
+
+def test_a_tcp_connection_keeps_the_write_queue_attributes_write_now_reads():
+    """opencoderouter.write_now decides "nothing is queued" from these FileDescriptor attributes."""
+    from twisted.internet.abstract import FileDescriptor
+    from twisted.internet.tcp import Connection
+
+    descriptor = FileDescriptor()
+    assert descriptor.dataBuffer == b""
+    assert descriptor._tempDataLen == 0
+    assert descriptor._writeDisconnected is False
+    assert not descriptor.disconnecting
+    assert Connection.TLS is False
+    assert callable(Connection.writeSomeData)
+    descriptor.connected = 1
+    descriptor.startWriting = lambda: None  # type: ignore[method-assign]
+    descriptor.write(b"queued")
+    assert descriptor._tempDataLen == 6, "FileDescriptor.write no longer counts queued bytes in _tempDataLen"

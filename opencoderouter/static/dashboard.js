@@ -68,8 +68,11 @@
     const label = hostName(backend);
     const routerPort = state.router && state.router.listen_port ? state.router.listen_port : location.port;
     if (label) {
-      // .local: other machines on the LAN reach the router's real port.
-      out.push(["LAN", `http://${label}.local${portSuffix(routerPort)}/`]);
+      // .local: other machines on the LAN reach the router's real port (only when they can:
+      // mDNS on and the router listening beyond the loopback).
+      if (state.router && state.router.lan_links && backend.mdns_name) {
+        out.push(["LAN", `http://${label}.local${portSuffix(routerPort)}/`]);
+      }
       // .localhost: this browser's own way in (an SSH tunnel's local port, or the router's).
       const hereLabel = str(backend.host_label) && LABEL.test(backend.host_label) ? backend.host_label : label;
       out.push(["tunnel", `http://${hereLabel}.localhost${portSuffix(location.port)}/`]);
@@ -227,8 +230,11 @@
     if (backend.locked === true) statusCell.append(el("span", { class: "pill locked", title: "needs the backend's password" }, "locked"));
     row.append(statusCell);
     const project = el("div", {},
-      el("div", { class: "project-name" }, str(backend.project_name)),
-      el("div", { class: "project-path mono" }, str(backend.project_path)));
+      el("div", { class: "project-name" }, backend.project_path === null ? "password-protected server" : str(backend.project_name)),
+      backend.project_path === null
+        ? el("div", { class: "project-path unlock" },
+          "Unknown project: start the router with --opencode-password-file FILE (the server's OPENCODE_SERVER_PASSWORD) to open it.")
+        : el("div", { class: "project-path mono" }, str(backend.project_path)));
     if (instance) project.append(managedBlock(instance));
     row.append(cell("Project", project));
     const owner = str(backend.owner);

@@ -11,6 +11,9 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v wrk >/dev/null 2>&1 || need="$need wrk"
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
 command -v git >/dev/null 2>&1 || need="$need git"  # the real-OpenCode suite makes a git project
+# Wide-area DNS-SD tests run their own named in a network namespace (tests/test_lan_netns.py).
+{ command -v named >/dev/null 2>&1 || [ -x /usr/sbin/named ]; } || need="$need bind9"
+command -v dig >/dev/null 2>&1 || need="$need bind9-dnsutils"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "missing system packages:$need (install them as root; their tests will be skipped)" >&2
@@ -19,8 +22,8 @@ fi
 echo "installing system packages:$need"
 export DEBIAN_FRONTEND=noninteractive
 # avahi-daemon's package starts the daemon on install, which would then answer mDNS on this machine's
-# real interfaces; tests run their own avahi-daemon inside a network namespace. policy-rc.d exiting
-# 101 forbids service starts for the duration of the install.
+# real interfaces (and bind9's would start named); tests run their own inside network namespaces.
+# policy-rc.d exiting 101 forbids service starts for the duration of the install.
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy"
