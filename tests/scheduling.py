@@ -1,20 +1,22 @@
 """How the suite spreads over pytest-xdist workers (``-n N --dist loadgroup``, as ``make test`` runs it).
 
-- A test marked ``long`` (minutes of real time: the 150 s SSE stream, the 130 s model turn) is a work
-  unit of its own. Long tests are handed out first, one to a worker, and that worker is told to end
-  after it: nothing queues behind a two-minute test. (An xdist worker starts a test only once it
-  knows the next one or that there is none, so "no more work for now" would leave it idle; "stop
-  after this one" lets it start at once.) Run with two workers more than you want for the rest.
-- Tests marked ``xdist_group("name")`` come next, each group as one unit on one worker: the modules
-  that share an expensive module fixture (the real OpenCode pipeline, the mDNS namespaces, a router
-  stack) set it up once.
+- A test marked ``long`` (minutes of real time: the 150 s SSE stream, the 130 s model turn, the 120 s
+  mDNS record expiry) is a work unit of its own. Long tests are handed out first, one to a worker,
+  and that worker is told to end after it: nothing queues behind a two-minute test. (An xdist worker
+  starts a test only once it knows the next one or that there is none, so "no more work for now"
+  would leave it idle; "stop after this one" lets it start at once.) So run with one worker per long
+  test more than you want for the rest. A long test in a module with a module-scoped fixture gets
+  that fixture on its own worker too.
+- The tests of a module that share a module-scoped fixture (the real OpenCode pipeline, the mDNS
+  namespaces, a router stack) come next, each module as one unit on one worker, so the fixture is set
+  up once; so do tests marked ``xdist_group("name")``, each group as one unit.
 - Everything else follows in file order, one test at a time to whichever worker is free.
 
 The workers collect the tests; the controller that hands them out sees only their node ids. xdist's
 own ``loadgroup`` passes the group by appending ``@name`` to the node id, which pytest 9.2 no longer
-lets it do (pytest-dev/pytest-xdist#1386: the marks are then silently ignored). So the workers write
-each marked test's unit to a JSON file (the same content from every worker) and the controller reads
-it when it schedules. Without ``--dist loadgroup`` nothing is reordered or grouped.
+lets it do (pytest-dev/pytest-xdist#1386: the marks are then silently ignored), and it knows nothing
+of fixtures. So the workers write each grouped test's unit to a JSON file (the same content from every
+worker) and the controller reads it when it schedules. Without ``--dist loadgroup`` nothing is reordered or grouped.
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ def unit_of(item: pytest.Item) -> str | None:
     group = item.get_closest_marker("xdist_group")
     if group is not None:
         return "group:" + str(group.args[0] if group.args else group.kwargs.get("name", "default"))
+    if _uses_a_module_fixture(item):
+        return "module:" + item.nodeid.split("::", 1)[0]
     return None
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)  # what pytest resolved for the item (no public accessor)
+    if info is None:
+        return False
+    return any(definitions[-1].scope == "module" for definitions in info.name2fixturedefs.values() if definitions)
 
 
 def _rank(item: pytest.Item) -> int:

@@ -26,8 +26,7 @@ from .netns import (
     zeroconf_info,
 )
 
-# The namespaces and avahi-daemon are set up once for the module: its tests run on one xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mdns_netns")]
+pytestmark = pytest.mark.slow
 
 _WHY_NOT = netns_unavailable()
 if _WHY_NOT:

@@ -17,8 +17,7 @@ import websocket
 from .proxy_stack import USERNAME, SSEReader, make_stack
 from .support import LISTENING, http_get, http_json, wait_for
 
-# One real opencode for the module: its tests run on one xdist worker, so it is started once.
-pytestmark = [pytest.mark.real_opencode, pytest.mark.xdist_group("proxy_real_opencode")]
+pytestmark = pytest.mark.real_opencode
 
 OPENCODE = Path(os.environ.get("OPENCODE_BIN", Path.home() / ".cache/opencoderouter/opencode-ai-1.18.33/bin/opencode"))
 OFFLINE_ENV = {

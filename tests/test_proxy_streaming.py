@@ -18,10 +18,6 @@ from .support import http_get, wait_for
 MB = 1024 * 1024
 
 
-# The module shares one router stack: its tests run on one xdist worker, so it is started once.
-pytestmark = pytest.mark.xdist_group("proxy_streaming")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha`` (1 s heartbeats)."""

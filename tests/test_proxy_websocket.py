@@ -10,9 +10,6 @@ import websocket
 from .proxy_stack import USERNAME, running_stack, server_connections
 from .support import http_get, wait_for
 
-# The module shares one router stack: its tests run on one xdist worker, so it is started once.
-pytestmark = pytest.mark.xdist_group("proxy_websocket")
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):

@@ -42,8 +42,6 @@ pytestmark = [
     pytest.mark.skipif(opencode_binary() is None, reason="real opencode not installed (run tests/setup/install-opencode.sh)"),
 ]
 
-pytestmark.append(pytest.mark.xdist_group("real_opencode_pipeline"))  # the pipeline is set up once
-
 BLOCK = 8  # ports: two project instances, the victim, and room for the launcher's retries
 
 
