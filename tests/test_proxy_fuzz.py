@@ -14,10 +14,6 @@ from .proxy_stack import USERNAME, raw_exchange, running_stack
 STATUS_LINE = re.compile(rb"\AHTTP/1\.[01] (\d{3}) [^\r\n]*\r\n")
 
 
-# The module shares one router stack: its tests run on one xdist worker, so it is started once.
-pytestmark = pytest.mark.xdist_group("proxy_fuzz")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A router with backend ``alpha``."""

@@ -11,9 +11,6 @@ import pytest
 from .proxy_backend import GZIP_BODY
 from .proxy_stack import USERNAME, raw_exchange, running_stack
 
-# The module shares one router stack: its tests run on one xdist worker, so it is started once.
-pytestmark = pytest.mark.xdist_group("proxy_headers")
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
