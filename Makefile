@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --port 8080
 PYTEST_ARGS ?=
+# Workers for the test run: two for the long tests, six for the rest (most tests wait, so more than the cores).
+TEST_WORKERS ?= 8
 BENCH_ARGS ?=
 
 .PHONY: run test deps system-deps opencode bench clean
@@ -28,9 +30,13 @@ system-deps:
 opencode:
 	sh tests/setup/install-opencode.sh
 
-## Every test.
+## Lint, types, then every test, spread over $(TEST_WORKERS) workers (tests/scheduling.py): make test PYTEST_ARGS=-x
+# Bytecode is written (PYTHONDONTWRITEBYTECODE cleared): else every worker rewrites the tests' asserts
+# and every router subprocess compiles the package again.
 test: deps system-deps opencode
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check opencoderouter tests bench twisted
+	$(VENV)/bin/mypy
+	PYTHONDONTWRITEBYTECODE= PYTHONPATH=$(CURDIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## Benchmarks against the targets, ours next to the Go router, pinned and not, PyPy reported (table +
 ## bench/results/*.json): make bench BENCH_ARGS=--quick (~5 min; full ~40 min; --no-pypy leaves PyPy out)

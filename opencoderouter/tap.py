@@ -45,9 +45,13 @@ log = Logger()
 
 
 
-def makeService(options: Options) -> MultiService:
-    """Build the router: scanner, registry, web root (API, dashboard, proxy)."""
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """Build the router: scanner, registry, web root (API, dashboard, proxy).
+
+    Everything runs on ``reactor``: the global one (twistd), or a test's MemoryReactorClock.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
 
     top = MultiService()
     registry = Registry(reactor, stale_after=options["stale-after"],
@@ -184,13 +188,15 @@ def makeService(options: Options) -> MultiService:
     web = WebService(
         options["listen"],
         # Form bodies are forwarded, not parsed: parsing would read a whole upload into memory.
-        RouterSite(GuardedRoot(root, guard), router=router, limits=limits, parsePOSTFormSubmission=False),
+        RouterSite(GuardedRoot(root, guard), router=router, limits=limits, parsePOSTFormSubmission=False,
+                   reactor=reactor),
         banner={
             "username": options["username"],
             "scan_start": options["scan-start"],
             "scan_end": options["scan-end"],
             "interval": options["scan-interval"],
         },
+        reactor=reactor,
     )
     web.setName("web")
     web.setServiceParent(top)

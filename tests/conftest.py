@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from .support import FakeOpenCodeProcess, RouterProcess, checkout_reachable_by_other_users
+
+_session_resources = ExitStack()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``-n N --dist loadgroup``: schedule long tests and groups as tests/scheduling.py says."""
+    if (config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")
+            and config.getoption("dist", "no") == "loadgroup"):
+        from .scheduling import SchedulingPlugin
+
+        config.pluginmanager.register(SchedulingPlugin(), "opencoderouter-scheduling")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker (after ``-k`` and ``-m`` have deselected): order the tests and publish their units."""
+    if hasattr(config, "workerinput"):
+        from .scheduling import order_and_publish
+
+        order_and_publish(items)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In the main process (not in xdist workers, which come and go): let other uids reach this checkout."""
+    if not hasattr(session.config, "workerinput"):
+        _session_resources.enter_context(checkout_reachable_by_other_users())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Put the checkout's folder modes back once every worker has finished."""
+    if not hasattr(session.config, "workerinput"):
+        _session_resources.close()
 
 
 @pytest.fixture
@@ -42,7 +75,9 @@ def router_factory() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def other_users_reach_checkout() -> Iterator[None]:
-    """For tests that run a server as another uid: the checkout must be reachable by it."""
-    with checkout_reachable_by_other_users():
-        yield
+def other_users_reach_checkout() -> None:
+    """For tests that run a server as another uid: the checkout must be reachable by it.
+
+    The main process grants that for the whole run (pytest_sessionstart): a grant per xdist worker
+    would be taken back by the first worker to finish while another still runs such a test.
+    """

@@ -9,6 +9,8 @@ Besides everything ``FakeOpenCode`` answers (added with its ``route``, so matche
 - ``/download?size=N[&chunked=1]``: N deterministic bytes, produced only as fast as the client reads.
 - ``/upload``: hashes the request body (read in chunks) and answers its size and SHA-256.
 - ``/hang``: never answers. ``/ticks?interval=S``: an SSE stream of ``{"t": send time, "n": i}``.
+- ``/lockstep/{name}``: an SSE stream that writes event 0 at once and event n+1 only when
+  ``/lockstep/{name}/next`` is requested (answers ``{"n": n+1}``, 404 without such a stream).
 - ``/__stats``: open event streams and PTY connections.
 """
 
@@ -92,7 +94,10 @@ class ProxyTestBackend(FakeOpenCode):
         self.route(None, "/upload", self._upload)
         self.route(None, "/hang", lambda request: NOT_DONE_YET)
         self.route(None, "/ticks", self._ticks)
+        self.route(None, "/lockstep/{name}/next", self._lockstep_next)
+        self.route(None, "/lockstep/{name}", self._lockstep)
         self.route(None, "/__stats", self._stats)
+        self.lockstep: dict[str, tuple[Request, list[int]]] = {}
 
     def _cookies(self, request: IRequest) -> bytes:
         request.responseHeaders.addRawHeader(b"set-cookie", b"a=1; Path=/")
@@ -162,6 +167,26 @@ class ProxyTestBackend(FakeOpenCode):
         request.notifyFinish().addBoth(lambda _: loop.stop() if loop.running else None)
         loop.start(interval, now=True)
         return NOT_DONE_YET
+
+    def _lockstep(self, request: Request, name: str) -> int:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        self.lockstep[name] = (request, [0])
+        request.notifyFinish().addBoth(lambda _: self.lockstep.pop(name, None))
+        self._lockstep_write(name)
+        return NOT_DONE_YET
+
+    def _lockstep_next(self, request: IRequest, name: str) -> bytes:
+        if name not in self.lockstep:
+            return opencode_json(request, {"error": f"no lock-step stream {name!r}"}, 404)
+        return opencode_json(request, {"n": self._lockstep_write(name)})
+
+    def _lockstep_write(self, name: str) -> int:
+        stream, counter = self.lockstep[name]
+        n = counter[0]
+        counter[0] += 1
+        stream.write(b"data: " + json.dumps({"n": n}).encode() + b"\n\n")
+        return n
 
 
 if __name__ == "__main__":

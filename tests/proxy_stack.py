@@ -97,6 +97,21 @@ def running_stack(root: Path, *router_args: str, backends: tuple[str, ...] = ("a
         stack.close()
 
 
+def open_stream(port: int, path: str, timeout: float = 5.0) -> socket.socket:
+    """Send a GET for an event stream and return the socket after the response head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError(f"stream closed before its head: {head!r}")
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head.lower()
+    return sock
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes to 127.0.0.1:port and read until the peer closes (or the timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

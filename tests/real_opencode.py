@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -366,6 +367,16 @@ class _ModelHandler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def run_dispatch(workdir: Path, router_url: str, task: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Write ``task`` to a file in ``workdir`` and run ``opencoderouter-dispatch`` on it against ``router_url``."""
+    from .support import REPO, subprocess_env
+
+    path = workdir / f"task-{time.monotonic_ns()}.md"
+    path.write_text(task)
+    return subprocess.run([sys.executable, "-m", "opencoderouter.dispatch", str(path), "--router", router_url, *args],
+                          capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
 
 
 def git_init(directory: Path) -> None:

@@ -58,14 +58,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def free_port_block(size: int, start: int = 20000, end: int = 60000) -> int:
-    """The first port of ``size`` consecutive ports that are free right now."""
-    port = start + (os.getpid() * 37) % (end - start - size)
-    while port + size < end:
+def ephemeral_port_start(default: int = 32768) -> int:
+    """The first port the kernel hands out to outgoing connections (Linux's ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_port_block(size: int, start: int = 20000, end: int | None = None) -> int:
+    """The first port of ``size`` consecutive ports that are free right now.
+
+    The block lies below the ephemeral ports, so no outgoing connection (a probe, another worker's
+    client) takes one of them between this check and the listen. Each process starts looking at its
+    own offset (parallel workers rarely meet) and wraps around once.
+    """
+    end = end if end is not None else ephemeral_port_start()
+    blocks = (end - start) // size
+    if blocks < 1:
+        raise ValueError(f"no room for {size} ports between {start} and {end}")
+    first = os.getpid() * 37 % blocks
+    for index in [*range(first, blocks), *range(first)]:
+        port = start + index * size
         if all(_port_free(p) for p in range(port, port + size)):
             return port
-        port += size
-    raise RuntimeError("no free block of ports")
+    raise RuntimeError(f"no free block of {size} ports between {start} and {end}")
 
 
 def _port_free(port: int) -> bool:
@@ -125,7 +142,11 @@ class FakeOpenCodeProcess:
             env=subprocess_env(**({"HOME": "/tmp"} if as_user else {}), **(env or {})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        self.port = self._wait_listening()
+        try:
+            self.port = self._wait_listening()
+        except BaseException:
+            self.stop()  # never leave a half-started child behind
+            raise
 
     def _wait_listening(self) -> int:
         assert self.process.stdout is not None
@@ -168,7 +189,11 @@ class RouterProcess:
         )
         self.url = f"http://127.0.0.1:{self.port}"
         if wait:
-            self.wait_healthy()
+            try:
+                self.wait_healthy()
+            except BaseException:
+                self.stop()  # never leave a half-started router behind
+                raise
 
     def wait_healthy(self, timeout: float = 15) -> None:
         """Block until /api/health answers."""

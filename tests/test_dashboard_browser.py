@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,9 @@ ARTIFACTS = REPO / "test-artifacts"
 BACKEND_TITLE = "OpenCode"
 # Markup in a folder name: were it ever parsed as HTML, it would leave an <img>/<script> in the table.
 HOSTILE_NAME = '<img src=x onerror="window.__xss=1"><script>window.__xss=2<'
+#: How long a wait for the page may take before the test fails: a guard against a hang, not a bound
+#: on how fast the page is (Chromium on a busy 2-core machine can take seconds to render).
+GUARD = 30
 
 pytestmark = [
     pytest.mark.slow,
@@ -101,7 +103,7 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
     wait_for(lambda: [b["slug"] for b in http_json(router.url + "/api/backends")] == ["alpha"], what="alpha")
 
     browser.get(router.url + "/")
-    wait = WebDriverWait(browser, 5, poll_frequency=0.05)
+    wait = WebDriverWait(browser, GUARD, poll_frequency=0.05)
     wait.until(lambda d: status_of(d, "alpha") == "up")
     wait.until(lambda d: d.find_element(By.ID, "connection").text == "live")
     header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
@@ -109,12 +111,10 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
     assert "1 backend: 1 up, 0 down" in header
     browser.execute_script("window.__not_reloaded = true")
 
-    # A second backend appears without a reload, within 2 s of listening.
+    # A second backend appears without a reload (pushed over the event stream at the next scan).
     hostile_dir = tmp_path / HOSTILE_NAME
     hostile_server = fake_opencode_factory(hostile_dir, port=base + 1)
-    started = time.monotonic()
-    WebDriverWait(browser, 2, poll_frequency=0.05).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 2)
-    appeared_after = time.monotonic() - started
+    WebDriverWait(browser, GUARD, poll_frequency=0.05).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 2)
     assert browser.execute_script("return window.__not_reloaded") is True
     hostile_slug = http_json(router.url + "/api/backends")[1]["slug"]
     # Its agents are followed too (the row is rebuilt once, when their state arrives).
@@ -147,17 +147,11 @@ def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
 
     # Stop it: the row turns down (next scan), then goes (stale-after), with no reload.
     hostile_server.stop()
-    stopped = time.monotonic()
-    WebDriverWait(browser, stale_after + 2, poll_frequency=0.05).until(
-        lambda d: status_of(d, hostile_slug) in (None, "down")
-    )
-    down_after = time.monotonic() - stopped
-    WebDriverWait(browser, stale_after + 2, poll_frequency=0.1).until(lambda d: status_of(d, hostile_slug) is None)
-    gone_after = time.monotonic() - stopped
+    WebDriverWait(browser, GUARD, poll_frequency=0.05).until(lambda d: status_of(d, hostile_slug) in (None, "down"))
+    WebDriverWait(browser, GUARD, poll_frequency=0.1).until(lambda d: status_of(d, hostile_slug) is None)
     assert browser.execute_script("return window.__not_reloaded") is True
 
     assert severe_console_entries(browser) == []
-    print(f"row appeared after {appeared_after:.2f}s; down after {down_after:.2f}s; gone after {gone_after:.2f}s")
 
 
 @pytest.mark.parametrize("kind", ["path", "tunnel"])
@@ -166,7 +160,7 @@ def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_fa
     fake_opencode_factory(tmp_path / "alpha", port=base)
     router = router_factory("--scan-start", str(base), "--scan-end", str(base), "--scan-interval", "1s")
     browser.get(router.url + "/")
-    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: status_of(d, "alpha") == "up")
+    WebDriverWait(browser, GUARD, poll_frequency=0.05).until(lambda d: status_of(d, "alpha") == "up")
     assert severe_console_entries(browser) == []
     # The links fold behind the row: open it, then click.
     row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.open-links summary").click()
@@ -177,8 +171,8 @@ def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_fa
         # needs its own origin); API clients keep the path.
         target = row(browser, "alpha").find_element(By.CSS_SELECTOR, "a.link-tunnel").get_attribute("href")
     link.click()
-    WebDriverWait(browser, 5).until(lambda d: d.current_url == target)
-    WebDriverWait(browser, 5).until(lambda d: d.title == BACKEND_TITLE)
+    WebDriverWait(browser, GUARD).until(lambda d: d.current_url == target)
+    WebDriverWait(browser, GUARD).until(lambda d: d.title == BACKEND_TITLE)
 
 
 
@@ -200,41 +194,54 @@ def stub_router() -> Iterator[str]:
 def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_router):
     browser.get(stub_router + "/")
     # Rows are rebuilt when the data changes; a lookup that raced a rebuild is retried.
-    wait = WebDriverWait(browser, 5, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    wait = WebDriverWait(browser, GUARD, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows .managed")) == 2)
     header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
     assert "mDNS on: alpha-alice-2.local" in header
     assert "1 backend: 1 up, 0 down · 2 managed" in header
 
-    alpha = row(browser, "alpha")
-    assert status_of(browser, "alpha") == "up"
-    managed = alpha.find_element(By.CSS_SELECTOR, ".managed").text
+    def alpha_facts(d: Any) -> tuple[str | None, str, str]:
+        alpha = row(d, "alpha")
+        return (status_of(d, "alpha"), alpha.find_element(By.CSS_SELECTOR, ".managed").text,
+                alpha.find_element(By.CSS_SELECTOR, "a.link-LAN").get_attribute("href"))
+
+    # Read in one go, again if the polled instance list rebuilt the rows in between.
+    alpha_status, managed, lan_link = wait.until(alpha_facts)
+    assert alpha_status == "up"
     assert "managed: running" in managed and "2 restarts" in managed
     # The advertised mDNS name (renamed after a conflict) is the LAN link.
-    assert alpha.find_element(By.CSS_SELECTOR, "a.link-LAN").get_attribute("href") == \
+    assert lan_link == \
         f"http://alpha-alice-2.local:{stub_router.rsplit(':', 1)[1]}/"
 
     # The logs expander shows the lines as text and stays open across the page's refreshes.
-    alpha.find_element(By.CSS_SELECTOR, "details.logs summary").click()
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs summary").click() or True)
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").is_displayed())
-    first_text = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text
+    first_text = wait.until(lambda d: [row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text])[0]
     # The instance list is polled every 3 s; the stub's logs grow, so the rows are rebuilt.
-    wait = WebDriverWait(browser, 5, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    wait = WebDriverWait(browser, GUARD, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text != first_text)
-    logs = row(browser, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")
-    assert logs.is_displayed() and "\n<b>not bold</b>\npoll " in logs.text
+    logs_shown, logs_text = wait.until(
+        lambda d: (lambda logs: (logs.is_displayed(), logs.text))(row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")))
+    assert logs_shown and "\n<b>not bold</b>\npoll " in logs_text
     assert browser.find_elements(By.CSS_SELECTOR, "#rows pre b, #rows i, #rows script") == []
 
     # An instance that is not answering gets its own row: failed, with the reason and a Start button.
-    failed = browser.find_element(By.CSS_SELECTOR, "#rows tr[data-instance]")
-    assert failed.find_element(By.CSS_SELECTOR, ".pill").text == "failed"
-    assert failed.find_element(By.CSS_SELECTOR, ".project-path").text == "/home/alice/broken <i>x"
-    assert failed.find_element(By.CSS_SELECTOR, ".project-name").text == "broken <i>x"
-    assert "exited 5 times within 60 s" in failed.text
-    assert [b.text for b in failed.find_elements(By.CSS_SELECTOR, ".controls button")] == ["Start"]
+    def failed_facts(d: Any) -> tuple[str, str, str, str, list[str]]:
+        failed = d.find_element(By.CSS_SELECTOR, "#rows tr[data-instance]")
+        return (failed.find_element(By.CSS_SELECTOR, ".pill").text,
+                failed.find_element(By.CSS_SELECTOR, ".project-path").text,
+                failed.find_element(By.CSS_SELECTOR, ".project-name").text, failed.text,
+                [b.text for b in failed.find_elements(By.CSS_SELECTOR, ".controls button")])
+
+    pill, path, name, failed_text, buttons = wait.until(failed_facts)  # one read, retried after a rebuild
+    assert pill == "failed"
+    assert path == "/home/alice/broken <i>x"
+    assert name == "broken <i>x"
+    assert "exited 5 times within 60 s" in failed_text
+    assert buttons == ["Start"]
 
     # Stop sends DELETE /api/instances/{slug}; a refusal is shown as a sentence.
-    row(browser, "alpha").find_element(By.CSS_SELECTOR, ".controls button").click()
+    wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, ".controls button").click() or True)
     wait.until(lambda d: "You may not stop instances from here (HTTP 403)." in row(d, "alpha").text)
     assert "Only loopback clients may manage instances." in row(browser, "alpha").text
     assert http_json(stub_router + "/api/instances/calls") == [["DELETE", "alpha"]]
@@ -250,7 +257,7 @@ def test_empty_dashboard_explains_itself_and_reconnects_after_a_router_restart(
     base = free_port_block(1)
     router = router_factory("--scan-start", str(base), "--scan-end", str(base), "--scan-interval", "1s")
     browser.get(router.url + "/")
-    wait = WebDriverWait(browser, 5, poll_frequency=0.05)
+    wait = WebDriverWait(browser, GUARD, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.ID, "empty").is_displayed())
     empty = " ".join(browser.find_element(By.ID, "empty").text.split())
     assert f"scans 127.0.0.1 ports {base}–{base} every 1 s" in empty
@@ -263,7 +270,7 @@ def test_empty_dashboard_explains_itself_and_reconnects_after_a_router_restart(
     assert "Reconnecting by itself" in browser.find_element(By.ID, "notice").text
     fake_opencode_factory(tmp_path / "alpha", port=base)
     router_factory("--scan-start", str(base), "--scan-end", str(base), "--scan-interval", "1s", port=router.port)
-    WebDriverWait(browser, 10, poll_frequency=0.1).until(lambda d: status_of(d, "alpha") == "up")
+    WebDriverWait(browser, GUARD, poll_frequency=0.1).until(lambda d: status_of(d, "alpha") == "up")
     assert browser.find_element(By.ID, "connection").text == "live"
     assert not browser.find_element(By.ID, "notice").is_displayed()
     assert browser.execute_script("return window.__not_reloaded") is True

@@ -264,10 +264,32 @@ async def test_turn_lost_by_a_restarted_server_is_an_error_not_a_hang(harness):
     assert "never finished" in h.err.getvalue()
 
 
+class _ClockedReactor:
+    """The real reactor for sockets, a Clock for the dispatcher's timers: a timeout fires when the test says."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def callLater(self, delay: float, call: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.clock.callLater(delay, call, *args, **kwargs)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
 @pytest_twisted.ensureDeferred
 async def test_timeout_aborts_the_session_and_exits_124(harness):
     h = harness("hang")
-    result = await h.dispatch(timeout=0.5)
+    clock = Clock()
+    task = Task(project="archer", prompt="Fix the login timeout")
+    running = Dispatcher(_ClockedReactor(clock), task, h.options(timeout=0.5)).run()
+    while not h.opencode.busy:  # the turn runs (on a real socket, however slowly): now the timeout
+        await _later(0.02)
+    clock.advance(0.5)
+    result = await running
     assert result.exit_code == EXIT_TIMEOUT and result.status == "timeout"
     assert h.opencode.aborted == [result.session_id]
 

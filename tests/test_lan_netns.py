@@ -110,6 +110,7 @@ def test_routers_list_each_others_projects_and_a_client_reaches_one_through_the_
     print(f"\nlisted on the other router {after_b:.2f}s / {after_a:.2f}s after both routers answered")
 
 
+@pytest.mark.long  # waits out the records' 120 s TTL: started first, on a worker of its own
 def test_a_stopped_router_vanishes_at_once_and_a_killed_one_when_its_records_expire(lan):
     alpha, beta, _, router_b = start_pair(lan)
     wait_listed(lan, "a", PORT_A, by_project(beta), 5, "router a to list b's project")

@@ -54,7 +54,8 @@ def real(tmp_path_factory):
     seeded_home(root / "home")
     project = root / "webproj"
     project.mkdir()
-    stack = make_stack(root)
+    # A generous probe timeout: a busy opencode on a loaded 2-core machine answers its first probe late.
+    stack = make_stack(root, "--probe-timeout", "3s")
     port = stack.block
     stack.next_index = 1
     process = subprocess.Popen(
@@ -70,7 +71,7 @@ def real(tmp_path_factory):
                 break
         assert process.poll() is None, "opencode serve exited"
         wait_for(lambda: any(b["slug"] == "webproj" for b in http_json(stack.router.url + "/api/backends")),
-                 timeout=20, what="router to find the real opencode")
+                 timeout=60, what="router to find the real opencode")  # more than one 20 s scan interval
         yield stack, port
     finally:
         os.killpg(process.pid, 15)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -134,14 +133,14 @@ def test_form_post_body_is_forwarded_not_parsed(stack):
 
 
 def test_silent_backend_gets_504_json_after_the_bound(stack):
-    started = time.monotonic()
+    # /hang never answers: only the router's --backend-timeout bound can end the request, and the
+    # answer names it. That the bound is kept, no sooner and no later, is shown on a Clock in
+    # test_forwarding; the real figure is bench/timing_bounds.py's.
     status, headers, body = stack.request("GET", "/alpha/hang")
-    elapsed = time.monotonic() - started
     assert status == 504
     answer = json.loads(body)
     assert answer["error"] == "gateway_timeout" and answer["backend"] == "alpha"
     assert "alpha" in answer["message"] and "1s" in answer["message"]
-    assert 0.9 <= elapsed < 5
 
 
 def test_refused_backend_gets_502_json_naming_it(stack):

@@ -1,4 +1,4 @@
-"""Streaming through the router: SSE latency and lifetime, disconnects both ways, 50 MB bodies."""
+"""Streaming through the router: SSE without buffering, disconnects both ways, 50 MB bodies (the 150 s stream: _long)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from .proxy_backend import pattern
-from .proxy_stack import SSEReader, rss_kib, running_stack, server_connections
-from .support import wait_for
+from .proxy_stack import SSEReader, open_stream, rss_kib, running_stack, server_connections
+from .support import http_get, wait_for
 
 MB = 1024 * 1024
 
@@ -25,56 +25,20 @@ def stack(tmp_path_factory):
         yield stack
 
 
-def open_stream(port: int, path: str, timeout: float = 5.0) -> socket.socket:
-    """Send a GET for an event stream and return the socket after the response head."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise AssertionError(f"stream closed before its head: {head!r}")
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert b"transfer-encoding: chunked" in head.lower()
-    return sock
-
-
-def test_sse_event_reaches_client_in_under_50ms(stack):
-    sock = open_stream(stack.router.port, "/alpha/ticks?interval=0.1")
+def test_sse_event_reaches_client_before_the_backend_writes_the_next(stack):
+    # Lock-step: the backend writes event n+1 only when asked (straight, not through the router), and we
+    # ask only once event n has come through the router. A proxy that held events back for more data
+    # (or for the end of the stream) would never deliver one, and the read would time out.
+    # How fast an event comes through is measured by bench/run.py (SSE fan-out, event latency).
+    backend = stack.backends["alpha"]
+    sock = open_stream(stack.router.port, "/alpha/lockstep/one")
     try:
         reader = SSEReader(sock)
-        reader.next_event()  # the first is written right at connect
-        delays = []
-        for _ in range(20):
-            event = reader.next_event()
-            delays.append(time.time() - event["t"])
-        delays.sort()
-        # A buffering proxy delays every event; on a shared 2-core CI box the scheduler may delay
-        # one or two by itself, so the bound applies to 90% of them (and the median is far below).
-        assert delays[len(delays) // 2] < 0.010, delays
-        assert delays[int(len(delays) * 0.9) - 1] < 0.050, delays
-    finally:
-        sock.close()
-
-
-@pytest.mark.slow
-def test_sse_stream_with_1s_heartbeats_keeps_delivering_for_150s(stack):
-    sock = open_stream(stack.router.port, "/alpha/event", timeout=5)
-    try:
-        reader = SSEReader(sock)
-        assert reader.next_event()["type"] == "server.connected"
-        started = time.monotonic()
-        heartbeats = 0
-        last = started
-        while time.monotonic() - started < 150:
-            event = reader.next_event()
-            now = time.monotonic()
-            assert now - last < 3, f"no event for {now - last:.1f}s after {now - started:.0f}s"
-            last = now
-            if event["type"] == "server.heartbeat":
-                heartbeats += 1
-        assert heartbeats >= 140
+        assert reader.next_event() == {"n": 0}
+        for n in range(1, 21):
+            status, _, body = http_get(f"http://127.0.0.1:{backend.port}/lockstep/one/next")
+            assert status == 200 and json.loads(body) == {"n": n}
+            assert reader.next_event() == {"n": n}
     finally:
         sock.close()
 
@@ -92,13 +56,12 @@ def test_closing_200_streams_leaves_backend_without_router_connections(stack):
     finally:
         for sock in sockets:
             sock.close()
-    closed_at = time.monotonic()
-    wait_for(lambda: server_connections(backend.port) == 0, timeout=1.0, interval=0.02,
+    # How soon they close is measured by bench/timing_bounds.py.
+    wait_for(lambda: server_connections(backend.port) == 0, interval=0.02,
              what="backend connections from the router to close")
-    assert time.monotonic() - closed_at < 1.0
 
 
-def test_backend_killed_mid_stream_ends_client_stream_visibly_within_1s(stack):
+def test_backend_killed_mid_stream_ends_client_stream_visibly(stack):
     victim = stack.start_backend("victim", heartbeat=0.2)
     sock = open_stream(stack.router.port, "/victim/event")
     try:
@@ -106,12 +69,12 @@ def test_backend_killed_mid_stream_ends_client_stream_visibly_within_1s(stack):
         reader.next_event()
         reader.next_event()
         victim.process.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        sock.settimeout(2)
+        # The router ends the client's stream (EOF); a stream left open would time out instead (the
+        # timeout only guards against a hang: how soon the end comes is bench/timing_bounds.py's).
+        sock.settimeout(10)
         with pytest.raises(EOFError):
             while True:
                 reader.next_event()
-        assert time.monotonic() - killed_at < 1.0
         # The chunked body never got its terminating zero-length chunk: the truncation is visible.
         assert not reader.raw.endswith(b"0\r\n\r\n")
     finally:
@@ -129,14 +92,12 @@ def test_backend_killed_mid_download_closes_client_short_of_content_length(stack
         response.read(MB)
         victim.process.send_signal(signal.SIGKILL)
         received = MB
-        started = time.monotonic()
         while True:
             chunk = response.read1(MB) if hasattr(response, "read1") else response.read(MB)
             if not chunk:
                 break
             received += len(chunk)
         assert received < 200 * MB
-        assert time.monotonic() - started < 5
     except Exception as error:  # http.client reports the short body as IncompleteRead
         assert "IncompleteRead" in type(error).__name__ or isinstance(error, ConnectionError), error
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import websocket
@@ -67,9 +66,9 @@ def test_client_close_closes_backend_side(stack, mode):
     assert ws.recv() == "x"
     assert pty_count(stack) == 1
     ws.close()  # close handshake, then TCP close
-    wait_for(lambda: pty_count(stack) == 0, timeout=1.0, what="backend WebSocket to close")
-    wait_for(lambda: server_connections(stack.backends["alpha"].port) <= before, timeout=1.0,
-             what="backend connection to close")
+    # The waits guard against a hang only; how soon each side closes is bench/timing_bounds.py's.
+    wait_for(lambda: pty_count(stack) == 0, what="backend WebSocket to close")
+    wait_for(lambda: server_connections(stack.backends["alpha"].port) <= before, what="backend connection to close")
 
 
 def test_client_dropping_tcp_closes_backend_side(stack):
@@ -77,19 +76,19 @@ def test_client_dropping_tcp_closes_backend_side(stack):
     ws.send("x")
     assert ws.recv() == "x"
     ws.sock.close()  # no close frame: just the TCP connection going away
-    wait_for(lambda: pty_count(stack) == 0, timeout=1.0, what="backend WebSocket to close")
+    wait_for(lambda: pty_count(stack) == 0, what="backend WebSocket to close")
 
 
 @pytest.mark.parametrize("mode", ["path", "host"])
 def test_backend_close_closes_client(stack, mode):
     ws = connect(stack, mode, new_pty(stack))
     ws.send("__close__")  # the fake terminal sends a close frame and hangs up
-    started = time.monotonic()
     frame = ws.recv_data_frame(control_frame=True)[1]
     assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
-    ws.sock.settimeout(1.0)
-    assert ws.sock.recv(1) == b""  # the router closed the client's TCP connection as well
-    assert time.monotonic() - started < 1.0
+    # The router closes the client's TCP connection as well: EOF, where a connection left open would
+    # time out (a hang guard; how soon it closes is bench/timing_bounds.py's).
+    ws.sock.settimeout(10)
+    assert ws.sock.recv(1) == b""
     ws.sock.close()
 
 

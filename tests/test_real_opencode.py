@@ -32,6 +32,7 @@ from .real_opencode import (
     git_init,
     opencode_binary,
     opencode_env,
+    run_dispatch,
     seed_home,
 )
 from .support import REPO, RouterProcess, free_port_block, http_json, subprocess_env, wait_for
@@ -67,27 +68,31 @@ class Pipeline:
         git_init(self.git_project)
         self.instances: list[OpenCodeInstance] = []
         self.router: RouterProcess | None = None
-        first = free_port_block(BLOCK)
-        ports = list(range(first, first + BLOCK))
-        # A generous probe timeout: on a loaded 2-core machine a busy opencode answers its health probe
-        # late, and a backend pruned for that would fail tests that have nothing to do with probing.
-        scan = ["--scan-start", str(first), "--scan-end", str(first + BLOCK - 1), "--scan-interval", "1s",
-                "--probe-timeout", "3s", "--stale-after", "60s"]
-        self.launched = launcher_available()
-        if self.launched:
-            # The launcher's children inherit the router's environment: one seeded HOME for both.
-            # The victim first, so that the launcher never picks its port.
-            self.victim = self._start(self.victim_project, "home-victim", ports[-1])
-            home = seed_home(base / "home-router")
-            self.router_env: dict[str, str] = opencode_env(home, self.model.url)
-            self.router_args = [*scan, "--opencode-bin", str(opencode_binary()), str(self.git_project),
-                                str(self.plain_project)]
-        else:
-            self._start(self.git_project, "home-git", ports[0])
-            self._start(self.plain_project, "home-plain", ports[1])
-            self.victim = self._start(self.victim_project, "home-victim", ports[2])
-            self.router_env, self.router_args = {}, scan
-        self.start_router()
+        try:
+            first = free_port_block(BLOCK)
+            ports = list(range(first, first + BLOCK))
+            # A generous probe timeout: on a loaded 2-core machine a busy opencode answers its health probe
+            # late, and a backend pruned for that would fail tests that have nothing to do with probing.
+            scan = ["--scan-start", str(first), "--scan-end", str(first + BLOCK - 1), "--scan-interval", "1s",
+                    "--probe-timeout", "3s", "--stale-after", "60s"]
+            self.launched = launcher_available()
+            if self.launched:
+                # The launcher's children inherit the router's environment: one seeded HOME for both.
+                # The victim first, so that the launcher never picks its port.
+                self.victim = self._start(self.victim_project, "home-victim", ports[-1])
+                home = seed_home(base / "home-router")
+                self.router_env: dict[str, str] = opencode_env(home, self.model.url)
+                self.router_args = [*scan, "--opencode-bin", str(opencode_binary()), str(self.git_project),
+                                    str(self.plain_project)]
+            else:
+                self._start(self.git_project, "home-git", ports[0])
+                self._start(self.plain_project, "home-plain", ports[1])
+                self.victim = self._start(self.victim_project, "home-victim", ports[2])
+                self.router_env, self.router_args = {}, scan
+            self.start_router()
+        except BaseException:
+            self.close()  # what started before the failure
+            raise
 
     def start_router(self, port: int | None = None) -> None:
         """Start the router and wait until it lists all three projects (again, after a restart)."""
@@ -207,10 +212,7 @@ def test_pty_websocket_echoes_through_the_router(pipeline, mode):
 
 # -- dispatch --------------------------------------------------------------------------------------
 def _dispatch(pipeline: Pipeline, task: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    path = pipeline.base / f"task-{time.monotonic_ns()}.md"
-    path.write_text(task)
-    return subprocess.run([sys.executable, "-m", "opencoderouter.dispatch", str(path), "--router", pipeline.router.url,
-                           *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
+    return run_dispatch(pipeline.base, pipeline.router.url, task, *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("which", ["git_project", "plain_project"])
@@ -261,16 +263,6 @@ def test_dispatch_to_an_unknown_project_exits_3(pipeline):
     assert done.returncode == 3 and "no such project 'no-such-project'" in done.stderr
 
 
-@pytest.mark.slow
-def test_dispatch_sees_session_idle_after_a_stream_longer_than_120s(pipeline):
-    started = time.monotonic()
-    done = _dispatch(pipeline, f"---\nproject: {pipeline.git_project}\n---\n{MODE_SLOW} take your time\n", timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert time.monotonic() - started > 120
-    assert "slow done." in done.stdout
-    assert "event stream lost" not in done.stderr
-
-
 def test_turn_that_ends_while_the_router_is_down_is_reported_after_it_returns(pipeline):
     """Reconnect + reconcile against the real server: the stream drops, the turn ends unseen, exit 0.
 
@@ -315,9 +307,9 @@ def test_killing_the_backend_mid_dispatch_exits_4_with_a_clear_message(pipeline)
         wait_for(lambda: sum(r["mode"] == "slow" for r in pipeline.model.requests) > slow_before, timeout=30,
                  what="the slow model call to start")
         pipeline.victim.kill()
-        killed = time.monotonic()
+        # Exiting at all before the 130 s turn ends means it gave up (the wait is a hang guard); that
+        # it keeps trying for its reconnect budget and no longer is shown on a Clock in test_dispatch.
         code = child.wait(30)
-        elapsed = time.monotonic() - killed
         stderr = child.stderr.read()
     finally:
         if child.poll() is None:
@@ -325,7 +317,7 @@ def test_killing_the_backend_mid_dispatch_exits_4_with_a_clear_message(pipeline)
             child.wait()
     assert code == 4, stderr
     assert "lost the backend of project" in stderr and "may still be running" in stderr
-    assert elapsed < 20
+    assert "for 5s:" in stderr, "it gave up after the --reconnect-timeout it was given"
 
 
 def test_dispatch_timeout_aborts_the_session_and_exits_124(pipeline):
