@@ -92,8 +92,9 @@ def _head_timed_out(failure: Failure) -> bool:
     """True when the request was cancelled by its time bound (treq reports it inside ResponseNeverReceived)."""
     if failure.check(defer.TimeoutError, defer.CancelledError):
         return True
-    if failure.check(ResponseNeverReceived):
-        return any(reason.check(defer.TimeoutError, defer.CancelledError) for reason in failure.value.reasons)
+    value = failure.value
+    if isinstance(value, ResponseNeverReceived):
+        return any(reason.check(defer.TimeoutError, defer.CancelledError) for reason in value.reasons)
     return False
 
 
