@@ -147,7 +147,6 @@ class Forwarder:
     ) -> None:
         self.reactor = reactor
         self.timeout = backend_timeout
-        self.connect_timeout = connect_timeout
         self.pool = BackendPool(reactor, reactor, idle_timeout=idle_timeout, connect_timeout=connect_timeout)
         self.credentials = credentials or BackendCredentials()
         self.metrics = metrics

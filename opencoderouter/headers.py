@@ -89,21 +89,6 @@ def forwarded_fields(request: IRequest, scheme: bytes, prefix: bytes) -> list[tu
     return fields
 
 
-def forward_request_headers(request: IRequest, port: int, prefix: bytes, scheme: bytes = b"http",
-                            upgrade: bool = False) -> Headers:
-    """The headers to send to the backend: end-to-end ones kept (duplicates too), ours added."""
-    headers = Headers()
-    for name, values in end_to_end(request.requestHeaders, REQUEST_SKIP):
-        headers.setRawHeaders(name, values)
-    headers.setRawHeaders(b"Host", [b"127.0.0.1:%d" % port])
-    for name, value in forwarded_fields(request, scheme, prefix):
-        headers.setRawHeaders(name, [value])
-    if upgrade:
-        headers.setRawHeaders(b"Connection", [b"Upgrade"])
-        headers.setRawHeaders(b"Upgrade", [b"websocket"])
-    return headers
-
-
 def is_websocket_upgrade(request: IRequest) -> bool:
     """True for an HTTP/1.1 ``GET`` asking to switch to the WebSocket protocol."""
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
@@ -120,13 +105,3 @@ def channel_scheme(request: IRequest) -> bytes:
     if isinstance(channel, RouterChannel):
         return channel.scheme
     return b"https" if request.isSecure() else b"http"
-
-
-def copy_response_headers(source: Headers, conn_headers: Headers | None, request: IRequest) -> None:
-    """Put the backend's end-to-end response headers on ``request`` (duplicates kept)."""
-    named = connection_tokens(conn_headers.getRawHeaders(b"connection")) if conn_headers is not None else frozenset()
-    target = request.responseHeaders
-    # twisted.web set this before rendering; the backend's own (if any) replaces it.
-    target.removeHeader(b"server")
-    for name, values in end_to_end(source, RESPONSE_SKIP | named):
-        target.setRawHeaders(name, values)

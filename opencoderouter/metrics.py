@@ -122,7 +122,6 @@ class RouterMetrics:
         self._backends = _BackendCollector(registry)
         self.collector_registry.register(self._backends)
         self._slugs: set[str] = set()
-        self._children: dict[tuple[Any, ...], Any] = {}
         reg = self.collector_registry
         Gauge("opencoderouter_info", "Router version.", ["version"], registry=reg).labels(__version__).set(1)
         self.scans = Counter("opencoderouter_scans", "Completed scans.", ["kind"], registry=reg)
@@ -181,44 +180,9 @@ class RouterMetrics:
         self.probes.labels(_one_of(outcome, PROBE_OUTCOMES, "error")).inc()
 
     # -- proxy hooks -------------------------------------------------------
-    def request_finished(
-        self,
-        slug: str,
-        mode: str,
-        status: int | None,
-        duration: float,
-        response_bytes: int = 0,
-        request_bytes: int = 0,
-    ) -> None:
-        """A proxied request ended (``status`` None when the backend never answered)."""
-        label = self.slug_label(slug)
-        mode = _one_of(mode, ROUTING_MODES)
-        self._child(self.requests, label, mode, status_class(status)).inc()
-        self._child(self.request_duration, mode).observe(max(duration, 0.0))
-        self.bytes_relayed_add(slug, response_bytes, request_bytes)
-
     def proxy_meter(self, slug: str, mode: str) -> ProxyMeter:
         """The metric children of one backend in one routing mode, bound once (forwarding keeps them)."""
         return ProxyMeter(self, slug, _one_of(mode, ROUTING_MODES))
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once: it is on every proxied request's path.
-
-        The cache is as bounded as the label sets themselves (slugs are capped).
-        """
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def bytes_relayed_add(self, slug: str, to_client: int = 0, to_backend: int = 0) -> None:
-        """Count bytes relayed outside a finished request (e.g. WebSocket frames as they pass)."""
-        label = self.slug_label(slug)
-        if to_client > 0:
-            self._child(self.bytes_relayed, label, "to_client").inc(to_client)
-        if to_backend > 0:
-            self._child(self.bytes_relayed, label, "to_backend").inc(to_backend)
 
     def stream_opened(self, kind: str) -> None:
         """A long-lived proxied stream started (``sse`` or ``websocket``)."""

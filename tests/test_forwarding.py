@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRef
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from opencoderouter.headers import forward_request_headers, is_websocket_upgrade
+from opencoderouter.headers import is_websocket_upgrade
 
 from .forwarding_harness import Harness
 
@@ -50,17 +50,17 @@ def test_forwarded_request_strips_hop_by_hop_keeps_duplicates_and_adds_forwarded
     assert b"X-Forwarded-Proto: http\r\n" in head and b"/evil" not in head
 
 
-def test_forward_request_headers_helper_keeps_the_same_rules():
-    from twisted.web.server import Request
-    from twisted.web.test.requesthelper import DummyChannel
-
-    request = Request(DummyChannel())
-    for name, value in [(b"Host", b"router:8080"), (b"Connection", b"X-Hop"), (b"X-Hop", b"1"), (b"Expect", b"100-continue"),
-                        (b"Content-Length", b"3"), (b"X-Dup", b"a"), (b"X-Dup", b"b")]:
-        request.requestHeaders.addRawHeader(name, value)
-    headers = forward_request_headers(request, 4321, b"/alpha")
-    assert headers.getRawHeaders(b"x-dup") == [b"a", b"b"] and headers.getRawHeaders(b"host") == [b"127.0.0.1:4321"]
-    assert not {n.lower() for n, _ in headers.getAllRawHeaders()} & {b"x-hop", b"expect", b"content-length"}
+def test_forwarded_request_drops_expect_and_the_clients_own_framing_and_keeps_duplicates():
+    h = Harness()
+    h.send(b"POST /x HTTP/1.1\r\nHost: router:8080\r\nConnection: X-Hop\r\nX-Hop: 1\r\nExpect: 100-continue\r\n"
+           b"Content-Length: 3\r\nX-Dup: a\r\nX-Dup: b\r\n\r\nabc")
+    _, backend = h.accept()
+    head, _, body = backend.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    names = [line.split(b":", 1)[0].lower() for line in lines[1:]]
+    assert b"X-Dup: a\r\nX-Dup: b\r\n" in head + b"\r\n" and b"Host: 127.0.0.1:4321" in lines
+    assert not set(names) & {b"x-hop", b"expect", b"connection"}
+    assert names.count(b"content-length") == 1 and body == b"abc"
 
 
 def test_websocket_upgrade_needs_get_http11_and_both_headers():

@@ -140,10 +140,10 @@ def test_scans_and_probe_outcomes_are_counted(tmp_path):
 
 def test_proxy_hooks_count_requests_by_slug_mode_and_status_class():
     metrics = RouterMetrics(Registry(Clock(), 30))
-    metrics.request_finished("alpha", "path", 200, 0.02, response_bytes=1500, request_bytes=100)
-    metrics.request_finished("alpha", "path", 204, 0.01)
-    metrics.request_finished("alpha", "host", 502, 1.5, response_bytes=10)
-    metrics.request_finished("beta", "host", None, 0.8)  # backend never answered
+    metrics.proxy_meter("alpha", "path").finished(200, 0.02, 1500, 100)
+    metrics.proxy_meter("alpha", "path").finished(204, 0.01, 0, 0)
+    metrics.proxy_meter("alpha", "host").finished(502, 1.5, 10, 0)
+    metrics.proxy_meter("beta", "host").finished(None, 0.8, 0, 0)  # backend never answered
     text = scrape(metrics)
     assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="path", status_class="2xx") == 2
     assert value(text, "opencoderouter_proxy_requests_total", slug="alpha", mode="host", status_class="5xx") == 1
@@ -167,8 +167,8 @@ def test_stream_gauges_follow_opened_and_closed_streams():
 def test_label_values_are_bounded():
     metrics = RouterMetrics(Registry(Clock(), 30))
     for number in range(MAX_SLUG_LABELS + 50):
-        metrics.request_finished(f"project-{number}", "path", 200, 0.01)
-    metrics.request_finished("x", "/some/path?with=query", 999, 0.01)  # a bad mode and status
+        metrics.proxy_meter(f"project-{number}", "path").finished(200, 0.01, 0, 0)
+    metrics.proxy_meter("x", "/some/path?with=query").finished(999, 0.01, 0, 0)  # a bad mode and status
     metrics.probe_finished("weird")
     metrics.scan_finished("odd", 0.1)
     text = scrape(metrics)
