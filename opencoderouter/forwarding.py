@@ -36,7 +36,7 @@ from .headers import REQUEST_SKIP, RESPONSE_SKIP, channel_scheme, connection_tok
 from .metrics import ProxyMeter, RouterMetrics, stream_kind
 from .pool import BackendPool, ConnectionAttempt
 from .registry import Backend
-from .responses import error_body, json_bytes
+from .responses import error_body, json_response
 from .upstream import BackendConnection, Framing, ResponseHead
 from .write_now import write_now
 
@@ -111,12 +111,9 @@ class BackendTarget:
 
 def error_answer(request: IRequest, code: int, error: str, message: str, backend: str) -> None:
     """Answer ``request`` with a JSON error (nothing sent yet), replacing any headers set so far."""
-    body = json_bytes(error_body(error, backend=backend, message=message))
-    request.setResponseCode(code)
-    server_request(request).responseHeaders = Headers(
-        {b"content-type": [b"application/json"], b"cache-control": [b"no-store"],
-         b"content-length": [b"%d" % len(body)]}
-    )
+    server_request(request).responseHeaders = Headers()
+    body = json_response(request, error_body(error, backend=backend, message=message), code)
+    request.setHeader(b"content-length", b"%d" % len(body))
     connection = request.getHeader(b"connection")
     if connection and b"close" in connection.lower():
         request.setHeader(b"connection", b"close")
