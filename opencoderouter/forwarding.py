@@ -337,7 +337,7 @@ class _Exchange:
         version = request.clientproto if request.clientproto in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
         persistent = bool(getattr(channel, "persistent", False))
         parts = [version, b" %d " % head.code, head.reason, b"\r\n"]
-        named = connection_tokens([value for name, value in head.headers if name.lower() == b"connection"])
+        named = connection_tokens(head.connection)
         skip = RESPONSE_SKIP | named if named else RESPONSE_SKIP
         length_lines: list[bytes] = []
         for name, value in head.headers:

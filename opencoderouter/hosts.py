@@ -45,14 +45,6 @@ def split_host(header: str) -> tuple[str, str | None]:
     return text.rstrip("."), None
 
 
-def host_name(header: bytes | None) -> str | None:
-    """The Host header's name, lower-cased, without port or trailing dot; None for none or an IP literal."""
-    if not header or header.strip().startswith(b"["):
-        return None
-    name, _port = split_host(header.decode("latin-1"))
-    return name or None
-
-
 def is_visible_ascii(header: bytes) -> bool:
     """True when a Host header holds only visible ASCII (no raw UTF-8, no control bytes)."""
     return bool(_VISIBLE_ASCII.match(header.strip()))

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote_to_bytes
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from .hosts import HOST_SUFFIXES, HostPolicy, host_name, is_authority, is_visible_ascii, split_host
+from .hosts import HOST_SUFFIXES, HostPolicy, is_authority, is_visible_ascii, split_host
 from .links import tunnel_url, web_url
 from .registry import RESERVED_SLUGS, Backend, Registry
 from .responses import JSONAnswer, error_body, json_response
@@ -132,12 +132,17 @@ class Router:
         """
         if host and not is_visible_ascii(host):
             return _BAD_HOST
-        if host is not None and not self.hosts.allows_header(host, local_host):
-            return _FOREIGN
+        name: str | None = None
+        if host is not None:
+            # The Host header is split once: for the rebinding guard and for host-mode routing.
+            split_name, _port = split_host(host.decode("latin-1"))
+            if not self.hosts.allows_name(split_name, local_host):
+                return _FOREIGN
+            if split_name and not host.strip().startswith(b"["):
+                name = split_name
         path = uri.split(b"?", 1)[0]
         if self.login_enabled and path == LOGIN_PATH:
             return _LOGIN
-        name = host_name(host)
         if name is not None and name.endswith(HOST_SUFFIXES) and not self.hosts.is_machine_name(name):
             backend = self.backend_for_host(name)
             if backend is None:

@@ -65,13 +65,14 @@ class ResponseHead:
 
     code: int
     reason: bytes
-    version: bytes
     #: Header lines in order, names and values exactly as received.
     headers: tuple[tuple[bytes, bytes], ...]
     framing: Framing
     length: int | None
     #: ``Transfer-Encoding`` as received (for a chunked body passed through unchanged).
     transfer_encoding: bytes | None
+    #: The values of its ``Connection`` headers (the header names they list are hop-by-hop too).
+    connection: tuple[bytes, ...]
     #: The backend keeps the connection open after this response.
     keep_alive: bool
     #: The head's bytes exactly as received (a ``101`` is relayed verbatim).
@@ -140,14 +141,16 @@ def parse_head(raw: bytes, head_request: bool) -> ResponseHead:
     if not collected.complete:
         raise MalformedResponse("the response head is incomplete")
     code = parser.get_status_code()
-    version = parser.get_http_version().encode("ascii")
     transfer_encoding = length_header = None
+    connection: list[bytes] = []
     for name, value in collected.headers:
         lower = name.lower()
         if lower == b"transfer-encoding":
             transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
         elif lower == b"content-length":
             length_header = value
+        elif lower == b"connection":
+            connection.append(value)
     length: int | None = None
     if head_request or code in NO_BODY_CODES or 100 <= code < 200:
         framing = Framing.NONE
@@ -159,8 +162,8 @@ def parse_head(raw: bytes, head_request: bool) -> ResponseHead:
     else:
         framing = Framing.CLOSE
     keep_alive = parser.should_keep_alive() and framing is not Framing.CLOSE
-    return ResponseHead(code, collected.reason, version, tuple(collected.headers), framing, length,
-                        transfer_encoding, keep_alive, raw)
+    return ResponseHead(code, collected.reason, tuple(collected.headers), framing, length,
+                        transfer_encoding, tuple(connection), keep_alive, raw)
 
 
 class _Stage(enum.Enum):
