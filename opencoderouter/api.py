@@ -17,7 +17,7 @@ from .agents import AgentWatcher, agents_entry, summary_json
 from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
-from .hosts import is_authority
+from .hosts import authority, is_authority
 from .launcher import Launcher
 from .links import tunnel_url, web_url
 from .registry import Backend, Registry
@@ -39,9 +39,9 @@ def request_authority(request: IRequest) -> str:
     address = request.getHost()
     host = getattr(address, "host", "localhost")
     port = getattr(address, "port", None)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}" if port else host
+    if port:
+        return authority(host, port)
+    return f"[{host}]" if ":" in host else host
 
 
 def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from .interfaces import InterfaceAddress, system_addresses
 from .lan import MAX_ENTRIES, MAX_TEXT_BYTES, Announcement, LanView, capped_txt
-from .mdns import plan_addresses, txt_records
+from .mdns import plan_addresses, txt_records, txt_value
 from .periodic import PeriodicService
 from .registry import Backend, Registry
 from .web import tcp_address
@@ -277,10 +277,7 @@ def _names(settings: DnsSdSettings, label: str) -> tuple[Any, Any, Any]:
 
 
 def _txt_strings(txt: Sequence[tuple[str, str]]) -> list[bytes]:
-    strings = []
-    for key, value in txt:
-        room = 255 - len(key) - 1
-        strings.append(f"{key}=".encode() + value.encode("utf-8")[:room].decode("utf-8", "ignore").encode("utf-8"))
+    strings = [f"{key}=".encode() + txt_value(key, value) for key, value in txt]
     return strings or [b""]
 
 

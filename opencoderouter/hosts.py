@@ -32,6 +32,11 @@ _VISIBLE_ASCII = re.compile(rb"\A[\x21-\x7e]*\Z")
 MAX_AUTHORITY = 260
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port`` as a URL authority (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def split_host(header: str) -> tuple[str, str | None]:
     """``Host``/authority text → (lower-case name or address without brackets, port or None)."""
     text = header.strip().lower()

@@ -39,6 +39,12 @@ def machine_addresses() -> set[str]:
     return {"127.0.0.1", "::1"} | {entry.address.split("%", 1)[0] for entry in system_addresses()}
 
 
+def reachable_from_elsewhere(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for an address another machine could reach (not loopback, unspecified, multicast, link-local IPv6)."""
+    # IPv6 link-local addresses need a zone (%eth0) that an A/AAAA record or a URL elsewhere cannot carry.
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or (ip.version == 6 and ip.is_link_local))
+
+
 def selected(entry: InterfaceAddress, selectors: Sequence[str]) -> bool:
     """True when no ``--mdns-interface`` was given, or one names this interface or this address."""
     if not selectors:

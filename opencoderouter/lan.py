@@ -51,8 +51,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from .hosts import is_host_name
-from .interfaces import machine_addresses
+from .hosts import authority, is_host_name
+from .interfaces import machine_addresses, reachable_from_elsewhere
 from .registry import slugify
 
 log = Logger()
@@ -132,14 +132,10 @@ def usable_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
             ip = ipaddress.ip_address(text)
         except ValueError:
             continue
-        if ip.is_loopback or ip.is_unspecified or ip.is_multicast or (ip.version == 6 and ip.is_link_local):
+        if not reachable_from_elsewhere(ip):
             continue
         kept.add(ip)
     return tuple(str(ip) for ip in sorted(kept, key=lambda ip: (ip.version, ip)))
-
-
-def _authority(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @dataclass(frozen=True)
@@ -173,7 +169,7 @@ class LanEntry:
     @property
     def url(self) -> str:
         """The URL clients use everywhere: the other router's path-mode URL (or the plain server's root)."""
-        base = f"http://{_authority(self.addresses[0], self.port)}/"
+        base = f"http://{authority(self.addresses[0], self.port)}/"
         return f"{base}{self.slug}/" if self.behind_router and self.slug else base
 
     @property

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .interfaces import InterfaceAddress, selected, system_addresses
+from .interfaces import InterfaceAddress, reachable_from_elsewhere, selected, system_addresses
 from .periodic import PeriodicService
 from .registry import Backend, Registry
 from .web import tcp_address
@@ -50,11 +50,6 @@ HOST_CHECK_MS = 200
 
 
 # -- addresses -----------------------------------------------------------------------------------------
-
-
-def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    # IPv6 link-local addresses need a zone (%eth0) that an A/AAAA record cannot carry.
-    return not (ip.is_loopback or ip.is_unspecified or (ip.version == 6 and ip.is_link_local))
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,8 @@ def plan_addresses(bind_host: str, entries: Iterable[InterfaceAddress], selector
     if bound.is_unspecified:
         # 0.0.0.0 is IPv4 only; a socket on :: also takes IPv4 (Linux's default dual stack).
         versions = {4} if bound.version == 4 else {4, 6}
-        chosen = [e for e in entries if e.ip.version in versions and _usable(e.ip) and selected(e, selectors)]
+        chosen = [e for e in entries
+                  if e.ip.version in versions and reachable_from_elsewhere(e.ip) and selected(e, selectors)]
         if not chosen:
             where = f" matching --mdns-interface {', '.join(selectors)}" if selectors else ""
             return AddressPlan((), (), f"no non-loopback interface address{where} is up")
@@ -129,8 +125,8 @@ def make_advert(backend: Backend, port: int, addresses: tuple[str, ...]) -> Adve
     return Advert(backend.slug, backend.host_label, port, addresses, txt_records(backend))
 
 
-def _txt_value(key: str, value: str) -> bytes:
-    # One TXT string holds at most 255 bytes, "key=" included; cut on a character boundary.
+def txt_value(key: str, value: str) -> bytes:
+    """``value`` in UTF-8, cut on a character boundary so that ``key=value`` fits one 255-byte TXT string."""
     room = 255 - len(key) - 1
     return value.encode("utf-8")[:room].decode("utf-8", "ignore").encode("utf-8")
 
@@ -143,7 +139,7 @@ def service_info(advert: Advert, name: str) -> Any:
         SERVICE_TYPE,
         f"{name}.{SERVICE_TYPE}",
         port=advert.port,
-        properties={key: _txt_value(key, value) for key, value in advert.txt},
+        properties={key: txt_value(key, value) for key, value in advert.txt},
         server=f"{name}.local.",
         parsed_addresses=list(advert.addresses),
     )

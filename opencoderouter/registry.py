@@ -17,6 +17,8 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .hosts import authority
+
 _NOT_SLUG = re.compile(r"[^a-z0-9-]+")
 
 #: First path segments the router serves itself; a project may not take them as its slug.
@@ -81,7 +83,7 @@ class Backend:
     @property
     def endpoint(self) -> str:
         """``address:port`` as a URL authority (IPv6 in brackets)."""
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        return authority(self.address, self.port)
 
     @property
     def domain(self) -> str:

@@ -23,7 +23,7 @@ from .events import EventStream
 from .exposure import log_startup_warnings, parse_endpoint
 from .forwarding import BackendCredentials, Forwarder
 from .guard import Guard, GuardedRoot
-from .hosts import HostPolicy
+from .hosts import HostPolicy, authority
 from .lan import LanView, OwnIdentity
 from .lan_mdns import LanBrowser
 from .launcher import Launcher, served_port_finder
@@ -255,7 +255,7 @@ def _router_info(options: Options, web: WebService | None) -> dict[str, Any]:
         port = getattr(address, "port", None)
         host = getattr(address, "host", None)
         if port is not None and host is not None:
-            listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            listen = authority(host, port)
     return {
         "version": __version__,
         "username": options["username"],
@@ -282,7 +282,7 @@ def _session_link(options: Options, web: WebService, backend: Backend, session_i
     """The session in the web UI through this router (host mode, ``{label}.localhost``), if it listens on TCP."""
     from .tasks.outcome import web_ui_link
 
-    port = _router_info(options, web).get("listen_port")
+    port = _listen_port(web)
     return web_ui_link(backend.host_label, port, backend.project_path, session_id) if port else None
 
 
