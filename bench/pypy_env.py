@@ -4,8 +4,9 @@ Debian's ``pypy3`` is PyPy 7.3.11 (Python 3.9). Its dependencies install with ``
 once ``cryptography`` is held at 43 and ``bcrypt`` below 4.3 (the last releases with PyPy 3.9 wheels;
 newer ones build from source with Rust, and this machine has no crates.io). The venv lives in the cache folder the pinned opencode uses,
 so it is made once per machine. Nothing here changes the router's code: when the unchanged code cannot
-start on Python 3.9, ``start_failure`` says why, and ``typing_shim`` can supply the missing ``typing``
-names from ``typing_extensions`` so the bench can still measure the interpreter (reported as such).
+start on Python 3.9, ``start_failure`` says why, and ``py310_shim`` can supply what it lacks (``typing``
+names from ``typing_extensions``; ``dataclass(slots=True)`` accepted and ignored) so the bench can still
+measure the interpreter (reported as such).
 """
 
 from __future__ import annotations
@@ -83,23 +84,43 @@ def interpreter_version(python: Path) -> str:
 
 
 _MISSING_TYPING_NAME = re.compile(r"cannot import name '(\w+)' from 'typing'")
+#: The shim name of ``@dataclass(slots=True)`` (Python 3.10), which the shim accepts and ignores.
+DATACLASS_SLOTS = "dataclass(slots=)"
 
 
-def missing_typing_name(failure: str) -> str | None:
-    """The ``typing`` name a start-up failure says Python 3.9 lacks (``TypeGuard``, ...), if that is the failure."""
+def missing_feature(failure: str) -> str | None:
+    """What a start-up failure says Python 3.9 lacks: a ``typing`` name (``TypeGuard``, ...) or ``DATACLASS_SLOTS``."""
+    if "dataclass() got an unexpected keyword argument 'slots'" in failure:
+        return DATACLASS_SLOTS
     match = _MISSING_TYPING_NAME.search(failure)
     return match.group(1) if match else None
 
 
-def typing_shim(folder: Path, names: list[str]) -> Path:
-    """A ``sitecustomize`` in ``folder`` that puts ``names`` from ``typing_extensions`` into ``typing``."""
+def describe_shim(features: list[str]) -> str:
+    """E.g. ``typing.TypeGuard from typing_extensions, dataclass(slots=) ignored``."""
+    parts = [f"typing.{name} from typing_extensions" for name in features if name != DATACLASS_SLOTS]
+    if DATACLASS_SLOTS in features:
+        parts.append("dataclass(slots=) ignored")
+    return ", ".join(parts)
+
+
+def py310_shim(folder: Path, features: list[str]) -> Path:
+    """A ``sitecustomize`` in ``folder`` supplying ``features``: typing names from typing_extensions, dataclass slots."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        '"""Bench-only: Python 3.10 typing names the router imports, from typing_extensions, on Python 3.9."""\n'
-        "import typing\n\nimport typing_extensions\n\n"
-        f"for _name in {names!r}:\n"
-        "    if not hasattr(typing, _name):\n"
-        "        setattr(typing, _name, getattr(typing_extensions, _name))\n")
+    names = [feature for feature in features if feature != DATACLASS_SLOTS]
+    text = ('"""Bench-only: the Python 3.10 features the router uses, supplied on Python 3.9."""\n'
+            "import typing\n\nimport typing_extensions\n\n"
+            f"for _name in {names!r}:\n"
+            "    if not hasattr(typing, _name):\n"
+            "        setattr(typing, _name, getattr(typing_extensions, _name))\n")
+    if DATACLASS_SLOTS in features:
+        # Without __slots__ the classes keep a __dict__: more memory per object, the same behaviour.
+        text += ("\nimport dataclasses\n\n_dataclass = dataclasses.dataclass\n\n\n"
+                 "def _without_slots(cls=None, **kwargs):\n"
+                 "    kwargs.pop('slots', None)\n"
+                 "    return _dataclass(**kwargs) if cls is None else _dataclass(cls, **kwargs)\n\n\n"
+                 "dataclasses.dataclass = _without_slots\n")
+    (folder / "sitecustomize.py").write_text(text)
     return folder
 
 

@@ -564,8 +564,9 @@ def _start_failure(work: Path, python: str, path_prefix: list[str] | None) -> st
 def bench_pypy(s: Settings, work: Path) -> dict[str, Any]:
     """This checkout's router on Debian's pypy3 next to CPython: small JSON through/direct, same run.
 
-    First the unchanged code. If it cannot start because Python 3.9 lacks ``typing`` names, the reason is
-    recorded and the measurement runs with a bench-side shim supplying them (the code is not changed).
+    First the unchanged code. If it cannot start because Python 3.9 lacks a 3.10 feature (``typing`` names,
+    dataclass slots), the reason is recorded and the measurement runs with a bench-side shim supplying
+    it (the code is not changed).
     """
     pypy = shutil.which("pypy3")
     if pypy is None:
@@ -578,17 +579,17 @@ def bench_pypy(s: Settings, work: Path) -> dict[str, Any]:
     shimmed: list[str] = []
     shim_dir = work / "pypy-typing-shim"
     for _ in range(5):  # bounded: each round adds one missing name
-        name = pypy_env.missing_typing_name(failure or "")
+        name = pypy_env.missing_feature(failure or "")
         if name is None or name in shimmed:
             break
         shimmed.append(name)
-        failure = _start_failure(work, python, [str(pypy_env.typing_shim(shim_dir, shimmed))])
+        failure = _start_failure(work, python, [str(pypy_env.py310_shim(shim_dir, shimmed))])
     if failure is not None:
         result["error"] = f"the router does not start on {result['interpreter']}: {failure}"
         return result
     if shimmed:
         result["typing_shim"] = shimmed
-        print(f"  measuring with a bench-side shim supplying typing.{', typing.'.join(shimmed)}", flush=True)
+        print(f"  measuring with a bench-side shim: {pypy_env.describe_shim(shimmed)}", flush=True)
     launcher = PyPyRouter(python, [str(shim_dir)] if shimmed else None)
     # PyPy is reported, not a target: one proxy run, and a quick run measures the real opencode only.
     once = copy.copy(s)
@@ -778,8 +779,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"PyPy ({pypy.get('interpreter', 'pypy3')}): unchanged code "
                      f"{pypy.get('unchanged_code', 'not tried')}")
         if pypy.get("typing_shim"):
-            lines.append(f"  measured with a bench-side shim supplying typing.{', typing.'.join(pypy['typing_shim'])}"
-                         " from typing_extensions (the router's code unchanged)")
+            lines.append(f"  measured with a bench-side shim: {pypy_env.describe_shim(pypy['typing_shim'])}"
+                         " (the router's code unchanged)")
         if pypy.get("error"):
             lines.append(f"  not measured: {pypy['error']}")
         if pypy.get("proxy", {}).get("cells"):

@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pypy_env import describe_shim  # noqa: E402
 from targets import CONNECTIONS, by_pinning, cell, combined, median, sse_counts, targets  # noqa: E402
 
 #: What a row shows in one pinning's columns: ours, Go, ours ÷ Go.
@@ -249,7 +250,7 @@ def pypy_table(results: list[dict[str, Any]]) -> list[str]:
             continue
         lines += ["", f"PyPy @ {r.get('commit', '?')}: {pypy.get('interpreter', 'pypy3')}, unchanged code "
                       f"{pypy.get('unchanged_code', 'not tried')}"
-                  + (f"; measured with a bench-side shim supplying typing.{', typing.'.join(pypy['typing_shim'])}"
+                  + (f"; measured with a bench-side shim: {describe_shim(pypy['typing_shim'])}"
                      if pypy.get("typing_shim") else "")]
         proxy = pypy.get("proxy", {})
         if pypy.get("error") or not proxy.get("cells"):
