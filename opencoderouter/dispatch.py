@@ -50,6 +50,7 @@ from twisted.web.http_headers import Headers
 
 from .backoff import doubling_backoff
 from .config import parse_duration
+from .inflight import InFlight
 from .sse import SSEReader
 
 EXIT_DONE = 0
@@ -328,7 +329,7 @@ class Dispatcher:
         #: Following a session prompted by an earlier run (``resume``): an answer that never started is lost.
         self._resumed = False
         #: Requests in flight, cancelled by ``detach``.
-        self._inflight: set[Deferred[Any]] = set()
+        self._inflight = InFlight(reactor)
 
     @property
     def permission_reply(self) -> str:
@@ -370,16 +371,6 @@ class Dispatcher:
             headers.addRawHeader(b"authorization", self.target.authorization.encode("latin-1"))
         return headers
 
-    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
-        """Remember ``d`` until it fires, so that ``detach`` can cancel it."""
-        self._inflight.add(d)
-
-        def forget(result: Any) -> Any:
-            self._inflight.discard(d)
-            return result
-
-        return d.addBoth(forget)
-
     @inlineCallbacks
     def _request(self, method: str, url: str, body: Any = None, what: str = "the backend") -> Any:
         """One bounded JSON request; returns (status, decoded body or raw text)."""
@@ -388,8 +379,8 @@ class Dispatcher:
         if body is not None:
             kwargs["json"] = body
         try:
-            response = yield self._track(self.http.request(method, url, **kwargs))
-            raw = yield self._track(treq.content(response))
+            response = yield self._inflight.track(self.http.request(method, url, **kwargs))
+            raw = yield self._inflight.track(treq.content(response))
         except Exception as error:  # every transport failure means "unreachable" to the user
             raise DispatchError(EXIT_UNREACHABLE, f"cannot reach {what} at {url.split('?')[0]}: {_describe(error)}",
                                 "unreachable") from None
@@ -425,8 +416,7 @@ class Dispatcher:
         """Stop following without aborting the session (the router is stopping; it is resumed later)."""
         if not self._finished.called:
             self._finished.callback(("detached", None))
-        for d in list(self._inflight):
-            d.cancel()
+        self._inflight.cancel_all()
 
     @inlineCallbacks
     def _drive(self, steps: list[Callable[[], Any]]) -> Any:
@@ -566,8 +556,9 @@ class Dispatcher:
         if old is not None:
             old.close()  # never two streams: a half-dead one would only leak
         try:
-            response = yield self._track(self.http.get(url, headers=self._headers(url, b"text/event-stream"),
-                                                       timeout=self.options.request_timeout, unbuffered=True))
+            response = yield self._inflight.track(self.http.get(
+                url, headers=self._headers(url, b"text/event-stream"), timeout=self.options.request_timeout,
+                unbuffered=True))
         except Exception as error:
             raise DispatchError(EXIT_UNREACHABLE,
                                 f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",
