@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .agent_state import AgentState, Snapshot
+from .inflight import InFlight
 from .loopback_http import read_body
 
 #: A snapshot answer bigger than this is refused.
@@ -46,7 +47,7 @@ class BackendReader:
         self.port = port
         self.authorization = authorization
         self.timeout = timeout
-        self._requests: set[Deferred[Any]] = set()
+        self._requests = InFlight(clock)
 
     def url(self, path: str, **query: str) -> str:
         """``http://127.0.0.1:PORT{path}?{query}``."""
@@ -64,19 +65,11 @@ class BackendReader:
 
     def track(self, request: Deferred[Any], timeout: float | None = None) -> Deferred[Any]:
         """Bound ``request`` in time and remember it until it ends, so that :meth:`cancel_all` can cancel it."""
-        request.addTimeout(self.timeout if timeout is None else timeout, self.clock)
-        self._requests.add(request)
-
-        def forget(result: Any) -> Any:
-            self._requests.discard(request)
-            return result
-
-        return request.addBoth(forget)
+        return self._requests.track(request, self.timeout if timeout is None else timeout)
 
     def cancel_all(self) -> None:
         """Cancel every request still running."""
-        for request in list(self._requests):
-            request.cancel()
+        self._requests.cancel_all()
 
     @inlineCallbacks
     def get_json(self, path: str, kind: type, **query: str) -> Any:

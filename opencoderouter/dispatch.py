@@ -50,6 +50,8 @@ from twisted.web.http_headers import Headers
 
 from .backoff import doubling_backoff
 from .config import parse_duration
+from .inflight import InFlight
+from .sse import SSEReader
 
 EXIT_DONE = 0
 EXIT_SESSION_ERROR = 1
@@ -227,53 +229,28 @@ BeforePrompt = Callable[["Dispatcher"], Any]
 
 
 class _EventStream(Protocol):
-    """Parses ``data: <json>`` SSE frames from a response body and hands each event on."""
+    """Reads ``data: <json>`` SSE frames from a response body and hands each event on.
+
+    The frames go through a lenient :class:`~.sse.SSEReader`: an event over ``MAX_EVENT_BYTES`` is
+    skipped whole, a line that is not SSE or a frame that is not a JSON object is skipped, and the
+    stream goes on (the session's stream matters more than one frame).
+    """
 
     def __init__(self, on_event: Callable[[dict[str, Any]], None], on_bytes: Callable[[], None]) -> None:
         self.on_event = on_event
         self.on_bytes = on_bytes
-        self.buffer = b""
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.skipping = False
-        self.data: list[bytes] = []
+        self.reader = SSEReader(self._on_data, MAX_EVENT_BYTES, strict=False)
         #: Fires (with None) when the body ends; ``reason`` says how.
         self.ended: Deferred[None] = Deferred()
         self.reason: Failure | None = None
         self.closing = False
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        """Split into lines; a blank line ends an event."""
+        """Note the bytes' arrival and feed them to the reader."""
         self.on_bytes()
-        if b"\n" not in data:
-            # Large events (a tool's whole output) arrive in many pieces: do not rescan the buffer per piece.
-            self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size + len(self.buffer) > MAX_EVENT_BYTES:
-                self.pending, self.pending_size, self.buffer, self.data = [], 0, b"", []
-                self.skipping = True  # drop the rest of this oversized line
-            return
-        self.buffer += b"".join(self.pending) + data
-        self.pending, self.pending_size = [], 0
-        while True:
-            line, newline, rest = self.buffer.partition(b"\n")
-            if not newline:
-                break
-            self.buffer = rest
-            if self.skipping:
-                self.skipping = False
-                continue
-            line = line.rstrip(b"\r")
-            if not line:
-                self._dispatch()
-            elif line.startswith(b"data:"):
-                self.data.append(line[5:].lstrip(b" "))
-            # id:, event:, retry: and comments carry nothing OpenCode uses.
+        self.reader.feed(data)
 
-    def _dispatch(self) -> None:
-        if not self.data:
-            return
-        raw, self.data = b"\n".join(self.data), []
+    def _on_data(self, raw: bytes) -> None:
         try:
             event = json.loads(raw)
         except ValueError:
@@ -352,7 +329,7 @@ class Dispatcher:
         #: Following a session prompted by an earlier run (``resume``): an answer that never started is lost.
         self._resumed = False
         #: Requests in flight, cancelled by ``detach``.
-        self._inflight: set[Deferred[Any]] = set()
+        self._inflight = InFlight(reactor)
 
     @property
     def permission_reply(self) -> str:
@@ -394,16 +371,6 @@ class Dispatcher:
             headers.addRawHeader(b"authorization", self.target.authorization.encode("latin-1"))
         return headers
 
-    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
-        """Remember ``d`` until it fires, so that ``detach`` can cancel it."""
-        self._inflight.add(d)
-
-        def forget(result: Any) -> Any:
-            self._inflight.discard(d)
-            return result
-
-        return d.addBoth(forget)
-
     @inlineCallbacks
     def _request(self, method: str, url: str, body: Any = None, what: str = "the backend") -> Any:
         """One bounded JSON request; returns (status, decoded body or raw text)."""
@@ -412,8 +379,8 @@ class Dispatcher:
         if body is not None:
             kwargs["json"] = body
         try:
-            response = yield self._track(self.http.request(method, url, **kwargs))
-            raw = yield self._track(treq.content(response))
+            response = yield self._inflight.track(self.http.request(method, url, **kwargs))
+            raw = yield self._inflight.track(treq.content(response))
         except Exception as error:  # every transport failure means "unreachable" to the user
             raise DispatchError(EXIT_UNREACHABLE, f"cannot reach {what} at {url.split('?')[0]}: {_describe(error)}",
                                 "unreachable") from None
@@ -449,8 +416,7 @@ class Dispatcher:
         """Stop following without aborting the session (the router is stopping; it is resumed later)."""
         if not self._finished.called:
             self._finished.callback(("detached", None))
-        for d in list(self._inflight):
-            d.cancel()
+        self._inflight.cancel_all()
 
     @inlineCallbacks
     def _drive(self, steps: list[Callable[[], Any]]) -> Any:
@@ -590,8 +556,9 @@ class Dispatcher:
         if old is not None:
             old.close()  # never two streams: a half-dead one would only leak
         try:
-            response = yield self._track(self.http.get(url, headers=self._headers(url, b"text/event-stream"),
-                                                       timeout=self.options.request_timeout, unbuffered=True))
+            response = yield self._inflight.track(self.http.get(
+                url, headers=self._headers(url, b"text/event-stream"), timeout=self.options.request_timeout,
+                unbuffered=True))
         except Exception as error:
             raise DispatchError(EXIT_UNREACHABLE,
                                 f"cannot open the event stream {url.split('?')[0]}: {_describe(error)}",

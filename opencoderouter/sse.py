@@ -1,12 +1,15 @@
-"""Reading Server-Sent Events the router follows (OpenCode's ``/global/event``), incrementally.
+"""Reading Server-Sent Events (OpenCode's ``/global/event`` and ``/event``), incrementally.
 
 :class:`SSEReader` is fed whatever bytes arrive, in pieces of any size, and hands on each event's
-``data`` as bytes once the blank line that ends it has come. A backend is not trusted: one event
-larger than ``max_event_bytes`` (counted before it ends, so it is never held whole) or a line that
-is not SSE at all raises :class:`StreamError`, and the reader is then of no further use. OpenCode
-sends only ``data:`` lines and blank lines; ``event:``, ``id:``, ``retry:`` and comments are
-allowed and ignored. :class:`EventStreamBody` is a response body protocol (``IResponse.deliverBody``)
-around it.
+``data`` as bytes once the blank line that ends it has come. One event larger than
+``max_event_bytes`` is counted before it ends, so it is never held whole. What a stream that breaks
+the rules costs is the reader's policy: *strict* (the agent watcher, which does not trust a backend)
+raises :class:`StreamError` on an oversized event or a line that is not SSE at all, and the reader
+is then of no further use; *lenient* (``opencoderouter-dispatch``, which must not lose its session's
+stream) skips an oversized event whole, ignores a line that is not SSE, and goes on. OpenCode sends
+only ``data:`` lines and blank lines; ``event:``, ``id:``, ``retry:`` and comments are allowed and
+ignored. :class:`EventStreamBody` is a response body protocol (``IResponse.deliverBody``) around a
+strict reader.
 """
 
 from __future__ import annotations
@@ -30,24 +33,32 @@ class StreamError(Exception):
 
 
 class SSEReader:
-    """Splits a byte stream into events and calls ``on_data(data)`` with each one's ``data`` lines joined."""
+    """Splits a byte stream into events and calls ``on_data(data)`` with each one's ``data`` lines joined.
 
-    def __init__(self, on_data: Callable[[bytes], None], max_event_bytes: int) -> None:
+    ``strict`` (the default) raises :class:`StreamError` when the stream breaks the rules; without
+    it, an oversized event is dropped whole (up to the blank line that ends it) and a line that is
+    not SSE is ignored, and reading goes on.
+    """
+
+    def __init__(self, on_data: Callable[[bytes], None], max_event_bytes: int, strict: bool = True) -> None:
         self._on_data = on_data
         self._max = max_event_bytes
+        self.strict = strict
         #: Bytes of an unfinished line (kept as pieces: a big line arrives in many reads).
         self._partial: list[bytes] = []
         self._partial_size = 0
         #: The data lines of the event being read, and their total size.
         self._data: list[bytes] = []
         self._size = 0
+        #: Lenient only: the rest of an oversized event is being dropped, up to its blank line.
+        self._skipping = False
+        #: While skipping: the current line has begun (so its end is not a blank line).
+        self._mid_line = False
 
     def feed(self, data: bytes) -> None:
-        """Take the next bytes of the stream; raises :class:`StreamError` when the stream breaks the rules."""
+        """Take the next bytes of the stream; strict, raises :class:`StreamError` when the stream breaks the rules."""
         if b"\n" not in data:
-            self._partial.append(data)
-            self._partial_size += len(data)
-            self._check_size(self._partial_size)
+            self._unfinished(data)
             return
         if self._partial:
             self._partial.append(data)
@@ -58,11 +69,24 @@ class SSEReader:
         for line in lines:
             self._line(line[:-1] if line.endswith(b"\r") else line)
         if rest:
-            self._partial.append(rest)
-            self._partial_size = len(rest)
-            self._check_size(self._partial_size)
+            self._unfinished(rest)
+
+    def _unfinished(self, piece: bytes) -> None:
+        """Keep ``piece`` of a line not ended yet (dropped, while skipping)."""
+        if self._skipping:
+            self._mid_line = self._mid_line or bool(piece)
+            return
+        self._partial.append(piece)
+        self._partial_size += len(piece)
+        if self._partial_size + self._size > self._max:
+            self._oversized(mid_line=True)
 
     def _line(self, line: bytes) -> None:
+        if self._skipping:
+            if not line and not self._mid_line:
+                self._skipping = False
+            self._mid_line = False
+            return
         if not line:
             if self._data:
                 data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
@@ -72,19 +96,23 @@ class SSEReader:
         if line.startswith(b"data:"):
             value = line[6:] if line[5:6] == b" " else line[5:]
             self._size += len(value) + 1
-            self._check_size(0)
-            self._data.append(value)
+            if self._size > self._max:
+                self._oversized(mid_line=False)
+            else:
+                self._data.append(value)
             return
         if line.startswith(b":"):
             return
         name = line.split(b":", 1)[0]
-        if name not in _FIELDS:
+        if name not in _FIELDS and self.strict:
             raise StreamError("a line that is not server-sent events")
 
-    def _check_size(self, unfinished: int) -> None:
-        """The event so far plus ``unfinished`` bytes of a line must fit the cap."""
-        if unfinished + self._size > self._max:
+    def _oversized(self, mid_line: bool) -> None:
+        """The event being read is over the cap: strict, refuse the stream; lenient, drop the event."""
+        if self.strict:
             raise StreamError(f"an event larger than {self._max} bytes")
+        self._partial, self._partial_size, self._data, self._size = [], 0, [], 0
+        self._skipping, self._mid_line = True, mid_line
 
 
 class EventStreamBody(Protocol):

@@ -366,3 +366,26 @@ def test_sse_reader_refuses_an_event_over_the_cap_before_holding_it_whole():
     with pytest.raises(StreamError):
         for _ in range(100):
             reader.feed(b"data: " + piece + b"\n")
+
+
+def test_a_lenient_sse_reader_drops_an_oversized_event_whole_and_goes_on():
+    got: list[bytes] = []
+    reader = SSEReader(got.append, max_event_bytes=1000, strict=False)
+    reader.feed(b"data: ")
+    for _ in range(10):  # a line over the cap, never held whole
+        reader.feed(b"y" * 500)
+        assert reader._partial_size <= 1000
+    # The end of the dropped line comes at the start of a read: it is not the event's blank line.
+    reader.feed(b"tail")
+    reader.feed(b"\ndata: rest of the dropped event\n")
+    reader.feed(b"\ndata: next\n\n")
+    # An event over the cap in many data lines is dropped too, up to its blank line.
+    reader.feed(b"".join(b"data: " + b"z" * 100 + b"\n" for _ in range(20)) + b"\ndata: last\n\n")
+    assert got == [b"next", b"last"]
+
+
+def test_a_lenient_sse_reader_ignores_lines_that_are_not_sse():
+    got: list[bytes] = []
+    reader = SSEReader(got.append, max_event_bytes=1000, strict=False)
+    reader.feed(b"HTTP/1.1 200 OK\n<html>\ndata: a\n\n")
+    assert got == [b"a"]

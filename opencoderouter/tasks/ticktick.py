@@ -33,6 +33,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from ..backoff import doubling_backoff
+from ..inflight import InFlight
 from .budget import RateBudget
 from .journal import DONE, TaskRecord
 from .outcome import marker, outcome_block
@@ -78,7 +79,7 @@ class TickTickClient:
         self._failures = 0
         #: No request before this time (after a rate-limit signal or errors).
         self.paused_until = 0.0
-        self._inflight: set[Deferred[Any]] = set()
+        self._inflight = InFlight(clock)
         self._closed = False
         #: Closed by ``close`` (the client's own kept-alive connections).
         self._pool = pool
@@ -94,8 +95,7 @@ class TickTickClient:
     def close(self) -> Deferred[None] | None:
         """Cancel the requests in flight; fires once kept-alive connections are closed."""
         self._closed = True
-        for d in list(self._inflight):
-            d.cancel()
+        self._inflight.cancel_all()
         return self._pool.closeCachedConnections() if self._pool is not None else None
 
     def check_room(self, requests: int = 1) -> None:
@@ -122,8 +122,8 @@ class TickTickClient:
             headers.addRawHeader(b"content-type", b"application/json")
         where = f"{method} {path}"
         try:
-            response = yield self._track(self.http.request(method, self.api + path, **kwargs))
-            raw = yield self._track(treq.content(response))
+            response = yield self._inflight.track(self.http.request(method, self.api + path, **kwargs))
+            raw = yield self._inflight.track(treq.content(response))
         except Exception as error:
             if self._closed:
                 raise TickTickError(f"{where}: cancelled (stopping)") from None
@@ -152,14 +152,6 @@ class TickTickClient:
         self.paused_until = self.clock.seconds() + self._backoff(self._failures)
         self._failures += 1
 
-    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
-        self._inflight.add(d)
-
-        def forget(result: Any) -> Any:
-            self._inflight.discard(d)
-            return result
-
-        return d.addBoth(forget)
 
 
 def _why(error: Exception) -> str:
