@@ -148,7 +148,8 @@ class _Watch:
         self.stopped = False
         self._retry: IDelayedCall | None = None
         self._heartbeat: IDelayedCall | None = None
-        self.reader = BackendReader(watcher.client, watcher.clock, backend.port, None, watcher.request_timeout)
+        self.reader = BackendReader(watcher.client, watcher.clock, backend.address, backend.port, None,
+                                    watcher.request_timeout)
         self._closing: set[Deferred[None]] = set()
         #: Events that arrived while a snapshot was being read (None: not reconciling).
         self._replay: list[tuple[dict[str, Any], Any]] | None = None
@@ -166,8 +167,8 @@ class _Watch:
         if refusal is not None:
             self._set_unknown(refusal)
             return
-        self.reader = BackendReader(self.watcher.client, self.watcher.clock, self.backend.port, authorization,
-                                    self.watcher.request_timeout)
+        self.reader = BackendReader(self.watcher.client, self.watcher.clock, self.backend.address,
+                                    self.backend.port, authorization, self.watcher.request_timeout)
         request = self.reader.track(self.watcher.client.get(
             self.reader.url("/global/event"), headers=self.reader.headers(b"text/event-stream"), unbuffered=True),
             timeout=min(self.watcher.stream_head_timeout * 2 ** self.head_timeouts, self.watcher.request_timeout))
@@ -374,8 +375,8 @@ class _Watch:
     def update(self, backend: Backend) -> None:
         """The registry changed this backend: reconnect when what the stream depends on changed."""
         before, self.backend = self.backend, backend
-        moved = (before.port, before.locked, before.router_credentials, before.owner) != \
-            (backend.port, backend.locked, backend.router_credentials, backend.owner)
+        moved = (before.address, before.port, before.locked, before.router_credentials, before.owner) != \
+            (backend.address, backend.port, backend.locked, backend.router_credentials, backend.owner)
         came_back = backend.up and not before.up and not self.live
         if moved or came_back:
             self.attempt = 0
@@ -477,7 +478,7 @@ class AgentWatcher(Service):
         watch.start()
 
     def updated(self, backend: Backend) -> None:
-        """Reconnect when its port, lock or owner changed, or it answers again."""
+        """Reconnect when its address, port, lock or owner changed, or it answers again."""
         watch = self.watches.get(backend.slug)
         if watch is None:
             self.added(backend)

@@ -320,7 +320,7 @@ def _task_service(options: Options, registry: Registry, credentials: BackendCred
     settings = TaskSettings(per_project=options["tasks-per-project"], max_running=options["tasks-max"],
                             permissions=options["tasks-permissions"], timeout=options["tasks-timeout"],
                             wait=options["tasks-wait"])
-    # Backends are on 127.0.0.1: no name resolution, no log line per connection.
+    # Backends are on the loopback (127.0.0.1 or ::1): no name resolution, no log line per connection.
     http = HTTPClient(loopback_agent(reactor, 10.0))
     return TaskService(journal, registry, reactor, http, sources, settings, credentials=credentials,
                        publish=events.publish)

@@ -44,14 +44,15 @@ class Backends:
         self.servers: dict[str, ScriptedOpenCode] = {}
         self._ports: dict[str, Any] = {}
 
-    def start(self, name: str, behaviour: str = "reply") -> ScriptedOpenCode:
-        """A project folder ``root/name`` with a server that answers with ``behaviour``, in the registry."""
+    def start(self, name: str, behaviour: str = "reply", address: str = "127.0.0.1") -> ScriptedOpenCode:
+        """A project folder ``root/name`` with a server on ``address`` that answers with ``behaviour``, in the registry."""
         directory = str(self.root / name)
         os.makedirs(directory, exist_ok=True)
         server = ScriptedOpenCode(directory, behaviour=behaviour, heartbeat=0.2)
-        port = server.listen(reactor, 0)
+        port = server.listen(reactor, 0, interface=address)
         self.servers[name], self._ports[name] = server, port
-        self.registry.record(Sighting(port=port.getHost().port, project_path=directory, version="fake"))
+        self.registry.record(Sighting(port=port.getHost().port, project_path=directory, version="fake",
+                                      address=address))
         return server
 
     async def close(self) -> None:

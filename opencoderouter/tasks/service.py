@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from ..backoff import doubling_backoff
 from ..dispatch import PERMISSION_REPLIES, Dispatcher, DispatchError, Options, Result, Target, error_text, parse_task
 from ..forwarding import BackendCredentials
+from ..loopback_http import loopback_url
 from ..periodic import PeriodicService
 from ..registry import Backend, Registry
 from .journal import DONE, FAILED, PROMPTED, QUEUED, STARTING, Journal, TaskRecord
@@ -383,7 +384,7 @@ class TaskService(MultiService):
         if timeout is not None and resuming and record.started is not None:
             timeout = max(1.0, timeout - (now - record.started))  # the task's time, not each run's
         task.timeout = timeout
-        target = Target(base_url=f"http://127.0.0.1:{backend.port}/", directory=backend.project_path,
+        target = Target(base_url=loopback_url(backend.address, backend.port, "/"), directory=backend.project_path,
                         slug=backend.slug, authorization=self._authorization(backend))
         options = Options(quiet=True, permissions=self.settings.permissions,
                           reconnect_timeout=self.settings.reconnect_timeout, say=partial(self._say, record))
