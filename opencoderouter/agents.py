@@ -40,6 +40,7 @@ from .agent_snapshot import BackendReader, SnapshotError
 from .agent_state import AgentState, BackendState, Change, Summary
 from .backoff import doubling_backoff
 from .forwarding import BackendCredentials
+from .links import offered_url
 from .loopback_http import loopback_agent, probe_client
 from .registry import Backend, Registry
 from .sse import EventStreamBody
@@ -548,23 +549,6 @@ class AgentWatcher(Service):
 
 
 # -- JSON views (the API's, the dashboard's) ---------------------------------------------------------
-_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-
-
-def web_url(backend: Backend, path: str, authority: str) -> str:
-    """The OpenCode web UI at ``path`` through the router's host mode, as seen from ``authority``.
-
-    From the loopback (or an SSH tunnel) that is ``{label}.localhost``, which browsers resolve with no
-    DNS; from elsewhere the LAN name ``{label}.local``. The port is the one the client used.
-    """
-    host, _, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
-    if not host or not port.isdigit():
-        host, port = authority, ""
-    local = host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost") or host.startswith("127.")
-    name = f"{backend.host_label}.localhost" if local else f"{backend.mdns_name or backend.host_label}.local"
-    return f"http://{name}{':' + port if port and port != '80' else ''}{path}"
-
-
 def summary_json(state: AgentState | None) -> dict[str, Any]:
     """A backend's agent summary (``unknown`` when it is not followed)."""
     if state is None:
@@ -572,12 +556,15 @@ def summary_json(state: AgentState | None) -> dict[str, Any]:
     return state.summary().to_json()
 
 
-def agents_entry(backend: Backend, state: AgentState | None, authority: str) -> dict[str, Any]:
-    """One backend in ``/api/agents``: who it is, its summary, its sessions (most urgent first)."""
+def agents_entry(backend: Backend, state: AgentState | None, authority: str, mdns: bool = False) -> dict[str, Any]:
+    """One backend in ``/api/agents``: who it is, its summary, its sessions (most urgent first).
+
+    A session's ``web_url`` is its web UI page under the host-mode name :func:`~.links.offered_url` gives.
+    """
     sessions = []
     for session in state.ordered() if state is not None else []:
         body = session.to_json()
-        body["web_url"] = web_url(backend, body["web_path"], authority) if body["web_path"] else None
+        body["web_url"] = offered_url(backend, authority, mdns, body["web_path"]) if body["web_path"] else None
         sessions.append(body)
     return {
         "slug": backend.slug,

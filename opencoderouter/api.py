@@ -19,7 +19,7 @@ from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
 from .hosts import is_authority
 from .launcher import Launcher
-from .links import tunnel_url, web_url
+from .links import offered_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response, rfc3339
 
@@ -144,10 +144,10 @@ class RouterAPI:
 
     def _agents_json(self, backend: Backend, authority: str) -> dict[str, Any]:
         if self.agents is None:
-            body = agents_entry(backend, None, authority)
+            body = agents_entry(backend, None, authority, self.mdns)
             body["agents"]["reason"] = "the router does not follow agents (it was started with --agents=false)"
             return body
-        return agents_entry(backend, self.agents.state_of(backend.slug), authority)
+        return agents_entry(backend, self.agents.state_of(backend.slug), authority, self.mdns)
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -201,7 +201,7 @@ class RouterAPI:
         authority = request_authority(request)
         body = self._backend_json(backend, authority)
         # ``url`` stays path mode (automation); a person opens the host-mode name (the web UI needs it).
-        body["web_url"] = web_url(backend, authority, self.mdns) or tunnel_url(backend, authority)
+        body["web_url"] = offered_url(backend, authority, self.mdns)
         return json_response(request, body)
 
     # -- managed instances (the launcher) ----------------------------------
