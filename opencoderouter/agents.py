@@ -40,7 +40,6 @@ from .agent_snapshot import BackendReader, SnapshotError
 from .agent_state import AgentState, BackendState, Change, Summary
 from .backoff import doubling_backoff
 from .forwarding import BackendCredentials
-from .links import offered_url
 from .loopback_http import loopback_agent, probe_client
 from .registry import Backend, Registry
 from .sse import EventStreamBody
@@ -555,23 +554,3 @@ def summary_json(state: AgentState | None) -> dict[str, Any]:
         return Summary(BackendState.UNKNOWN, reason="the router does not follow its agents").to_json()
     return state.summary().to_json()
 
-
-def agents_entry(backend: Backend, state: AgentState | None, authority: str, mdns: bool = False) -> dict[str, Any]:
-    """One backend in ``/api/agents``: who it is, its summary, its sessions (most urgent first).
-
-    A session's ``web_url`` is its web UI page under the host-mode name :func:`~.links.offered_url` gives.
-    """
-    sessions = []
-    for session in state.ordered() if state is not None else []:
-        body = session.to_json()
-        body["web_url"] = offered_url(backend, authority, mdns, body["web_path"]) if body["web_path"] else None
-        sessions.append(body)
-    return {
-        "slug": backend.slug,
-        "project_name": backend.project_name,
-        "project_path": backend.project_path,
-        "up": backend.up,
-        "url": f"http://{authority}/{backend.slug}/",
-        "agents": summary_json(state),
-        "sessions": sessions,
-    }

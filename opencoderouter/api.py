@@ -13,7 +13,8 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .agents import AgentWatcher, agents_entry, summary_json
+from .agent_state import AgentState
+from .agents import AgentWatcher, summary_json
 from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
@@ -67,6 +68,29 @@ def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[s
     if mdns:
         body["mdns_name"] = backend.mdns_name
     return body
+
+
+def agents_entry(backend: Backend, state: AgentState | None, authority: str, mdns: bool = False) -> dict[str, Any]:
+    """One backend in ``/api/agents``: who it is (as :func:`backend_json` says), its summary, its sessions.
+
+    Sessions come most urgent first; a session's ``web_url`` is its web UI page under the host-mode
+    name :func:`~.links.offered_url` gives.
+    """
+    known = backend_json(backend, authority, mdns)
+    sessions = []
+    for session in state.ordered() if state is not None else []:
+        body = session.to_json()
+        body["web_url"] = offered_url(backend, authority, mdns, body["web_path"]) if body["web_path"] else None
+        sessions.append(body)
+    return {
+        "slug": known["slug"],
+        "project_name": known["project_name"],
+        "project_path": known["project_path"],
+        "up": backend.up,
+        "url": known["url"],
+        "agents": summary_json(state),
+        "sessions": sessions,
+    }
 
 
 class RouterAPI:

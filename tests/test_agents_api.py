@@ -78,6 +78,18 @@ def test_without_mdns_a_session_link_from_the_lan_is_the_tunnel_name_not_a_local
     assert resolved["web_url"] == f"http://{label}.localhost:8080/"  # the same rule as /api/resolve
 
 
+def test_a_locked_backend_the_router_cannot_open_has_no_project_in_api_agents_as_in_api_backends():
+    h, _ = needing_you()
+    h.serve("opened", port=30003, sighting={"locked": True, "router_credentials": True})
+    stub = StubTreq(RouterAPI(h.registry, agents=h.watcher).resource())
+    _, agents = answer(stub, "http://127.0.0.1:8080/agents")
+    _, backends = answer(stub, "http://127.0.0.1:8080/backends")
+    shown = {a["slug"]: (a["project_name"], a["project_path"]) for a in agents}
+    assert shown["locked"] == (None, None)
+    assert shown["opened"] == ("opened", "/home/alice/opened")
+    assert shown == {b["slug"]: (b["project_name"], b["project_path"]) for b in backends}
+
+
 def test_api_agents_of_one_backend_and_an_unknown_slug():
     h, _ = needing_you()
     stub = StubTreq(RouterAPI(h.registry, agents=h.watcher).resource())
