@@ -283,7 +283,7 @@ def _session_link(options: Options, web: WebService, backend: Backend, session_i
     from .tasks.outcome import web_ui_link
 
     port = _router_info(options, web).get("listen_port")
-    return web_ui_link(backend.host_label, port, backend.project_path, session_id) if port else None
+    return web_ui_link(backend, port, session_id) if port else None
 
 
 def _task_service(options: Options, registry: Registry, credentials: BackendCredentials,
