@@ -314,7 +314,7 @@ class TaskService(MultiService):
             if backend is None:
                 self._wait_for_project(record, now)
                 continue
-            if backend.locked and not (self.credentials and self.credentials.password and backend.router_credentials):
+            if backend.locked and self._authorization(backend) is None:
                 self._fail(record, "bad_input",
                            f"project {backend.slug} ({backend.project_path}) is password-protected and the router "
                            "has no --opencode-password-file that opens it")
@@ -365,9 +365,8 @@ class TaskService(MultiService):
             self._changed(record)
 
     def _authorization(self, backend: Backend) -> str | None:
-        if not backend.locked or self.credentials is None:
-            return None
-        header = self.credentials.probe_header()
+        """Our password for one of our own locked backends it opens (in process: nothing is forwarded)."""
+        header = self.credentials.header_for(backend) if self.credentials is not None else None
         return header.decode("latin-1") if header is not None else None
 
     def _start(self, record: TaskRecord, backend: Backend) -> None:
