@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from ..agent_sessions import web_path
 from ..links import tunnel_url
 from ..registry import Backend
+from ..responses import rfc3339
 from .journal import TaskRecord
 
 
@@ -26,9 +25,7 @@ def marker(record: TaskRecord) -> str:
 
 
 def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "unknown"
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "unknown" if timestamp is None else rfc3339(timestamp)
 
 
 def duration_text(record: TaskRecord) -> str | None:

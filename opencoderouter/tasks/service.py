@@ -19,7 +19,6 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Protocol
 
@@ -37,6 +36,7 @@ from ..forwarding import BackendCredentials
 from ..loopback_http import loopback_url
 from ..periodic import PeriodicService
 from ..registry import Backend, Registry
+from ..responses import rfc3339
 from .journal import DONE, FAILED, PROMPTED, QUEUED, STARTING, Journal, TaskRecord
 
 log = Logger()
@@ -123,9 +123,7 @@ class TaskSettings:
 
 
 def _rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if timestamp is None else rfc3339(timestamp)
 
 
 def public_state(record: TaskRecord) -> str:
