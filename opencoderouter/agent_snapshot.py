@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 
 from .agent_state import AgentState, Snapshot
 from .inflight import InFlight
-from .loopback_http import read_body
+from .loopback_http import loopback_url, read_body
 
 #: A snapshot answer bigger than this is refused.
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024
@@ -40,18 +40,20 @@ class SnapshotError(Exception):
 class BackendReader:
     """Bounded HTTP requests to one backend, all cancelled at once by :meth:`cancel_all`."""
 
-    def __init__(self, client: HTTPClient, clock: IReactorTime, port: int, authorization: bytes | None,
-                 timeout: float) -> None:
+    def __init__(self, client: HTTPClient, clock: IReactorTime, address: str, port: int,
+                 authorization: bytes | None, timeout: float) -> None:
         self.client = client
         self.clock = clock
+        #: The loopback address the backend listens on (``::1`` for an IPv6-only server).
+        self.address = address
         self.port = port
         self.authorization = authorization
         self.timeout = timeout
         self._requests = InFlight(clock)
 
     def url(self, path: str, **query: str) -> str:
-        """``http://127.0.0.1:PORT{path}?{query}``."""
-        url = f"http://127.0.0.1:{self.port}{path}"
+        """``http://ADDRESS:PORT{path}?{query}`` (``::1`` through :func:`~.loopback_http.loopback_url`'s stand-in)."""
+        url = loopback_url(self.address, self.port, path)
         if query:
             url += "?" + "&".join(f"{key}={quote(value, safe='')}" for key, value in query.items())
         return url

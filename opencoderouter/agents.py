@@ -148,7 +148,8 @@ class _Watch:
         self.stopped = False
         self._retry: IDelayedCall | None = None
         self._heartbeat: IDelayedCall | None = None
-        self.reader = BackendReader(watcher.client, watcher.clock, backend.port, None, watcher.request_timeout)
+        self.reader = BackendReader(watcher.client, watcher.clock, backend.address, backend.port, None,
+                                    watcher.request_timeout)
         self._closing: set[Deferred[None]] = set()
         #: Events that arrived while a snapshot was being read (None: not reconciling).
         self._replay: list[tuple[dict[str, Any], Any]] | None = None
@@ -166,8 +167,8 @@ class _Watch:
         if refusal is not None:
             self._set_unknown(refusal)
             return
-        self.reader = BackendReader(self.watcher.client, self.watcher.clock, self.backend.port, authorization,
-                                    self.watcher.request_timeout)
+        self.reader = BackendReader(self.watcher.client, self.watcher.clock, self.backend.address,
+                                    self.backend.port, authorization, self.watcher.request_timeout)
         request = self.reader.track(self.watcher.client.get(
             self.reader.url("/global/event"), headers=self.reader.headers(b"text/event-stream"), unbuffered=True),
             timeout=min(self.watcher.stream_head_timeout * 2 ** self.head_timeouts, self.watcher.request_timeout))
@@ -374,8 +375,8 @@ class _Watch:
     def update(self, backend: Backend) -> None:
         """The registry changed this backend: reconnect when what the stream depends on changed."""
         before, self.backend = self.backend, backend
-        moved = (before.port, before.locked, before.router_credentials, before.owner) != \
-            (backend.port, backend.locked, backend.router_credentials, backend.owner)
+        moved = (before.address, before.port, before.locked, before.router_credentials, before.owner) != \
+            (backend.address, backend.port, backend.locked, backend.router_credentials, backend.owner)
         came_back = backend.up and not before.up and not self.live
         if moved or came_back:
             self.attempt = 0
@@ -477,7 +478,7 @@ class AgentWatcher(Service):
         watch.start()
 
     def updated(self, backend: Backend) -> None:
-        """Reconnect when its port, lock or owner changed, or it answers again."""
+        """Reconnect when its address, port, lock or owner changed, or it answers again."""
         watch = self.watches.get(backend.slug)
         if watch is None:
             self.added(backend)
@@ -547,43 +548,9 @@ class AgentWatcher(Service):
 
 
 # -- JSON views (the API's, the dashboard's) ---------------------------------------------------------
-_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-
-
-def web_url(backend: Backend, path: str, authority: str) -> str:
-    """The OpenCode web UI at ``path`` through the router's host mode, as seen from ``authority``.
-
-    From the loopback (or an SSH tunnel) that is ``{label}.localhost``, which browsers resolve with no
-    DNS; from elsewhere the LAN name ``{label}.local``. The port is the one the client used.
-    """
-    host, _, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
-    if not host or not port.isdigit():
-        host, port = authority, ""
-    local = host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost") or host.startswith("127.")
-    name = f"{backend.host_label}.localhost" if local else f"{backend.mdns_name or backend.host_label}.local"
-    return f"http://{name}{':' + port if port and port != '80' else ''}{path}"
-
-
 def summary_json(state: AgentState | None) -> dict[str, Any]:
     """A backend's agent summary (``unknown`` when it is not followed)."""
     if state is None:
         return Summary(BackendState.UNKNOWN, reason="the router does not follow its agents").to_json()
     return state.summary().to_json()
 
-
-def agents_entry(backend: Backend, state: AgentState | None, authority: str) -> dict[str, Any]:
-    """One backend in ``/api/agents``: who it is, its summary, its sessions (most urgent first)."""
-    sessions = []
-    for session in state.ordered() if state is not None else []:
-        body = session.to_json()
-        body["web_url"] = web_url(backend, body["web_path"], authority) if body["web_path"] else None
-        sessions.append(body)
-    return {
-        "slug": backend.slug,
-        "project_name": backend.project_name,
-        "project_path": backend.project_path,
-        "up": backend.up,
-        "url": f"http://{authority}/{backend.slug}/",
-        "agents": summary_json(state),
-        "sessions": sessions,
-    }

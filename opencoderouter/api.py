@@ -13,13 +13,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .agents import AgentWatcher, agents_entry, summary_json
+from .agent_state import AgentState
+from .agents import AgentWatcher, summary_json
 from .child import Instance, LauncherError, LauncherState
 from .config import ProjectDirectoryError, project_directory
 from .guard import may_change_instances
 from .hosts import authority, is_authority
 from .launcher import Launcher
-from .links import tunnel_url, web_url
+from .links import offered_url
 from .registry import Backend, Registry
 from .responses import error_body, json_response, rfc3339
 
@@ -67,6 +68,29 @@ def backend_json(backend: Backend, authority: str, mdns: bool = False) -> dict[s
     if mdns:
         body["mdns_name"] = backend.mdns_name
     return body
+
+
+def agents_entry(backend: Backend, state: AgentState | None, authority: str, mdns: bool = False) -> dict[str, Any]:
+    """One backend in ``/api/agents``: who it is (as :func:`backend_json` says), its summary, its sessions.
+
+    Sessions come most urgent first; a session's ``web_url`` is its web UI page under the host-mode
+    name :func:`~.links.offered_url` gives.
+    """
+    known = backend_json(backend, authority, mdns)
+    sessions = []
+    for session in state.ordered() if state is not None else []:
+        body = session.to_json()
+        body["web_url"] = offered_url(backend, authority, mdns, body["web_path"]) if body["web_path"] else None
+        sessions.append(body)
+    return {
+        "slug": known["slug"],
+        "project_name": known["project_name"],
+        "project_path": known["project_path"],
+        "up": backend.up,
+        "url": known["url"],
+        "agents": summary_json(state),
+        "sessions": sessions,
+    }
 
 
 class RouterAPI:
@@ -144,10 +168,10 @@ class RouterAPI:
 
     def _agents_json(self, backend: Backend, authority: str) -> dict[str, Any]:
         if self.agents is None:
-            body = agents_entry(backend, None, authority)
+            body = agents_entry(backend, None, authority, self.mdns)
             body["agents"]["reason"] = "the router does not follow agents (it was started with --agents=false)"
             return body
-        return agents_entry(backend, self.agents.state_of(backend.slug), authority)
+        return agents_entry(backend, self.agents.state_of(backend.slug), authority, self.mdns)
 
     @app.route("/events", methods=["GET"])
     def events(self, request: IRequest) -> Any:
@@ -201,7 +225,7 @@ class RouterAPI:
         authority = request_authority(request)
         body = self._backend_json(backend, authority)
         # ``url`` stays path mode (automation); a person opens the host-mode name (the web UI needs it).
-        body["web_url"] = web_url(backend, authority, self.mdns) or tunnel_url(backend, authority)
+        body["web_url"] = offered_url(backend, authority, self.mdns)
         return json_response(request, body)
 
     # -- managed instances (the launcher) ----------------------------------

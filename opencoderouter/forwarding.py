@@ -82,13 +82,16 @@ class BackendCredentials:
             return None
         return basic_header(self.username, self.password)
 
-    def credentials_for(self, backend: Backend) -> bytes | None:
-        """The Authorization value to add when forwarding to ``backend``, or None to leave the client's."""
-        if self.password is None or not self.may_inject:
-            return None
-        if not backend.locked or not backend.router_credentials:
+    def header_for(self, backend: Backend) -> bytes | None:
+        """The Authorization value that opens ``backend`` (one of our own locked servers our password
+        opened), or None (an unlocked server, or one it does not open): the router's own requests use it."""
+        if self.password is None or not backend.locked or not backend.router_credentials:
             return None
         return basic_header(self.username, self.password)
+
+    def credentials_for(self, backend: Backend) -> bytes | None:
+        """The Authorization value to add when forwarding to ``backend``, or None to leave the client's."""
+        return self.header_for(backend) if self.may_inject else None
 
 
 class BackendTarget:

@@ -8,8 +8,8 @@ name works depends on how the client reached the router:
   ``{slug}-{user}.localhost`` — browsers resolve ``*.localhost`` to the loopback themselves;
 - from the LAN with mDNS on and the backend advertised, ``{name}.local`` (its advertised name);
 - from the LAN without mDNS, no name works by itself (:func:`web_url` is None): the API then offers
-  the ``.localhost`` name (open it through an SSH tunnel) and the browser redirect shows a page
-  explaining the two ways in.
+  the ``.localhost`` name (open it through an SSH tunnel; :func:`offered_url`) and the browser
+  redirect shows a page explaining the two ways in.
 The port is the one the client used, which is right through a tunnel and on the LAN alike.
 """
 
@@ -51,3 +51,9 @@ def tunnel_url(backend: Backend, authority: str) -> str:
     """The ``.localhost`` URL for ``backend`` (what works through an SSH tunnel to the router)."""
     _, port = split_host(authority)
     return f"http://{backend.host_label}.localhost{_port_suffix(port)}/"
+
+
+def offered_url(backend: Backend, authority: str, mdns: bool, path: str = "/") -> str:
+    """The URL the API offers a person for ``path`` of the web UI: :func:`web_url`'s name, else :func:`tunnel_url`'s."""
+    base = web_url(backend, authority, mdns) or tunnel_url(backend, authority)
+    return base[:-1] + path

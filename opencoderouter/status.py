@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from .backoff import doubling_backoff
 from .dispatch import DEFAULT_ROUTER, split_credentials
 
 EXIT_OK = 0
@@ -38,6 +39,8 @@ _TITLE = 48
 #: Events of /api/events after which the table may have changed.
 _CHANGES = frozenset({"snapshot", "agents", "added", "updated", "removed"})
 _CLEAR = "\x1b[H\x1b[2J"
+#: ``--watch`` asks a router that went away again after 1 s, doubling to 5 s.
+_RECONNECT_BACKOFF = doubling_backoff(1.0, 5.0)
 
 
 class StatusError(Exception):
@@ -216,7 +219,7 @@ class Router:
 def watch(router: Router, show: Callable[[list[dict[str, Any]]], None], err: IO[str],
           sleep: Callable[[float], None] = time.sleep, rounds: int | None = None) -> None:
     """Show the agents now and after every change, reconnecting to a router that goes away."""
-    delay, shown_error = 1.0, None
+    attempt, shown_error = 0, None
     while rounds is None or rounds > 0:
         if rounds is not None:
             rounds -= 1
@@ -224,7 +227,7 @@ def watch(router: Router, show: Callable[[list[dict[str, Any]]], None], err: IO[
             for name in router.events():
                 if name in _CHANGES:
                     show(router.agents())
-                    delay, shown_error = 1.0, None
+                    attempt, shown_error = 0, None
         except StatusError as error:
             if error.exit_code == EXIT_REFUSED:
                 raise
@@ -232,8 +235,8 @@ def watch(router: Router, show: Callable[[list[dict[str, Any]]], None], err: IO[
                 err.write(f"opencoderouter-status: {error.message}; retrying\n")
                 err.flush()
                 shown_error = error.message
-        sleep(delay)
-        delay = min(delay * 2, 5.0)
+        sleep(_RECONNECT_BACKOFF(attempt))
+        attempt += 1
 
 
 # -- the command ----------------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def _session_link(options: Options, web: WebService, backend: Backend, session_i
     from .tasks.outcome import web_ui_link
 
     port = _listen_port(web)
-    return web_ui_link(backend.host_label, port, backend.project_path, session_id) if port else None
+    return web_ui_link(backend, port, session_id) if port else None
 
 
 def _task_service(options: Options, registry: Registry, credentials: BackendCredentials,
@@ -320,7 +320,7 @@ def _task_service(options: Options, registry: Registry, credentials: BackendCred
     settings = TaskSettings(per_project=options["tasks-per-project"], max_running=options["tasks-max"],
                             permissions=options["tasks-permissions"], timeout=options["tasks-timeout"],
                             wait=options["tasks-wait"])
-    # Backends are on 127.0.0.1: no name resolution, no log line per connection.
+    # Backends are on the loopback (127.0.0.1 or ::1): no name resolution, no log line per connection.
     http = HTTPClient(loopback_agent(reactor, 10.0))
     return TaskService(journal, registry, reactor, http, sources, settings, credentials=credentials,
                        publish=events.publish)

@@ -10,6 +10,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, maybeDeferred
 
+from opencoderouter.forwarding import BackendCredentials
 from opencoderouter.loopback_http import loopback_agent
 from opencoderouter.registry import Naming, Registry, Sighting
 from opencoderouter.tasks.journal import Journal
@@ -44,14 +45,20 @@ class Backends:
         self.servers: dict[str, ScriptedOpenCode] = {}
         self._ports: dict[str, Any] = {}
 
-    def start(self, name: str, behaviour: str = "reply") -> ScriptedOpenCode:
-        """A project folder ``root/name`` with a server that answers with ``behaviour``, in the registry."""
+    def start(self, name: str, behaviour: str = "reply", address: str = "127.0.0.1",
+              password: str | None = None, opened: bool = True) -> ScriptedOpenCode:
+        """A project folder ``root/name`` with a server on ``address`` that answers with ``behaviour``, in the registry.
+
+        With ``password`` it is locked, and ``opened`` says whether the router's password opened it.
+        """
         directory = str(self.root / name)
         os.makedirs(directory, exist_ok=True)
-        server = ScriptedOpenCode(directory, behaviour=behaviour, heartbeat=0.2)
-        port = server.listen(reactor, 0)
+        server = ScriptedOpenCode(directory, behaviour=behaviour, heartbeat=0.2, password=password)
+        port = server.listen(reactor, 0, interface=address)
         self.servers[name], self._ports[name] = server, port
-        self.registry.record(Sighting(port=port.getHost().port, project_path=directory, version="fake"))
+        self.registry.record(Sighting(port=port.getHost().port, project_path=directory, version="fake",
+                                      address=address, locked=password is not None,
+                                      router_credentials=password is not None and opened))
         return server
 
     async def close(self) -> None:
@@ -70,12 +77,14 @@ class Harness:
         self.events: list[dict[str, Any]] = []
         self.service: TaskService | None = None
 
-    def start(self, sources: list[TaskSource], **settings: Any) -> TaskService:
+    def start(self, sources: list[TaskSource], credentials: BackendCredentials | None = None,
+              **settings: Any) -> TaskService:
         """Start a service (a fresh one each time: a restart)."""
         values: dict[str, Any] = {"tick": 0.05, "reconnect_timeout": 2.0, "timeout": 30.0}
         values.update(settings)
         self.service = TaskService(Journal(self.state_dir), self.backends.registry, reactor,
                                    HTTPClient(loopback_agent(reactor, 5.0)), sources, TaskSettings(**values),
+                                   credentials=credentials,
                                    publish=lambda event, data: self.events.append({"event": event, **data}),
                                    session_link=lambda backend, sid: f"http://{backend.host_label}.localhost:1/x/session/{sid}")
         self.service.startService()

@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 from twisted.logger import globalLogPublisher
+from twisted.web.client import URI
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
 from opencoderouter.agent_sessions import SessionStatus
 from opencoderouter.agent_state import BackendState
 from opencoderouter.forwarding import BackendCredentials, basic_header
+from opencoderouter.loopback_http import IPV6_LOOPBACK_HOST
 from opencoderouter.testing import FakeOpenCode, opencode_json
 
 from .agent_harness import Harness
@@ -212,6 +214,19 @@ def test_a_port_change_moves_the_stream_to_the_new_port():
     new = h.serve("alpha", port=30001)
     assert old.streams == [] and len(new.streams) == 1 and h.state("alpha").known
     assert h.watcher.streams_open == 1
+
+
+def test_a_backend_on_the_ipv6_loopback_is_followed_at_its_address_and_moved_with_it():
+    h = Harness()
+    h.serve("alpha", sighting={"address": "::1"})
+    assert h.state("alpha").known
+    hosts = {URI.fromBytes(uri).host.decode() for _, uri, _ in h.loopback.requests}
+    assert hosts == {IPV6_LOOPBACK_HOST}  # the stand-in that LoopbackEndpoints connects to as ::1
+    h.loopback.requests.clear()
+    fake = h.serve("alpha", sighting={"address": "127.0.0.1"}, fake=h.loopback.fakes[30000])
+    assert h.state("alpha").known and len(fake.streams) == 1
+    first, *_ = h.loopback.requests
+    assert first[1] == b"http://127.0.0.1:30000/global/event"
 
 
 def test_a_removed_backend_is_no_longer_followed():

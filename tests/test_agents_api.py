@@ -60,10 +60,34 @@ def test_api_agents_lists_every_backend_with_summary_and_sessions():
 
 def test_session_links_use_the_lan_name_when_the_router_was_reached_by_it():
     h, _ = needing_you()
+    label = h.registry.by_slug("alpha").host_label
+    h.registry.set_mdns_name("alpha", label)  # what the advertiser records once mDNS has the name
+    stub = StubTreq(RouterAPI(h.registry, agents=h.watcher, mdns=True).resource())
+    _, body = answer(stub, "http://devbox.local:8080/agents/alpha", host="devbox.local:8080")
+    assert body["sessions"][0]["web_url"].startswith(f"http://{label}.local:8080/")
+
+
+def test_without_mdns_a_session_link_from_the_lan_is_the_tunnel_name_not_a_local_one():
+    h, _ = needing_you()
     stub = StubTreq(RouterAPI(h.registry, agents=h.watcher).resource())
     _, body = answer(stub, "http://devbox.local:8080/agents/alpha", host="devbox.local:8080")
+    [session] = body["sessions"]
     label = h.registry.by_slug("alpha").host_label
-    assert body["sessions"][0]["web_url"].startswith(f"http://{label}.local:8080/")
+    assert session["web_url"] == f"http://{label}.localhost:8080{session['web_path']}"
+    _, resolved = answer(stub, "http://devbox.local:8080/resolve?name=alpha", host="devbox.local:8080")
+    assert resolved["web_url"] == f"http://{label}.localhost:8080/"  # the same rule as /api/resolve
+
+
+def test_a_locked_backend_the_router_cannot_open_has_no_project_in_api_agents_as_in_api_backends():
+    h, _ = needing_you()
+    h.serve("opened", port=30003, sighting={"locked": True, "router_credentials": True})
+    stub = StubTreq(RouterAPI(h.registry, agents=h.watcher).resource())
+    _, agents = answer(stub, "http://127.0.0.1:8080/agents")
+    _, backends = answer(stub, "http://127.0.0.1:8080/backends")
+    shown = {a["slug"]: (a["project_name"], a["project_path"]) for a in agents}
+    assert shown["locked"] == (None, None)
+    assert shown["opened"] == ("opened", "/home/alice/opened")
+    assert shown == {b["slug"]: (b["project_name"], b["project_path"]) for b in backends}
 
 
 def test_api_agents_of_one_backend_and_an_unknown_slug():

@@ -179,6 +179,14 @@ def test_backend_credentials_are_added_only_when_safe():
     assert BackendCredentials().credentials_for(_backend(locked=True, router_credentials=True)) is None
 
 
+def test_the_routers_own_requests_get_the_password_for_its_opened_servers_only():
+    exposed = BackendCredentials("opencode", "pw", may_inject=False)  # nothing is forwarded: no LAN client gets in
+    assert exposed.header_for(_backend(locked=True, router_credentials=True)) == b"Basic b3BlbmNvZGU6cHc="
+    assert exposed.header_for(_backend(locked=False)) is None
+    assert exposed.header_for(_backend(locked=True, router_credentials=False)) is None
+    assert BackendCredentials().header_for(_backend(locked=True, router_credentials=True)) is None
+
+
 def _stub_prober(fake: FakeOpenCode, **kwargs: Any) -> Prober:
     return Prober(StubTreq(fake), Clock(), timeout=5, **kwargs)
 

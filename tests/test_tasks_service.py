@@ -13,6 +13,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from opencoderouter.dispatch import DispatchError
+from opencoderouter.forwarding import BackendCredentials
 from opencoderouter.registry import Sighting
 from opencoderouter.tasks.folder import FolderSource
 from opencoderouter.tasks.journal import PROMPTED, STARTING, Journal, TaskRecord
@@ -188,6 +189,18 @@ async def test_a_locked_project_without_the_routers_password_fails_with_a_senten
     record = service.submit("---\nproject: Locked\n---\nHi\n")
     await until(lambda: record.state == "failed", what="the task to fail")
     assert "is password-protected and the router has no --opencode-password-file" in record.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_project_the_routers_password_opens_gets_its_task_with_the_password(world):
+    vault = world.backends.start("Vault", password="s3cret")
+    world.backends.start("Other", password="not-ours", opened=False)
+    service = world.start([], credentials=BackendCredentials("opencode", "s3cret", may_inject=False))
+    opened = service.submit("---\nproject: Vault\n---\nHi\n")
+    refused = service.submit("---\nproject: Other\n---\nHi\n")
+    await until(lambda: opened.state in ("done", "failed") and refused.state == "failed", what="both tasks to end")
+    assert (opened.state, opened.error) == ("done", None) and len(vault.prompts) == 1
+    assert "is password-protected and the router has no --opencode-password-file" in refused.error
 
 
 # -- concurrency -------------------------------------------------------------------------------------

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-from datetime import datetime, timezone
-
+from ..agent_sessions import web_path
+from ..links import tunnel_url
+from ..registry import Backend
+from ..responses import rfc3339
 from .journal import TaskRecord
 
 
-def web_ui_link(host_label: str, port: int, directory: str, session_id: str) -> str:
+def web_ui_link(backend: Backend, port: int, session_id: str) -> str:
     """The session in OpenCode's web UI through the router's host mode on this machine.
 
-    ``/<base64url(directory), no padding>/session/<id>`` is the route both layouts of the web UI
-    understand; ``{label}.localhost`` reaches the router from a browser on this machine (or through
-    an SSH tunnel to the same port).
+    ``agent_sessions.web_path`` is the route both layouts of the web UI understand; the
+    ``{label}.localhost`` of ``links.tunnel_url`` reaches the router from a browser on this machine
+    (or through an SSH tunnel to the same port).
     """
-    encoded = base64.urlsafe_b64encode(directory.encode("utf-8")).rstrip(b"=").decode("ascii")
-    return f"http://{host_label}.localhost:{port}/{encoded}/session/{session_id}"
+    return tunnel_url(backend, f"localhost:{port}")[:-1] + web_path(backend.project_path, session_id)
 
 
 def marker(record: TaskRecord) -> str:
@@ -25,9 +25,7 @@ def marker(record: TaskRecord) -> str:
 
 
 def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "unknown"
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "unknown" if timestamp is None else rfc3339(timestamp)
 
 
 def duration_text(record: TaskRecord) -> str | None:

@@ -19,7 +19,6 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Protocol
 
@@ -34,8 +33,10 @@ from twisted.python.failure import Failure
 from ..backoff import doubling_backoff
 from ..dispatch import PERMISSION_REPLIES, Dispatcher, DispatchError, Options, Result, Target, error_text, parse_task
 from ..forwarding import BackendCredentials
+from ..loopback_http import loopback_url
 from ..periodic import PeriodicService
 from ..registry import Backend, Registry
+from ..responses import rfc3339
 from .journal import DONE, FAILED, PROMPTED, QUEUED, STARTING, Journal, TaskRecord
 
 log = Logger()
@@ -122,9 +123,7 @@ class TaskSettings:
 
 
 def _rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if timestamp is None else rfc3339(timestamp)
 
 
 def public_state(record: TaskRecord) -> str:
@@ -313,7 +312,7 @@ class TaskService(MultiService):
             if backend is None:
                 self._wait_for_project(record, now)
                 continue
-            if backend.locked and not (self.credentials and self.credentials.password and backend.router_credentials):
+            if backend.locked and self._authorization(backend) is None:
                 self._fail(record, "bad_input",
                            f"project {backend.slug} ({backend.project_path}) is password-protected and the router "
                            "has no --opencode-password-file that opens it")
@@ -364,9 +363,8 @@ class TaskService(MultiService):
             self._changed(record)
 
     def _authorization(self, backend: Backend) -> str | None:
-        if not backend.locked or self.credentials is None:
-            return None
-        header = self.credentials.probe_header()
+        """Our password for one of our own locked backends it opens (in process: nothing is forwarded)."""
+        header = self.credentials.header_for(backend) if self.credentials is not None else None
         return header.decode("latin-1") if header is not None else None
 
     def _start(self, record: TaskRecord, backend: Backend) -> None:
@@ -383,7 +381,7 @@ class TaskService(MultiService):
         if timeout is not None and resuming and record.started is not None:
             timeout = max(1.0, timeout - (now - record.started))  # the task's time, not each run's
         task.timeout = timeout
-        target = Target(base_url=f"http://127.0.0.1:{backend.port}/", directory=backend.project_path,
+        target = Target(base_url=loopback_url(backend.address, backend.port, "/"), directory=backend.project_path,
                         slug=backend.slug, authorization=self._authorization(backend))
         options = Options(quiet=True, permissions=self.settings.permissions,
                           reconnect_timeout=self.settings.reconnect_timeout, say=partial(self._say, record))
