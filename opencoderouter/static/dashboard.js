@@ -110,12 +110,14 @@
   }
   function sessionUrl(backend, session) {
     // The OpenCode web UI opens a session at /<base64url(directory)>/session/<id>, through host mode.
+    // The .local name only where the backend rows offer it (mDNS on, the router reachable from the LAN),
+    // else the .localhost name, as /api/agents' web_url does.
     const path = str(session.web_path);
-    const label = onLoopback() ? hereLabel(backend) : hostName(backend);
-    if (!WEB_PATH.test(path) || !label) return null;
-    return onLoopback()
-      ? `http://${label}.localhost${portSuffix(location.port)}${path}`
-      : `http://${label}.local${portSuffix(routerPort())}${path}`;
+    if (!WEB_PATH.test(path)) return null;
+    const lan = !onLoopback() && state.router && state.router.lan_links && backend.mdns_name && hostName(backend);
+    if (lan) return `http://${hostName(backend)}.local${portSuffix(routerPort())}${path}`;
+    const label = hereLabel(backend);
+    return label ? `http://${label}.localhost${portSuffix(location.port)}${path}` : null;
   }
 
   // -- copying -----------------------------------------------------------------
