@@ -146,9 +146,10 @@ def test_dashboard_page_and_its_assets(tmp_path, router_factory):
 
 def test_page_never_builds_markup_from_strings():
     """The script must only create text nodes: no HTML parser entry point, no eval."""
-    script = load_assets()["dashboard.js"].body.decode()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
-        assert sink not in script, sink
+    for name in ("dom.js", "dashboard.js", "lan.js", "tasks.js"):
+        script = load_assets()[name].body.decode()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+            assert sink not in script, (name, sink)
     page = load_assets()["index.html"].body.decode()
     assert "<script>" not in page  # only external scripts, which the CSP requires
 
@@ -156,8 +157,10 @@ def test_page_never_builds_markup_from_strings():
 def test_assets_hold_every_file_the_page_names():
     assets = load_assets()
     page = assets["index.html"].body.decode()
-    for name in ("dashboard.js", "dashboard.css", "favicon.svg"):
+    for name in ("dom.js", "dashboard.js", "lan.js", "tasks.js", "dashboard.css", "favicon.svg"):
         assert f'"/_router/{name}"' in page and name in assets
+    # Deferred scripts run in document order: the shared helpers come before their users.
+    assert page.index("/_router/dom.js") < page.index("/_router/dashboard.js")
 
 
 @ensureDeferred

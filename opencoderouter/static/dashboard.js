@@ -34,22 +34,8 @@
   let lastInstancesText = null;
 
   // -- small DOM helpers (text only) ---------------------------------------
-  function el(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs || {})) {
-      if (value === undefined || value === null) continue;
-      if (key === "class") node.className = value;
-      else if (key === "text") node.textContent = value;
-      else node.setAttribute(key, String(value));
-    }
-    for (const child of children) {
-      if (child === null || child === undefined) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
+  const { el, str } = window.OpenCodeRouterDOM;
   const $ = (id) => document.getElementById(id);
-  const str = (value) => (typeof value === "string" ? value : value === undefined || value === null ? "" : String(value));
   const now = () => Date.now() / 1000 + state.skew;
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 

@@ -9,20 +9,7 @@
   const entries = new Map();   // id -> entry JSON
   let enabled = false;
 
-  function el(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs || {})) {
-      if (value === undefined || value === null) continue;
-      if (key === "class") node.className = value;
-      else node.setAttribute(key, String(value));
-    }
-    for (const child of children) {
-      if (child === null || child === undefined) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
-  const str = (value) => (typeof value === "string" ? value : value === undefined || value === null ? "" : String(value));
+  const { el, str } = window.OpenCodeRouterDOM;
 
   function link(kind, url) {
     const text = str(url);

@@ -12,21 +12,7 @@
   let skew = 0; // server clock minus ours, seconds
   let loaded = 0; // which load() answer is the latest
 
-  function el(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs || {})) {
-      if (value === undefined || value === null) continue;
-      if (key === "class") node.className = value;
-      else if (key === "text") node.textContent = value;
-      else node.setAttribute(key, String(value));
-    }
-    for (const child of children) {
-      if (child === null || child === undefined) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
-  const str = (value) => (typeof value === "string" ? value : value === undefined || value === null ? "" : String(value));
+  const { el, str } = window.OpenCodeRouterDOM;
 
   function duration(task) {
     let seconds = typeof task.duration_s === "number" ? task.duration_s : null;
