@@ -935,22 +935,33 @@ def _read_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
         raise DispatchError(EXIT_BAD_INPUT, f"cannot read the task file {args.task!r}: {error}", "bad_input") from None
 
 
-def _authorization(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The router URL without user info, and the Authorization header value to send it."""
-    router, basic = split_credentials(args.router)
-    if args.token_file:
+def router_authorization(router: str, token_file: str | None) -> tuple[str, str | None]:
+    """The router URL without user info, and the Authorization value for it (the clients' shared rule).
+
+    A token file wins, then user info in the URL (Basic), then ``OPENCODEROUTER_TOKEN``. Raises
+    ValueError with a sentence when the token file cannot be read or is empty.
+    """
+    router, basic = split_credentials(router)
+    if token_file:
         try:
-            with open(args.token_file, encoding="utf-8") as handle:
+            with open(token_file, encoding="utf-8") as handle:
                 token = handle.readline().strip()
         except (OSError, UnicodeDecodeError) as error:
-            raise DispatchError(EXIT_BAD_INPUT, f"cannot read the token file {args.token_file!r}: {error}") from None
+            raise ValueError(f"cannot read the token file {token_file!r}: {error}") from None
         if not token:
-            raise DispatchError(EXIT_BAD_INPUT, f"the token file {args.token_file!r} is empty")
+            raise ValueError(f"the token file {token_file!r} is empty")
         return router, f"Bearer {token}"
     token = os.environ.get("OPENCODEROUTER_TOKEN", "").strip()
     if basic is None and token:
         return router, f"Bearer {token}"
     return router, basic
+
+
+def _authorization(args: argparse.Namespace) -> tuple[str, str | None]:
+    try:
+        return router_authorization(args.router, args.token_file)
+    except ValueError as error:
+        raise DispatchError(EXIT_BAD_INPUT, str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

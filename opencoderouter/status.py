@@ -25,7 +25,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from .backoff import doubling_backoff
-from .dispatch import DEFAULT_ROUTER, split_credentials
+from .dispatch import DEFAULT_ROUTER, router_authorization
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -267,18 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _authorization(args: argparse.Namespace) -> tuple[str, str | None]:
-    router, basic = split_credentials(args.router)
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as handle:
-                token = handle.readline().strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise StatusError(EXIT_BAD_INPUT, f"cannot read the token file {args.token_file!r}: {error}") from None
-        if not token:
-            raise StatusError(EXIT_BAD_INPUT, f"the token file {args.token_file!r} is empty")
-        return router, f"Bearer {token}"
-    token = os.environ.get("OPENCODEROUTER_TOKEN", "").strip()
-    return router, (f"Bearer {token}" if basic is None and token else basic)
+    try:
+        return router_authorization(args.router, args.token_file)
+    except ValueError as error:
+        raise StatusError(EXIT_BAD_INPUT, str(error)) from None
 
 
 def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
