@@ -28,8 +28,13 @@ needs_chromium = pytest.mark.skipif(not available(), reason="needs selenium and 
 
 
 @contextmanager
-def headless_chromium(profile: Path, width: int = 1280, height: int = 800) -> Iterator[Any]:
-    """A fresh headless Chromium that resolves no name but the loopback's; quit afterwards."""
+def headless_chromium(profile: Path, width: int = 1280, height: int = 800, *, loopback_names_only: bool = True,
+                      performance_log: bool = False) -> Iterator[Any]:
+    """A fresh headless Chromium; quit afterwards.
+
+    ``loopback_names_only``: it resolves no name but the loopback's. ``performance_log``: the DevTools
+    network events are kept (``driver.get_log("performance")``), to see every request the page made.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -37,10 +42,11 @@ def headless_chromium(profile: Path, width: int = 1280, height: int = 800) -> It
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--window-size={width},{height}", f"--user-data-dir={profile}",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost"):
+                 "--disable-dev-shm-usage", f"--window-size={width},{height}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if loopback_names_only:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if performance_log else {})})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     try:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .netns import _run, netns_unavailable
+from .netns import _run, netns_unavailable, stop_session
 from .support import subprocess_env, wait_for
 
 __all__ = ["Bridge", "netns_unavailable", "remove_stale_bridges"]
@@ -136,17 +136,7 @@ class Bridge:
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Signal ``process``'s session, wait and reap; SIGKILL after ``timeout``."""
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        return process.returncode
+        return stop_session(process, sig, timeout)
 
     def close(self) -> None:
         """Stop every process, delete every namespace (the veths go with them) and the temp folder."""

@@ -90,6 +90,21 @@ def remove_stale_namespaces() -> None:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
+
+def stop_session(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    """Signal ``process``'s session, wait and reap; SIGKILL after ``timeout``; returns the exit status."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
 class Lan:
     """Namespaces ``a`` (router) and ``b`` (laptop) on 10.X.Y.1/24 and .2; everything removed by ``close``."""
 
@@ -189,17 +204,7 @@ class Lan:
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Signal ``process`` (and its session), wait and reap; returns the exit status."""
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        return process.returncode
+        return stop_session(process, sig, timeout)
 
     def close(self) -> None:
         """Stop every process started here, delete both namespaces (and the veth pair) and the temp folder."""

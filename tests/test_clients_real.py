@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
+from .chromium import available as chromium_available
+from .chromium import headless_chromium
 from .real_opencode import REPLY_TEXT, FakeModelServer, OpenCodeInstance, opencode_binary, opencode_env, seed_home
 from .support import REPO, RouterProcess, free_port_block, http_get, http_json, wait_for
 
 USERNAME = "tester"
 PASSWORD = "vault-password-123"
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 pytestmark = [
     pytest.mark.real_opencode,
@@ -98,24 +98,11 @@ def test_opencode_api_family_reaches_the_backend_in_both_modes_never_the_routers
 # -- the web UI in Chromium ---------------------------------------------------------------------------
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    if not chromium_available():
+        pytest.skip("needs selenium and Debian's chromium and chromium-driver")
+    # Every request the page makes is kept, to show that nothing leaves 127.0.0.1 (so no resolver rules).
+    with headless_chromium(tmp_path / "chromium", 1400, 900, loopback_names_only=False, performance_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def network_events(driver: Any) -> list[dict[str, Any]]:
