@@ -51,6 +51,7 @@ from twisted.web.http_headers import Headers
 from .backoff import doubling_backoff
 from .config import parse_duration
 from .inflight import InFlight
+from .loopback_http import shown_url
 from .sse import SSEReader
 
 EXIT_DONE = 0
@@ -464,7 +465,8 @@ class Dispatcher:
             self._say(f"{status} after {duration:.1f}s (session {self.session_id}, exit {code})")
         return Result(session_id=self.session_id, status=status, error=error, text=text,
                       duration_s=duration, exit_code=code,
-                      project=self.directory, url=self.base_url, permissions=self.permissions)
+                      project=self.directory, url=shown_url(self.base_url) if self.base_url else None,
+                      permissions=self.permissions)
 
     @inlineCallbacks
     def _resolve(self) -> Any:
@@ -475,7 +477,7 @@ class Dispatcher:
         self.target = target
         self.base_url = target.base_url if target.base_url.endswith("/") else target.base_url + "/"
         self.directory = target.directory
-        self._say(f"project {self.task.project!r} → {target.slug} at {self.base_url} ({self.directory})")
+        self._say(f"project {self.task.project!r} → {target.slug} at {shown_url(self.base_url)} ({self.directory})")
         if target.note:
             self._say(f"note: {target.note}")
 

@@ -125,6 +125,11 @@ def loopback_url(address: str, port: int, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
+def shown_url(url: str) -> str:
+    """``url`` as a person should read it: the ``::1`` stand-in name back as ``[::1]``."""
+    return url.replace(f"//{IPV6_LOOPBACK_HOST}:", "//[::1]:", 1)
+
+
 class LoopbackEndpoints:
     """An Agent endpoint factory: plain TCP to the URL's IP address, no name resolution.
 

@@ -87,3 +87,10 @@ async def test_a_task_for_a_server_on_the_ipv6_loopback_only_is_dispatched_there
     finally:
         await harness.stop()
         await backends.close()
+
+
+def test_messages_name_a_server_on_the_ipv6_loopback_by_its_address_not_the_stand_in_name():
+    from opencoderouter.loopback_http import loopback_url, shown_url
+
+    assert shown_url(loopback_url("::1", 4096, "/")) == "http://[::1]:4096/"
+    assert shown_url(loopback_url("127.0.0.1", 4096, "/x")) == "http://127.0.0.1:4096/x"
