@@ -46,9 +46,12 @@ class EventTap:
         self._thread.start()
 
     def _read(self) -> None:
+        fp = self.response.fp  # held here: close() sets the response's fp to None while this thread reads
+        if fp is None:
+            return
         try:
             while True:
-                line = self.response.fp.readline()
+                line = fp.readline()
                 if not line:
                     return
                 if line.startswith(b"data: "):
@@ -71,8 +74,9 @@ class EventTap:
         """Cut the stream and end the reading thread."""
         try:
             self.connection.sock.shutdown(2)
-        except OSError:
+        except (OSError, AttributeError):
             pass
+        self._thread.join(5)  # the read ends at the shutdown; then the file can be closed under no reader
         self.connection.close()
 
 
