@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .netns import _run, netns_unavailable, stop_session
+from .netns import StartedProcesses, _run, netns_unavailable
 from .support import subprocess_env, wait_for
 
 __all__ = ["Bridge", "netns_unavailable", "remove_stale_bridges"]
@@ -43,7 +43,7 @@ def remove_stale_bridges() -> None:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-class Bridge:
+class Bridge(StartedProcesses):
     """Member namespaces (``members``: role → namespace) on 10.X.Y.0/24, joined by a bridge in a switch namespace."""
 
     def __init__(self, roles: Sequence[str]) -> None:
@@ -101,15 +101,6 @@ class Bridge:
         return subprocess.run(["ip", "netns", "exec", self.members[role], *command], capture_output=True, text=True,
                               timeout=timeout, env=env, check=False)
 
-    def checkpoint(self) -> int:
-        """A mark for ``stop_since``."""
-        return len(self._processes)
-
-    def stop_since(self, mark: int) -> None:
-        """Stop every process started after ``checkpoint()`` returned ``mark`` (newest first)."""
-        for process in reversed(self._processes[mark:]):
-            self.stop(process, timeout=10)
-        del self._processes[mark:]
 
     def start_avahi(self, role: str) -> dict[str, str]:
         """A private system bus and an avahi-daemon on machine ``role``; returns the environment for its clients."""
@@ -134,9 +125,6 @@ class Bridge:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        """Signal ``process``'s session, wait and reap; SIGKILL after ``timeout``."""
-        return stop_session(process, sig, timeout)
 
     def close(self) -> None:
         """Stop every process, delete every namespace (the veths go with them) and the temp folder."""

@@ -105,7 +105,27 @@ def stop_session(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
             process.wait()
     return process.returncode
 
-class Lan:
+class StartedProcesses:
+    """The processes a namespace fixture started (in ``_processes``), stopped one by one or since a mark."""
+
+    _processes: list[subprocess.Popen[bytes]]
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal ``process``'s session, wait and reap; SIGKILL after ``timeout``; returns the exit status."""
+        return stop_session(process, sig, timeout)
+
+    def checkpoint(self) -> int:
+        """A mark for ``stop_since``."""
+        return len(self._processes)
+
+    def stop_since(self, mark: int) -> None:
+        """Stop every process started after ``checkpoint()`` returned ``mark`` (newest first)."""
+        for process in reversed(self._processes[mark:]):
+            self.stop(process, timeout=10)
+        del self._processes[mark:]
+
+
+class Lan(StartedProcesses):
     """Namespaces ``a`` (router) and ``b`` (laptop) on 10.X.Y.1/24 and .2; everything removed by ``close``."""
 
     def __init__(self) -> None:
@@ -160,15 +180,6 @@ class Lan:
         return subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True, text=True,
                               timeout=timeout, env=env, check=False)
 
-    def checkpoint(self) -> int:
-        """A mark for ``stop_since``."""
-        return len(self._processes)
-
-    def stop_since(self, mark: int) -> None:
-        """Stop every process started after ``checkpoint()`` returned ``mark`` (newest first)."""
-        for process in reversed(self._processes[mark:]):
-            self.stop(process, timeout=10)
-        del self._processes[mark:]
 
     def log(self, name: str) -> str:
         """What process ``name`` wrote so far."""
@@ -202,9 +213,6 @@ class Lan:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus_address
         return env
 
-    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        """Signal ``process`` (and its session), wait and reap; returns the exit status."""
-        return stop_session(process, sig, timeout)
 
     def close(self) -> None:
         """Stop every process started here, delete both namespaces (and the veth pair) and the temp folder."""
