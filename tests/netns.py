@@ -244,8 +244,9 @@ class Browser:
         self._out.close()
 
     def lines(self) -> list[list[str]]:
-        """Every line so far, split on ``;``."""
+        """Every complete line so far, split on ``;`` (avahi-browse may be half-way through writing the last)."""
         text = self.path.read_text(errors="replace")
+        text = text[: text.rfind("\n") + 1]
         return [line.split(";") for line in text.splitlines() if line]
 
     def resolved(self, name: str) -> list[str] | None:
