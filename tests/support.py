@@ -58,6 +58,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def dashboard_stub(*args: str) -> Iterator[str]:
+    """``tests/dashboard_stub.py`` as a child process (``args`` after its port); yields its URL, stops it after."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.dashboard_stub", str(port), *args], cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 def ephemeral_port_start(default: int = 32768) -> int:
     """The first port the kernel hands out to outgoing connections (Linux's ip_local_port_range)."""
     try:

@@ -4,8 +4,6 @@ answering from the row, the filter, the title count, notifications, hostile text
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from typing import Any
 import pytest
 
 from .chromium import headless_chromium, needs_chromium, severe_console_entries
-from .support import REPO, free_port, http_json, subprocess_env
+from .support import REPO, dashboard_stub, http_json
 
 pytest.importorskip("selenium", reason="selenium is not installed")
 from selenium.webdriver.common.keys import Keys
@@ -47,16 +45,8 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def agents_stub() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.dashboard_stub", str(port), "--agents", "30"], cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-        process.stdout.close()
+    with dashboard_stub("--agents", "30") as url:
+        yield url
 
 
 def post(url: str) -> None:

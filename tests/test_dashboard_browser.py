@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,9 @@ import pytest
 
 from .support import (
     REPO,
-    free_port,
+    dashboard_stub,
     free_port_block,
     http_json,
-    subprocess_env,
     wait_for,
 )
 
@@ -179,16 +176,8 @@ def test_dashboard_link_lands_on_the_backend(tmp_path, browser, fake_opencode_fa
 @pytest.fixture
 def stub_router() -> Iterator[str]:
     """tests/dashboard_stub.py as a child process: the page with launcher instances and mDNS names."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.dashboard_stub", str(port)], cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-        process.stdout.close()
+    with dashboard_stub() as url:
+        yield url
 
 
 def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_router):
