@@ -58,3 +58,19 @@ def headless_chromium(profile: Path, width: int = 1280, height: int = 800, *, lo
 def severe_console_entries(driver: Any) -> list[dict[str, Any]]:
     """The page's console errors."""
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def click_fresh(driver: Any, css: str, timeout: float = 10.0) -> None:
+    """Click the element ``css`` selects, looked up again if the page rebuilt it between lookup and click.
+
+    The dashboard rebuilds a row whenever what it shows changes (a session's title or time, say); a real
+    pointer then lands on the new node, so the test looks the element up again instead of failing.
+    """
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def click(d: Any) -> bool:
+        d.find_element("css selector", css).click()
+        return True
+
+    WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)).until(click)

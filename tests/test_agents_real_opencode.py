@@ -23,7 +23,7 @@ from urllib.parse import quote
 import pytest
 
 from .agents_real import HANG_GUARD, Agents, EventTap
-from .chromium import headless_chromium, needs_chromium, severe_console_entries
+from .chromium import click_fresh, headless_chromium, needs_chromium, severe_console_entries
 from .real_opencode import BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_QUESTION, opencode_binary
 from .support import REPO, subprocess_env, wait_for
 
@@ -172,6 +172,7 @@ def test_opencoderouter_status_shows_who_needs_you_with_the_command_and_the_link
 # -- the dashboard, in Chromium -------------------------------------------------------------------------
 @needs_chromium
 def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_session_in_the_web_ui(agents, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     def state_of(driver: Any, slug: str) -> tuple[str, list[str]]:
@@ -192,20 +193,26 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
         assert state_of(browser, "alpha")[1][0] == "alpha", "the row that needs you comes first"
         assert browser.execute_script("return window.__not_reloaded") is True
         assert browser.title == "(1) OpenCodeRouter"
-        row = browser.find_element("css selector", "#rows tr[data-slug='alpha']")
-        assert row.find_element("css selector", ".ask .asking").text == f"bash: {BASH_COMMAND}"
-        link = row.find_element("css selector", "a.session-link")
-        assert link.text == "seen in the browser"
+        # Read in one go, again if a session update rebuilt the row in between.
+        fresh = WebDriverWait(browser, HANG_GUARD, poll_frequency=0.05,
+                              ignored_exceptions=(StaleElementReferenceException,))
+        asking, link_text, href = fresh.until(lambda d: (lambda row: (
+            row.find_element("css selector", ".ask .asking").text,
+            row.find_element("css selector", "a.session-link").text,
+            row.find_element("css selector", "a.session-link").get_attribute("href")))(
+                d.find_element("css selector", "#rows tr[data-slug='alpha']")))
+        assert asking == f"bash: {BASH_COMMAND}"
+        assert link_text == "seen in the browser"
         encoded = base64.urlsafe_b64encode(str(agents.dirs["alpha"]).encode()).rstrip(b"=").decode()
         label = agents.request("GET", "/api/backends")[1][0]["domain"].removesuffix(".local")
-        assert link.get_attribute("href") == f"http://{label}.localhost:{router.port}/{encoded}/session/{session_id}"
+        assert href == f"http://{label}.localhost:{router.port}/{encoded}/session/{session_id}"
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "dashboard-agents-real.png"))
         assert severe_console_entries(browser) == []
 
         # One click: the real OpenCode web UI, through the router's host mode, on that session.
         dashboard = browser.current_window_handle
-        link.click()
+        click_fresh(browser, "#rows tr[data-slug='alpha'] a.session-link", HANG_GUARD)
         wait.until(lambda d: len(d.window_handles) == 2)
         browser.switch_to.window([h for h in browser.window_handles if h != dashboard][0])
         WebDriverWait(browser, 2 * HANG_GUARD, poll_frequency=0.2).until(
@@ -216,7 +223,7 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
         browser.switch_to.window(dashboard)
 
         # Answered from the row: the badge moves on without a reload.
-        browser.find_element("css selector", "#rows tr[data-slug='alpha'] button.reply-reject").click()
+        click_fresh(browser, "#rows tr[data-slug='alpha'] button.reply-reject", HANG_GUARD)
         wait.until(lambda d: state_of(d, "alpha")[0] not in ("needs you (1)",))
         agents.until("alpha", session_id, lambda e, s: s["status"] == "idle", what="idle after the reject")
         wait.until(lambda d: state_of(d, "alpha")[0] in ("idle", "error"))

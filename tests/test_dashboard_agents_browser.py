@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .chromium import headless_chromium, needs_chromium, severe_console_entries
+from .chromium import click_fresh, headless_chromium, needs_chromium, severe_console_entries
 from .support import REPO, dashboard_stub, http_json
 
 pytest.importorskip("selenium", reason="selenium is not installed")
@@ -132,14 +132,14 @@ def test_a_permission_and_a_question_are_answered_from_the_row_through_the_route
     browser.get(agents_stub + "/")
     wait = WebDriverWait(browser, 5, poll_frequency=0.05)
     wait.until(lambda d: len(order(d)) == 30)
-    browser.find_element("css selector", "#rows tr[data-slug='project-07'] button.reply-once").click()
+    click_fresh(browser, "#rows tr[data-slug='project-07'] button.reply-once")
     wait.until(lambda d: badge(d, "project-07") == "working (1)")
     [call] = http_json(agents_stub + "/api/stub/calls")
     assert call == {"slug": "project-07", "path": "/permission/per_07/reply",
                     "query": {"directory": "/home/alice/work/project-07"}, "body": {"reply": "once"},
                     "origin": agents_stub, "content_type": "application/json"}
     assert order(browser)[:2] == ["project-12", "project-20"], "no longer waiting: it sorts after those that are"
-    browser.find_element("css selector", "#rows tr[data-slug='project-12'] .ask button.reply-option:nth-child(2)").click()
+    click_fresh(browser, "#rows tr[data-slug='project-12'] .ask button.reply-option:nth-child(2)")
     wait.until(lambda d: badge(d, "project-12") == "working (1)")
     assert http_json(agents_stub + "/api/stub/calls")[1]["path"] == "/question/que_12/reply"
     assert http_json(agents_stub + "/api/stub/calls")[1]["body"] == {"answers": [["Blue"]]}
