@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from .support import FakeOpenCodeProcess, RouterProcess, checkout_reachable_by_other_users
+from .support import PORT_CLAIMS, FakeOpenCodeProcess, RouterProcess, checkout_reachable_by_other_users
 
 _session_resources = ExitStack()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under ``-n N --dist loadgroup``: schedule long tests and groups as tests/scheduling.py says."""
+    """Claim ports in one folder for the whole run; under ``-n N --dist loadgroup``, schedule as tests/scheduling.py says."""
+    if not hasattr(config, "workerinput"):
+        # Set before the workers start: they inherit it (support.free_port_block claims ports there).
+        claims = _session_resources.enter_context(tempfile.TemporaryDirectory(prefix="ocr-test-ports-"))
+        os.environ[PORT_CLAIMS] = claims
+        _session_resources.callback(os.environ.pop, PORT_CLAIMS, None)
     if (config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")
             and config.getoption("dist", "no") == "loadgroup"):
         from .scheduling import SchedulingPlugin

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -52,10 +53,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port that is free right now, claimed for this run (see ``free_port_block``)."""
+    return free_port_block(1, host=host)
 
 
 @contextmanager
@@ -82,12 +81,19 @@ def ephemeral_port_start(default: int = 32768) -> int:
         return default
 
 
-def free_port_block(size: int, start: int = 20000, end: int | None = None) -> int:
-    """The first port of ``size`` consecutive ports that are free right now.
+#: A folder shared by every process of one test run (set by conftest): a port handed out is claimed
+#: there, so no other worker is handed it too while the first has not bound it yet.
+PORT_CLAIMS = "OPENCODEROUTER_TEST_PORT_CLAIMS"
+_claimed_here: set[int] = set()
 
-    The block lies below the ephemeral ports, so no outgoing connection (a probe, another worker's
-    client) takes one of them between this check and the listen. Each process starts looking at its
-    own offset (parallel workers rarely meet) and wraps around once.
+
+def free_port_block(size: int, start: int = 20000, end: int | None = None, host: str = "127.0.0.1") -> int:
+    """The first port of ``size`` consecutive ports that are free right now and handed out to nobody else.
+
+    The block lies below the ephemeral ports, so nothing that binds port 0 (a server of another worker,
+    a client's outgoing connection) takes one of them between this check and the listen. Each port is
+    handed out once per run: claimed in a folder every worker shares. Each process starts looking at
+    its own offset (parallel workers rarely meet) and wraps around once.
     """
     end = end if end is not None else ephemeral_port_start()
     blocks = (end - start) // size
@@ -96,15 +102,30 @@ def free_port_block(size: int, start: int = 20000, end: int | None = None) -> in
     first = os.getpid() * 37 % blocks
     for index in [*range(first, blocks), *range(first)]:
         port = start + index * size
-        if all(_port_free(p) for p in range(port, port + size)):
+        block = range(port, port + size)
+        if all(_port_free(p, host) for p in block) and all(_claim(p) for p in block):
             return port
     raise RuntimeError(f"no free block of {size} ports between {start} and {end}")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
+def _claim(port: int) -> bool:
+    """True once ``port`` is ours for this run; False if this or another process was handed it before."""
+    if port in _claimed_here:
+        return False
+    folder = os.environ.get(PORT_CLAIMS)
+    if folder:
         try:
-            sock.bind(("127.0.0.1", port))
+            os.close(os.open(os.path.join(folder, str(port)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+    _claimed_here.add(port)
+    return True
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
         except OSError:
             return False
     return True
@@ -212,12 +233,25 @@ class RouterProcess:
                 raise
 
     def wait_healthy(self, timeout: float = 15) -> None:
-        """Block until /api/health answers."""
-        def healthy() -> bool:
+        """Block until our router's /api/health answers; fail at once if it exited or another server answers."""
+        deadline = time.monotonic() + timeout
+        while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
-            return http_get(self.url + "/api/health", timeout=1)[0] == 200
-        wait_for(healthy, timeout, what="router health")
+            try:
+                status, _, body = http_get(self.url + "/api/health", timeout=1)
+            except (OSError, http.client.HTTPException):
+                status, body = None, b""
+            if status == 200:
+                try:  # another server on this port answers too; only our router's health counts
+                    if json.loads(body).get("healthy") is True:
+                        return
+                except (ValueError, AttributeError):
+                    pass
+                raise RuntimeError(f"something else answers on port {self.port}: {body[:200]!r}\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for router health:\n{self.log()}")
+            time.sleep(0.05)
 
     def log(self) -> str:
         """Everything the router wrote so far."""
