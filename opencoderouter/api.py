@@ -306,7 +306,7 @@ class RouterAPI:
     @app.route("/tasks", methods=["POST"])
     def submit_task(self, request: IRequest) -> bytes:
         """Queue ``{"task": "---\\nproject: ...\\n---\\nprompt"}`` (loopback clients or the router's credentials)."""
-        from .dispatch import DispatchError
+        from .task_file import DispatchError
 
         if self.tasks is None:
             return json_response(request, error_body("not_available", _TASKS_OFF), 503)

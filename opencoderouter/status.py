@@ -25,7 +25,8 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from .backoff import doubling_backoff
-from .dispatch import DEFAULT_ROUTER, router_authorization
+from .dispatch import router_authorization
+from .dispatcher import DEFAULT_ROUTER
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2

@@ -18,8 +18,8 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from opencoderouter.dispatch import (
-    DEFAULT_ROUTER,
+from opencoderouter.dispatcher import DEFAULT_ROUTER, Dispatcher, Options
+from opencoderouter.task_file import (
     EXIT_BAD_INPUT,
     EXIT_DONE,
     EXIT_INTERRUPTED,
@@ -27,9 +27,7 @@ from opencoderouter.dispatch import (
     EXIT_SESSION_ERROR,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
-    Dispatcher,
     DispatchError,
-    Options,
     Task,
     parse_task,
 )
@@ -494,7 +492,7 @@ async def test_refused_credentials_are_bad_input(harness):
 
 
 def test_event_parser_reassembles_split_frames_and_skips_junk():
-    from opencoderouter.dispatch import _EventStream
+    from opencoderouter.dispatcher import _EventStream
 
     events: list[dict] = []
     stream = _EventStream(events.append, lambda: None)
@@ -508,11 +506,11 @@ def test_event_parser_reassembles_split_frames_and_skips_junk():
 
 
 def test_event_parser_drops_an_oversized_line_and_recovers(monkeypatch):
-    from opencoderouter import dispatch
+    from opencoderouter import dispatcher
 
-    monkeypatch.setattr(dispatch, "MAX_EVENT_BYTES", 1000)
+    monkeypatch.setattr(dispatcher, "MAX_EVENT_BYTES", 1000)
     events: list[dict] = []
-    stream = dispatch._EventStream(events.append, lambda: None)
+    stream = dispatcher._EventStream(events.append, lambda: None)
     for _ in range(10):
         stream.dataReceived(b"y" * 500)
     stream.dataReceived(b'tail\n\ndata: {"type": "after"}\n\n')

@@ -12,9 +12,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from opencoderouter.dispatch import DispatchError
 from opencoderouter.forwarding import BackendCredentials
 from opencoderouter.registry import Sighting
+from opencoderouter.task_file import DispatchError
 from opencoderouter.tasks.folder import FolderSource
 from opencoderouter.tasks.journal import PROMPTED, STARTING, Journal, TaskRecord
 from opencoderouter.tasks.service import Incoming

@@ -3,7 +3,7 @@
 Each source (a folder, TickTick) is polled on its own interval; what it finds is journaled before
 anything else happens, then queued. A queued task starts once its project is in the registry,
 at most ``per_project`` at a time per project (in arrival order) and ``max_running`` in all, and
-runs with :class:`opencoderouter.dispatch.Dispatcher`, the same code as ``opencoderouter-dispatch``,
+runs with :class:`opencoderouter.dispatcher.Dispatcher`, the same code as ``opencoderouter-dispatch``,
 talking to the backend directly (no HTTP call to the router itself).
 
 Exactly once: the session id is journaled before the prompt goes out, so after a restart (or a
@@ -31,12 +31,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..backoff import doubling_backoff
-from ..dispatch import PERMISSION_REPLIES, Dispatcher, DispatchError, Options, Result, Target, error_text, parse_task
+from ..dispatcher import Dispatcher, Options, Result, Target, error_text
 from ..forwarding import BackendCredentials
 from ..loopback_http import loopback_url
 from ..periodic import PeriodicService
 from ..registry import Backend, Registry
 from ..responses import rfc3339
+from ..task_file import PERMISSION_REPLIES, DispatchError, parse_task
 from .journal import DONE, FAILED, PROMPTED, QUEUED, STARTING, Journal, TaskRecord
 
 log = Logger()
