@@ -35,6 +35,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import Attribute, Interface, implementer
 
+from .backoff import doubling_backoff
 from .channel import RouterRequest, server_request
 from .responses import JSONAnswer, error_body
 from .routing import LOGIN_PATH
@@ -260,8 +261,8 @@ class FailureThrottle:
         max_backlog: float = 60.0,
     ) -> None:
         self._clock = clock
-        self.base = base
-        self.maximum = maximum
+        #: The delay after the n-th failure in a row (n from 0): ``base`` doubling up to ``maximum``.
+        self._delay = doubling_backoff(base, maximum)
         self.forget_after = forget_after
         self.max_backlog = max_backlog
         #: address → (failures, time before which nothing from it is looked at, last failure)
@@ -285,7 +286,7 @@ class FailureThrottle:
         if now - last > self.forget_after:
             failures, free_at = 0, now
         failures += 1
-        delay = min(self.base * 2 ** (failures - 1), self.maximum)
+        delay = self._delay(failures - 1)
         free_at = max(free_at, now) + delay
         self._state[address] = (failures, free_at, now)
         if len(self._state) > 10000:

@@ -2,7 +2,8 @@
 
 The launcher's restarts (1 s, 2 s, 4 s ... 60 s), dispatch's event-stream reconnects (0.25 s
 doubling to 5 s), ``opencoderouter-status --watch``'s (1 s doubling to 5 s) and the other retries
-(the agent watcher, the task service, TickTick) use it. No jitter, so the delays are exactly the
+(the agent watcher, the task service, TickTick) and the spacing of answers to wrong credentials
+(0.25 s doubling to 8 s) use it. No jitter, so the delays are exactly the
 documented ones: each user of it is a single client, not a crowd that could retry in step.
 """
 
