@@ -126,9 +126,11 @@ def test_web_ui_through_the_host_mode_name_runs_a_session_and_its_terminal(clien
     browser.get(f"{clients.host_mode('webapp')}/{encoded}")
     wait = WebDriverWait(browser, 30, poll_frequency=0.2)
     # The project's directory opens a new session with its prompt box: the app loaded under the router.
-    prompt = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-component=prompt-input]"))[0]
-    # The app fills in its providers and agents after the first paint: submit once the model shows.
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-component=prompt-input]"))
+    # The app fills in its providers and agents after the first paint: submit once the model shows, into
+    # the prompt box as it is then (the first paint's may have been replaced).
     wait.until(lambda d: "Fake Model" in body_text(d))
+    prompt = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-component=prompt-input]"))[0]
     browser.save_screenshot(str(ARTIFACTS / "web-ui-new-session.png"))
     prompt.click()
     prompt.send_keys("say hello through the router")
