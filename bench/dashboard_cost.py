@@ -78,7 +78,7 @@ def scrape(backends: int, slugs: int) -> float:
     metrics = RouterMetrics(registry)
     for i in range(slugs):
         for mode in ("host", "path"):
-            metrics.request_finished(f"project-{i}", mode, 200, 0.01, 1000, 10)
+            metrics.proxy_meter(f"project-{i}", mode).finished(200, 0.01, 1000, 10)
     began = time.process_time()
     for _ in range(20):
         metrics.render()
