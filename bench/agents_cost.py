@@ -93,7 +93,7 @@ def serve(root: str, ports: list[int], rate: float, streaming: bool) -> int:
             sid = f"ses_{index:02d}00aaaaaaaaaaaaaaaaaaaaaa"
             part = {"id": "prt_233f4a886001L5fx7g7z4vkkzt", "messageID": "msg_233f4a57a001958fwsIFikE9ZK",
                     "sessionID": sid, "type": "text", "text": "the next few words " * 12, "time": {"start": now}}
-            update = {"directory": server.directory, "project": "global", "payload": {
+            update: dict[str, Any] = {"directory": server.directory, "project": "global", "payload": {
                 "id": "evt_x", "type": "message.part.updated", "properties": {"sessionID": sid, "part": part,
                                                                               "time": now}}}
             sync = {"directory": server.directory, "project": "global", "payload": {
@@ -162,7 +162,7 @@ def state_memory(count: int) -> float:
     for index in range(count):
         directory = f"/home/alice/work/project{index:02d}"
         state = AgentState(directory)
-        sessions = [{"id": f"ses_{index:02d}{n:02d}aaaaaaaaaaaaaaaaaaaaaa", "title": f"{TITLE} #{n}",
+        sessions: list[dict[str, Any]] = [{"id": f"ses_{index:02d}{n:02d}aaaaaaaaaaaaaaaaaaaaaa", "title": f"{TITLE} #{n}",
                      "directory": directory, "time": {"created": (now - 600) * 1000, "updated": now * 1000}}
                     for n in range(SESSIONS)]
         busy = sessions[0]["id"]

@@ -16,10 +16,11 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
-def _cpu_ms(call, repeat: int) -> float:
+def _cpu_ms(call: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         began = time.process_time()

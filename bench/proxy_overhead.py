@@ -28,14 +28,22 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def _found(pattern: str, text: str) -> re.Match[str]:
+    """The match of ``pattern`` in wrk's output; a clear error when wrk printed something else."""
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"no {pattern!r} in wrk's output:\n{text}")
+    return match
+
+
 def wrk(url: str, connections: int, seconds: float) -> tuple[float, float, int]:
     """(requests/s, median latency in ms, requests) from one wrk run."""
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", url], capture_output=True, text=True, check=True
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    p50, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()
+    rps = float(_found(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(_found(r"(\d+) requests in", out).group(1))
+    p50, unit = _found(r"50%\s+([\d.]+)(us|ms|s)", out).groups()
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
     return rps, float(p50) * scale, requests
 

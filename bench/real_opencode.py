@@ -31,6 +31,7 @@ OFFLINE_ENV = {
     "OPENCODE_DISABLE_SHARE": "1", "OPENCODE_DISABLE_CLAUDE_CODE": "1", "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
 }
 
+_SuiteInstance: Any
 try:
     from tests.real_opencode import OpenCodeInstance as _SuiteInstance
 except ImportError:  # a checkout without the suite's helper: use the small one below
@@ -119,7 +120,7 @@ class RealOpenCode:
         project.mkdir()
         home.mkdir()
         git_init(project)
-        self.instance: Any = (_SuiteInstance(project, home, NO_MODEL_URL, port=port) if _SuiteInstance
+        self.instance: Any = (_SuiteInstance(project, home, NO_MODEL_URL, port=port) if _SuiteInstance is not None
                               else _SmallInstance(project, home, port))
         self.process = self.instance.process
         self.port = self.instance.port

@@ -42,7 +42,7 @@ async def _scan_times(reactor: Any, start: int, end: int, repeat: int, probe_all
 
 
 async def _main(reactor: Any, start: int, end: int, repeat: int) -> None:
-    result = {"ports": end - start + 1}
+    result: dict[str, Any] = {"ports": end - start + 1}
     for mode, probe_all in (("proc_listing", False), ("probe_every_port", True)):
         try:
             result[mode] = await _scan_times(reactor, start, end, repeat, probe_all)

@@ -15,6 +15,8 @@ import json
 import re
 import sys
 import time
+from functools import partial
+from typing import cast
 from urllib.parse import urlsplit
 
 _STAMP = re.compile(rb'"type": "bench\.stamp", "properties": \{"t": (\d+)\}')
@@ -34,7 +36,7 @@ class EventStream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # create_connection makes a stream transport
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -104,6 +106,7 @@ async def main(url: str, count: int, host_header: str | None, batch: int, timeou
     """Open the streams, then obey stdin."""
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     request = (f"GET {target} HTTP/1.1\r\nHost: {host_header or parts.netloc}\r\n"
                "Accept: text/event-stream\r\n\r\n").encode()
@@ -117,7 +120,7 @@ async def main(url: str, count: int, host_header: str | None, batch: int, timeou
             futures.append(connected)
             try:
                 transport, _ = await loop.create_connection(
-                    lambda c=connected: EventStream(request, latencies, c), parts.hostname, parts.port)
+                    partial(EventStream, request, latencies, connected), host, port)
                 transports.append(transport)
             except OSError:
                 failed += 1

@@ -38,4 +38,4 @@ class StockProxyFactory:
         return defer.succeed(None)
 
 
-opencoderouter.tap.BackendProxyFactory = StockProxyFactory  # type: ignore[attr-defined,misc]
+opencoderouter.tap.BackendProxyFactory = StockProxyFactory  # type: ignore[assignment,misc]

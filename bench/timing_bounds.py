@@ -98,10 +98,12 @@ def _websocket_close(port: int) -> None:
     ws.send("__close__")
     began = time.monotonic()
     ws.recv_data_frame(control_frame=True)
-    ws.sock.settimeout(10)
-    ws.sock.recv(1)
+    sock = ws.sock
+    assert sock is not None, "the client's socket went away before the backend closed it"
+    sock.settimeout(10)
+    sock.recv(1)
     _report("backend closes a WebSocket -> client TCP closed", time.monotonic() - began, "no bound")
-    ws.sock.close()
+    sock.close()
 
 
 def _head_bounds(port: int) -> None:

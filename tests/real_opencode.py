@@ -51,7 +51,7 @@ MODE_BASH = "[fake-model:bash]"
 BASH_COMMAND = "echo permitted > proof.txt"
 #: The model calls the question tool with QUESTION first (a ``question.asked``), then answers with text.
 MODE_QUESTION = "[fake-model:question]"
-QUESTION = {"question": "Which colour do you prefer?", "header": "Colour",
+QUESTION: dict[str, Any] = {"question": "Which colour do you prefer?", "header": "Colour",
             "options": [{"label": "Red", "description": "A warm colour"},
                         {"label": "Blue", "description": "A cool colour"}]}
 #: What the fake model answers in the normal mode.
@@ -321,6 +321,7 @@ class _ModelHandler(BaseHTTPRequestHandler):
             if mode == "title":
                 self._chunk("Fake task title")
             elif mode in ("bash", "question"):
+                arguments: dict[str, Any]
                 if mode == "bash":
                     call_id, arguments = "call_fake_1", {"command": BASH_COMMAND, "description": "Write proof.txt"}
                 else:
