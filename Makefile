@@ -18,9 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
+# The launcher runs the opencode on PATH; without one, `make run` installs the pinned one (as `make opencode`
+# does) and points the router at it, so the set-up command needs only python3 and npm. A --opencode-bin in
+# ARGS comes later on the command line and wins.
+OPENCODE_VERSION ?= 1.18.33
+PINNED_OPENCODE := $(or $(OPENCODE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/opencoderouter/opencode-ai-$(OPENCODE_VERSION))/bin/opencode
+OPENCODE_ON_PATH := $(shell command -v opencode 2>/dev/null)
+
 ## Run the router in the foreground with this checkout's code: make run ARGS="--port 31000 ~/proj-a"
-run: deps
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n opencoderouter $(ARGS)
+run: deps $(if $(OPENCODE_ON_PATH),,opencode)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n opencoderouter $(if $(OPENCODE_ON_PATH),,--opencode-bin $(PINNED_OPENCODE)) $(ARGS)
 
 ## Machine packages some tests drive (Chromium, Avahi, wrk, iproute2); installed when missing (needs root).
 system-deps:
