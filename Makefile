@@ -27,7 +27,7 @@ OPENCODE_ON_PATH := $(shell command -v opencode 2>/dev/null)
 
 ## Run the router in the foreground with this checkout's code: make run ARGS="--port 31000 ~/proj-a"
 run: deps $(if $(OPENCODE_ON_PATH),,opencode)
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n opencoderouter $(if $(OPENCODE_ON_PATH),,--opencode-bin $(PINNED_OPENCODE)) $(ARGS)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd --pidfile= -n opencoderouter$(if $(OPENCODE_ON_PATH),, --opencode-bin $(PINNED_OPENCODE)) $(ARGS)
 
 ## Machine packages some tests drive (Chromium, Avahi, wrk, iproute2); installed when missing (needs root).
 system-deps:
