@@ -243,8 +243,9 @@ class RouterProcess:
             except (OSError, http.client.HTTPException):
                 status, body = None, b""
             if status == 200:
-                try:  # another server on this port answers too; only our router's health counts
-                    if json.loads(body).get("healthy") is True:
+                try:  # another server may answer on this port (OpenCode's own /api/health says healthy too)
+                    health = json.loads(body)
+                    if health.get("healthy") is True and {"username", "backends"} <= health.keys():
                         return
                 except (ValueError, AttributeError):
                     pass

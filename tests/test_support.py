@@ -47,3 +47,31 @@ def test_a_router_whose_port_another_server_answers_on_is_not_taken_for_ours(tmp
             RouterProcess("--scan-start", "1", "--scan-end", "1", port=imposter.port)
     finally:
         imposter.stop()
+
+
+def test_an_opencode_style_health_answer_is_not_taken_for_our_router() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OpenCodeHealth(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's name
+            body = b'{"healthy":true}'  # what the real OpenCode 1.18.33 answers on /api/health
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), OpenCodeHealth)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RuntimeError, match="router exited|something else answers"):
+            RouterProcess("--scan-start", "1", "--scan-end", "1", port=server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
