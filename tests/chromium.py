@@ -29,11 +29,13 @@ needs_chromium = pytest.mark.skipif(not available(), reason="needs selenium and 
 
 @contextmanager
 def headless_chromium(profile: Path, width: int = 1280, height: int = 800, *, loopback_names_only: bool = True,
-                      performance_log: bool = False) -> Iterator[Any]:
+                      performance_log: bool = False, names_of_this_machine: tuple[str, ...] = ()) -> Iterator[Any]:
     """A fresh headless Chromium; quit afterwards.
 
     ``loopback_names_only``: it resolves no name but the loopback's. ``performance_log``: the DevTools
     network events are kept (``driver.get_log("performance")``), to see every request the page made.
+    ``names_of_this_machine``: names that resolve to 127.0.0.1 without being loopback names, as a LAN
+    name of the dev box does for a laptop (the page then takes itself to be reached from the network).
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -45,7 +47,8 @@ def headless_chromium(profile: Path, width: int = 1280, height: int = 800, *, lo
                  "--disable-dev-shm-usage", f"--window-size={width},{height}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     if loopback_names_only:
-        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost")
+        mapped = "".join(f"MAP {name} 127.0.0.1, " for name in names_of_this_machine)
+        options.add_argument(f"--host-resolver-rules={mapped}MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE *.localhost")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if performance_log else {})})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)

@@ -9,7 +9,8 @@ With ``--agents N``: N backends with agent state instead (see :class:`AgentScena
 for a permission (a hostile command), one for a question, one works, one failed, the rest are
 idle. Answers the page sends (``POST /{slug}/permission/{id}/reply``, ``/question/{id}/...``) are
 recorded (``GET /api/stub/calls``) and move that session on; ``POST /api/stub/ask?slug=S`` makes
-S ask for a permission, ``POST /api/stub/finish?slug=S`` ends its sessions' turns.
+S ask for a permission, ``POST /api/stub/finish?slug=S`` ends its sessions' turns. With ``--agents N
+--lan`` too: as a router with mDNS on, listening beyond the loopback (each backend advertised).
 """
 
 from __future__ import annotations
@@ -193,19 +194,22 @@ class StubControl(Resource):
         return b"{}"
 
 
-def main_agents(port: int, count: int) -> None:
-    """Serve the agent scenario until killed."""
+def main_agents(port: int, count: int, lan: bool = False) -> None:
+    """Serve the agent scenario until killed; ``lan``: as a router advertising over mDNS and reachable from the LAN."""
     registry = Registry(reactor, stale_after=3600, naming=Naming(username="alice", os_user="alice"))
     scenario = AgentScenario(registry, count)
-    info = {"version": "0.1.0", "username": "alice", "listen": f"127.0.0.1:{port}", "listen_port": port,
+    if lan:
+        for backend in registry.backends():
+            registry.set_mdns_name(backend.slug, f"{backend.slug}-alice")
+    info = {"version": "0.1.0", "username": "alice", "listen": f"{'0.0.0.0' if lan else '127.0.0.1'}:{port}", "listen_port": port,
             "scan_start": 30100, "scan_end": 30199, "scan_interval": 5.0, "stale_after": 30.0,
-            "mdns": False, "launcher": False, "agents": True}
+            "mdns": lan, "lan_links": lan, "launcher": False, "agents": True}
     assets = load_assets()
     root = BackendPaths(scenario)
     root.putChild(b"", Dashboard(assets))
     root.putChild(b"_router", DashboardAssets(assets))
     api = Resource()
-    scenario.stream = EventStream(registry, reactor, router_info=lambda: info, snapshot_extras=scenario.feed)
+    scenario.stream = EventStream(registry, reactor, router_info=lambda: info, snapshot_extras=scenario.feed, mdns=lan)
     api.putChild(b"events", scenario.stream)
     api.putChild(b"stub", StubControl(scenario))
     root.putChild(b"api", api)
@@ -238,6 +242,6 @@ def main(port: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[2] == "--agents":
-        main_agents(int(sys.argv[1]), int(sys.argv[3]))
+        main_agents(int(sys.argv[1]), int(sys.argv[3]), lan="--lan" in sys.argv[4:])
     else:
         main(int(sys.argv[1]))

@@ -16,6 +16,8 @@ from .chromium import click_fresh, headless_chromium, needs_chromium, severe_con
 from .support import REPO, dashboard_stub, http_json
 
 pytest.importorskip("selenium", reason="selenium is not installed")
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -126,6 +128,26 @@ def test_the_filter_matches_name_path_and_state(browser, agents_stub):
     assert len(order(browser)) == 30
     box.send_keys("nothing-like-this")
     assert order(browser) == [] and "Nothing matches" in browser.find_element("id", "filtered").text
+
+
+def test_session_links_use_the_lan_name_only_when_the_page_is_reached_from_the_network(tmp_path):
+    # One router with mDNS on, listening beyond the loopback; "devbox.example" is this machine's LAN name.
+    encoded = base64.urlsafe_b64encode(b"/home/alice/work/project-07").rstrip(b"=").decode()
+    with dashboard_stub("--agents", "30", "--lan") as url, \
+            headless_chromium(tmp_path / "chromium", 1440, 900, names_of_this_machine=("devbox.example",)) as lan_browser:
+        port = int(url.rsplit(":", 1)[1])
+        fresh = WebDriverWait(lan_browser, 5, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+
+        def session_href(d: Any) -> str | None:
+            return d.find_element(By.CSS_SELECTOR, "#rows tr[data-slug='project-07'] a.session-link").get_attribute("href")
+
+        # Through a tunnel or on the box itself: the .localhost name, at this page's port.
+        lan_browser.get(url + "/")
+        assert fresh.until(session_href) == f"http://project-07-alice.localhost:{port}/{encoded}/session/ses_07"
+        # From a laptop on the LAN: the advertised .local name, at the router's own port.
+        lan_browser.get(f"http://devbox.example:{port}/")
+        assert fresh.until(session_href) == f"http://project-07-alice.local:{port}/{encoded}/session/ses_07"
+        assert severe_console_entries(lan_browser) == []
 
 
 def test_a_permission_and_a_question_are_answered_from_the_row_through_the_router(browser, agents_stub):
