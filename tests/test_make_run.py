@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 def planned_run(path: str, *extra: str) -> list[str]:
     """The lines ``make -n run`` would execute, with ``PATH`` as given."""
     env = {**os.environ, "PATH": path, "XDG_CACHE_HOME": "/cache-of-the-test"}
-    env.pop("OPENCODE_CACHE", None)
+    for inherited in ("OPENCODE_CACHE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # e.g. from the `make test` running us
+        env.pop(inherited, None)
     planned = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), "run", 'ARGS=--port 31000 /tmp/proj-a', *extra],
                              env=env, capture_output=True, text=True, timeout=30, check=True)
     return planned.stdout.splitlines()
