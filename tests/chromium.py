@@ -63,17 +63,22 @@ def severe_console_entries(driver: Any) -> list[dict[str, Any]]:
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
-def click_fresh(driver: Any, css: str, timeout: float = 10.0) -> None:
-    """Click the element ``css`` selects, looked up again if the page rebuilt it between lookup and click.
+def rows_wait(driver: Any, timeout: float, poll: float = 0.05) -> Any:
+    """A ``WebDriverWait`` that looks elements up again when the page rebuilt them mid-read.
 
-    The dashboard rebuilds a row whenever what it shows changes (a session's title or time, say); a real
-    pointer then lands on the new node, so the test looks the element up again instead of failing.
+    The dashboard rebuilds a row whenever what it shows changes (a session's title or time, say): a
+    lookup that raced a rebuild is retried, as a real pointer would land on the new node.
     """
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    return WebDriverWait(driver, timeout, poll_frequency=poll, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def click_fresh(driver: Any, css: str, timeout: float = 10.0) -> None:
+    """Click the element ``css`` selects, looked up again if the page rebuilt it between lookup and click."""
     def click(d: Any) -> bool:
         d.find_element("css selector", css).click()
         return True
 
-    WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)).until(click)
+    rows_wait(driver, timeout).until(click)

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import pytest
 
 from .agents_real import HANG_GUARD, Agents, EventTap
-from .chromium import click_fresh, headless_chromium, needs_chromium, severe_console_entries
+from .chromium import click_fresh, headless_chromium, needs_chromium, rows_wait, severe_console_entries
 from .real_opencode import BASH_COMMAND, MODE_BASH, MODE_ERROR, MODE_QUESTION, opencode_binary
 from .support import REPO, subprocess_env, wait_for
 
@@ -172,7 +172,6 @@ def test_opencoderouter_status_shows_who_needs_you_with_the_command_and_the_link
 # -- the dashboard, in Chromium -------------------------------------------------------------------------
 @needs_chromium
 def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_session_in_the_web_ui(agents, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     def state_of(driver: Any, slug: str) -> tuple[str, list[str]]:
@@ -194,8 +193,7 @@ def test_the_dashboard_shows_the_change_live_first_and_the_link_opens_the_sessio
         assert browser.execute_script("return window.__not_reloaded") is True
         assert browser.title == "(1) OpenCodeRouter"
         # Read in one go, again if a session update rebuilt the row in between.
-        fresh = WebDriverWait(browser, HANG_GUARD, poll_frequency=0.05,
-                              ignored_exceptions=(StaleElementReferenceException,))
+        fresh = rows_wait(browser, HANG_GUARD)
         asking, link_text, href = fresh.until(lambda d: (lambda row: (
             row.find_element("css selector", ".ask .asking").text,
             row.find_element("css selector", "a.session-link").text,

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from .chromium import click_fresh, headless_chromium, needs_chromium, severe_console_entries
+from .chromium import click_fresh, headless_chromium, needs_chromium, rows_wait, severe_console_entries
 from .support import REPO, dashboard_stub, http_json
 
 pytest.importorskip("selenium", reason="selenium is not installed")
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -136,7 +135,7 @@ def test_session_links_use_the_lan_name_only_when_the_page_is_reached_from_the_n
     with dashboard_stub("--agents", "30", "--lan") as url, \
             headless_chromium(tmp_path / "chromium", 1440, 900, names_of_this_machine=("devbox.example",)) as lan_browser:
         port = int(url.rsplit(":", 1)[1])
-        fresh = WebDriverWait(lan_browser, 5, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+        fresh = rows_wait(lan_browser, 5)
 
         def session_href(d: Any) -> str | None:
             return d.find_element(By.CSS_SELECTOR, "#rows tr[data-slug='project-07'] a.session-link").get_attribute("href")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .chromium import headless_chromium, needs_chromium, rows_wait, severe_console_entries
 from .support import (
     REPO,
     dashboard_stub,
@@ -17,14 +17,10 @@ from .support import (
     wait_for,
 )
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
 #: The fake's web UI answers this title; it proves a click landed on the backend, not the router.
 BACKEND_TITLE = "OpenCode"
@@ -34,29 +30,14 @@ HOSTILE_NAME = '<img src=x onerror="window.__xss=1"><script>window.__xss=2<'
 #: on how fast the page is (Chromium on a busy 2-core machine can take seconds to render).
 GUARD = 30
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                       reason="needs Debian's chromium and chromium-driver (tests/setup/install-system-deps.sh)"),
-]
+pytestmark = [pytest.mark.slow, needs_chromium]
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """A fresh headless Chromium that talks only to the loopback."""
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,800", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(15)
-    try:
+    """A fresh headless Chromium that resolves no name but the loopback's."""
+    with headless_chromium(tmp_path / "chromium") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def row(driver: Any, slug: str) -> Any:
@@ -83,10 +64,6 @@ def badge_of(driver: Any, slug: str) -> str | None:
         "return r ? r.querySelector('.badge').textContent : null;",
         slug,
     )
-
-
-def severe_console_entries(driver: Any) -> list[dict[str, Any]]:
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def test_dashboard_is_live_escapes_backend_data_and_links_to_backends(
@@ -183,7 +160,7 @@ def stub_router() -> Iterator[str]:
 def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_router):
     browser.get(stub_router + "/")
     # Rows are rebuilt when the data changes; a lookup that raced a rebuild is retried.
-    wait = WebDriverWait(browser, GUARD, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    wait = rows_wait(browser, GUARD)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows .managed")) == 2)
     header = " ".join(browser.find_element(By.TAG_NAME, "header").text.split())
     assert "mDNS on: alpha-alice-2.local" in header
@@ -207,7 +184,7 @@ def test_managed_instances_show_state_restarts_logs_and_controls(browser, stub_r
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").is_displayed())
     first_text = wait.until(lambda d: [row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text])[0]
     # The instance list is polled every 3 s; the stub's logs grow, so the rows are rebuilt.
-    wait = WebDriverWait(browser, GUARD, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    wait = rows_wait(browser, GUARD, poll=0.1)
     wait.until(lambda d: row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre").text != first_text)
     logs_shown, logs_text = wait.until(
         lambda d: (lambda logs: (logs.is_displayed(), logs.text))(row(d, "alpha").find_element(By.CSS_SELECTOR, "details.logs pre")))

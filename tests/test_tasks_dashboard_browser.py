@@ -12,7 +12,8 @@ pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .test_dashboard_browser import browser, pytestmark, severe_console_entries  # noqa: F401 - the fixture and marks
+from .chromium import severe_console_entries
+from .test_dashboard_browser import browser, pytestmark  # noqa: F401 - the fixture and marks
 
 HOSTILE = '<img src=x onerror="window.__xss=1">'
 
