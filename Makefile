@@ -20,9 +20,8 @@ deps: $(VENV)/.installed
 
 # The launcher runs the opencode on PATH; without one, `make run` installs the pinned one (as `make opencode`
 # does) and points the router at it, so the set-up command needs only python3 and npm. A --opencode-bin in
-# ARGS comes later on the command line and wins.
-OPENCODE_VERSION ?= 1.18.33
-PINNED_OPENCODE := $(or $(OPENCODE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/opencoderouter/opencode-ai-$(OPENCODE_VERSION))/bin/opencode
+# ARGS comes later on the command line and wins. The script alone knows the pinned version and its folder.
+PINNED_OPENCODE = $(shell sh tests/setup/install-opencode.sh --path)
 OPENCODE_ON_PATH := $(shell command -v opencode 2>/dev/null)
 
 ## Run the router in the foreground with this checkout's code: make run ARGS="--port 31000 ~/proj-a"

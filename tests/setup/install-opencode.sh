@@ -1,8 +1,13 @@
 #!/bin/sh
 # Install the pinned opencode-ai from npm into a cache folder (once; reused across runs).
+# With --path: print where its executable is (installed or not) and do nothing else.
 set -eu
 version="${OPENCODE_VERSION:-1.18.33}"
 cache="${OPENCODE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/opencoderouter/opencode-ai-$version}"
+if [ "${1:-}" = --path ]; then
+    echo "$cache/bin/opencode"
+    exit 0
+fi
 if [ -x "$cache/bin/opencode" ] && "$cache/bin/opencode" --version >/dev/null 2>&1; then
     exit 0
 fi
